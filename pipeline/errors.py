@@ -1,0 +1,96 @@
+"""The exceptions h5bank raises, all subclasses of :class:`H5BankError`.
+
+| exception | raised when |
+| --- | --- |
+| ``SchemaError`` | a bank type has no features, a derived feature names no feature, or an append's schema does not match the bank's |
+| ``FeatureTypeError`` | a feature's ``load`` returned something other than an array, a dict of arrays, or ``None`` |
+| ``DuplicateIdError`` | the same id appears twice in a source list known up front (found before writing) |
+| ``SourceError`` | a source failed with ``on_error="raise"``: names the source, the feature and why |
+| ``UnknownIdError`` | an id is not in the bank (also a ``KeyError``) |
+| ``ReadOnlyError`` | a write to a bank opened with ``mode="r"`` |
+| ``NotABankError`` | a bank type opened a file h5bank did not write |
+| ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
+| ``BuildInProgressError`` | opening a path whose build has not finished |
+| ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
+| ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on |
+"""
+
+from __future__ import annotations
+
+from features.errors import DecodeError, H5BankError, SourceReadError
+
+__all__ = [
+    "BuildInProgressError",
+    "DecodeError",
+    "DuplicateIdError",
+    "FeatureTypeError",
+    "FormatVersionError",
+    "H5BankError",
+    "NotABankError",
+    "ReadOnlyError",
+    "SchedulerError",
+    "SchemaError",
+    "SourceError",
+    "SourceReadError",
+    "UnknownIdError",
+    "WriterError",
+]
+
+
+class SchemaError(H5BankError, TypeError):
+    """A bank type's features are unusable, or do not match the bank on disk."""
+
+
+class FeatureTypeError(H5BankError, TypeError):
+    """A feature's ``load`` returned a type the bank cannot store."""
+
+
+class DuplicateIdError(H5BankError, ValueError):
+    """Two sources of one build have the same id."""
+
+
+class SourceError(H5BankError):
+    """A source failed to load and the build was asked to stop (``on_error="raise"``).
+
+    Attributes ``id``, ``feature`` and ``reason`` say which source, which
+    feature (``""`` when no feature accepted the source) and why.
+    """
+
+    def __init__(self, id: str, feature: str, reason: str) -> None:
+        super().__init__(id, feature, reason)
+        self.id, self.feature, self.reason = id, feature, reason
+
+    def __str__(self) -> str:
+        where = f" (feature {self.feature})" if self.feature else ""
+        return f"{self.id!r}{where}: {self.reason}"
+
+
+class UnknownIdError(H5BankError, KeyError):
+    """No source with this id is in the bank."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ReadOnlyError(H5BankError):
+    """A write was attempted on a bank opened read-only."""
+
+
+class NotABankError(H5BankError):
+    """The file is not an h5bank bank (no format attributes)."""
+
+
+class FormatVersionError(H5BankError):
+    """The bank's format version is newer than this h5bank knows."""
+
+
+class BuildInProgressError(H5BankError, FileNotFoundError):
+    """The bank is being built (or its build stopped); only its partial file exists."""
+
+
+class WriterError(H5BankError, RuntimeError):
+    """The single writer could not continue the build."""
+
+
+class SchedulerError(H5BankError, ValueError):
+    """``scheduler=`` is not something a build can run on."""
