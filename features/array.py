@@ -1,0 +1,57 @@
+"""Arrays from ``.npy`` files, and the default feature for data added on the fly."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from features.base import Feature
+from features.errors import DecodeError
+
+
+class Array(Feature):
+    """An n-dimensional array per source.
+
+    Parameters
+    ----------
+    flat
+        Store arrays of varying shape raveled, with a shape table (each comes
+        back in its own shape). By default arrays are concatenated along axis 0
+        and must share their trailing shape (logs, time series, embeddings).
+    dtype
+        Cast every array to this dtype; by default the first array written
+        fixes it and later arrays must cast to it safely.
+    **options
+        See :class:`features.base.Feature`.
+    """
+
+    __re__ = r"(?i)\.npy$"
+
+    def __init__(self, flat: bool = False, dtype: str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.flat = bool(flat)
+        self.dtype = None if dtype is None else str(np.dtype(dtype))
+
+    @property
+    def storage(self) -> str:  # type: ignore[override]
+        return "flat" if self.flat else "rows"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {"flat": self.flat, "dtype": self.dtype}
+
+    def load(self, source: Any) -> np.ndarray:
+        array = source if isinstance(source, np.ndarray) else self.decode(source.read(), source.id)
+        return array if self.dtype is None else array.astype(self.dtype, copy=False)
+
+    def decode(self, data: bytes, name: str = "") -> np.ndarray:
+        if not data:
+            raise DecodeError("empty file (0 bytes)")
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as error:
+            raise DecodeError(
+                f"not a .npy array: {error} (first bytes: {data[:8].hex(' ')})"
+            ) from None

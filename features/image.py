@@ -1,0 +1,144 @@
+"""Images, decoded with imageio's Pillow plugin."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+import imageio.v3 as iio
+import numpy as np
+
+from features.base import Feature
+from features.errors import DecodeError
+
+_MODES = (None, "L", "LA", "RGB", "RGBA")
+_RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+class Image(Feature):
+    """An image per source, as a ``uint8`` array ``(H, W)`` (mode ``L``) or ``(H, W, C)``.
+
+    Parameters
+    ----------
+    size
+        ``(height, width)`` to resize every image to, or ``None`` to keep each
+        image's own size. With a size, the bank stores one item per source,
+        ``(n, height, width, channels)``; without, images are stored flattened
+        with a shape table and come back in their own shape.
+    mode
+        Pillow mode every image is converted to: ``"RGB"``, ``"RGBA"``,
+        ``"L"`` (grayscale) or ``"LA"``; ``None`` keeps each file's own mode.
+        Set it when a folder mixes RGB, RGBA and grayscale files.
+    resample
+        Resampling filter used with ``size`` (a Pillow filter name).
+    **options
+        See :class:`features.base.Feature` (pattern, compression, ...).
+    """
+
+    __re__ = r"(?i)\.(png|jpe?g|bmp|gif|tiff?|webp)$"
+
+    def __init__(
+        self,
+        size: tuple[int, int] | None = None,
+        mode: str | None = None,
+        resample: str = "bilinear",
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if mode not in _MODES:
+            raise ValueError(f"Image mode must be one of {_MODES}, got {mode!r}")
+        if resample not in _RESAMPLE:
+            raise ValueError(f"Image resample must be one of {_RESAMPLE}, got {resample!r}")
+        if size is not None:
+            size = tuple(int(s) for s in size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"Image size must be (height, width), got {size!r}")
+        self.size = size
+        self.mode = mode
+        self.resample = resample
+
+    @property
+    def storage(self) -> str:  # type: ignore[override]
+        return "item" if self.size else "flat"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {"size": list(self.size) if self.size else None, "mode": self.mode}
+
+    def load(self, source: Any) -> np.ndarray:
+        if isinstance(source, np.ndarray):  # derived from another image feature
+            return self.convert(source)
+        return self.decode(source.read(), source.id)
+
+    def decode(self, data: bytes, name: str = "") -> np.ndarray:
+        """Decode PNG/JPEG/... bytes, then convert the mode and resize as configured."""
+        if not data:
+            raise DecodeError("empty file (0 bytes)")
+        extension = posixpath.splitext(name)[1].lower() or None
+        kwargs: dict[str, Any] = {"plugin": "pillow", "index": 0}
+        if self.mode:
+            kwargs["mode"] = self.mode
+        try:
+            try:
+                array = iio.imread(data, extension=extension, **kwargs)
+            except Exception:
+                if extension is None:
+                    raise
+                # The name's extension may lie (a JPEG saved as .png); let Pillow sniff.
+                array = iio.imread(data, **kwargs)
+        except Exception as error:
+            raise DecodeError(
+                f"{_diagnose(data, error)} (first bytes: {data[:8].hex(' ')})"
+            ) from None
+        return self._resize(array) if self.size else array
+
+    def convert(self, array: np.ndarray) -> np.ndarray:
+        """Apply this feature's mode and size to an already decoded image array."""
+        if self.mode:
+            from PIL import Image as PILImage
+
+            array = np.asarray(PILImage.fromarray(array).convert(self.mode))
+        return self._resize(array) if self.size else array
+
+    def _resize(self, array: np.ndarray) -> np.ndarray:
+        from PIL import Image as PILImage
+
+        height, width = self.size  # type: ignore[misc]
+        if array.shape[:2] == (height, width):
+            return array
+        filter_ = getattr(PILImage.Resampling, self.resample.upper())
+        return np.asarray(PILImage.fromarray(array).resize((width, height), filter_))
+
+
+_SIGNATURES = {
+    b"\x89PNG": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _diagnose(data: bytes, error: Exception) -> str:
+    """Why Pillow cannot read ``data`` (imageio's message hides the reason)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    looks_like = next((name for sig, name in _SIGNATURES.items() if data.startswith(sig)), None)
+    try:
+        image = PILImage.open(io.BytesIO(data))
+    except PILImage.UnidentifiedImageError:
+        if looks_like:
+            return f"starts like a {looks_like} file but its header cannot be read (truncated or corrupt)"
+        return "not an image format Pillow can read"
+    except Exception as pillow_error:
+        return f"cannot open the image: {pillow_error}"
+    try:
+        image.load()
+    except Exception as pillow_error:
+        return f"{image.format or 'image'} data is broken: {pillow_error}"
+    finally:
+        image.close()
+    return str(error).strip() or type(error).__name__
