@@ -1,0 +1,54 @@
+"""h5bank: many small raw files into one HDF5 bank, built with Dask, read back fast.
+
+The public API: :class:`TypedFile` (a bank type is a subclass of it) and
+:class:`Group`; features live in the ``features`` package.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("h5bank")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from pipeline import config
+from pipeline.errors import (
+    BuildInProgressError,
+    DuplicateIdError,
+    FeatureTypeError,
+    FormatVersionError,
+    H5BankError,
+    NotABankError,
+    ReadOnlyError,
+    SchedulerError,
+    SchemaError,
+    SourceError,
+    UnknownIdError,
+    WriterError,
+)
+from pipeline.schema import Group
+from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
+from pipeline.writer import BuildSummary
+
+__all__ = [
+    "BuildInProgressError",
+    "BuildSummary",
+    "DuplicateIdError",
+    "FeatureProxy",
+    "FeatureTypeError",
+    "FormatVersionError",
+    "Group",
+    "GroupProxy",
+    "H5BankError",
+    "NotABankError",
+    "ReadOnlyError",
+    "RefsView",
+    "SchedulerError",
+    "SchemaError",
+    "SourceError",
+    "TypedFile",
+    "UnknownIdError",
+    "WriterError",
+    "__version__",
+    "config",
+]

@@ -1,0 +1,280 @@
+"""Decode tasks: turn a partition of sources into one packed result for the writer.
+
+A decode task runs on any worker. For each source it runs every feature that
+accepts it (and the features derived from those), checks that each returned
+something storable, and lays it out for its storage kind (raveled for
+``flat``, one leading axis for ``item``...). It then packs the partition: one
+concatenated array per feature column, so the writer does one append per
+column per partition and no CPU work beyond moving bytes.
+
+A decode task never raises for a bad source: failures travel to the writer as
+records, so the writer chain always runs and can close its file.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from features.base import Feature
+from pipeline.errors import FeatureTypeError
+from pipeline.sources import Source, SourceSpec, fetch, route
+
+# Sources whose bytes are fetched (and held) together; bounds a task's memory
+# for large files while still batching remote requests.
+FETCH_BATCH = 64
+
+
+@dataclass
+class Failure:
+    """A source that did not make it into the bank: which feature failed, and why."""
+
+    id: str
+    feature: str
+    error: str
+
+    def __str__(self) -> str:
+        where = f" (feature {self.feature})" if self.feature else ""
+        return f"{self.id!r}{where}: {self.error}"
+
+
+class Partition:
+    """The sources of one decode task, and sources of it already known to fail.
+
+    A plain class, not a dataclass: Dask walks dataclass arguments of tasks
+    looking for collections, which costs time for every one of millions of specs.
+    """
+
+    __slots__ = ("failures", "index", "specs")
+
+    def __init__(self, index: int, specs: list[SourceSpec], failures: list[Failure] | None = None):
+        self.index = index
+        self.specs = specs
+        self.failures = failures if failures is not None else []
+
+    def __len__(self) -> int:
+        return len(self.specs) + len(self.failures)
+
+
+@dataclass
+class PackedColumn:
+    """One column's data for the sources of a partition that have some.
+
+    ``rows[j]`` is the position (in ``Packed.ids``) of the source whose data is
+    entry ``j``, ``lengths[j]`` its number of rows (elements for ``flat``,
+    bytes for ``bytes``). ``data`` is one concatenated array when every entry
+    agrees in trailing shape and dtype, else the list of entries (the writer
+    checks each); names for ``category``.
+    """
+
+    feature: str
+    storage: str
+    rows: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    data: Any = None
+    shapes: list[tuple[int, ...]] | None = None
+
+    def entry(self, j: int) -> Any:
+        """Entry ``j`` alone (an array, or a name for ``category``)."""
+        if isinstance(self.data, np.ndarray):
+            start = sum(self.lengths[:j])
+            return self.data[start : start + self.lengths[j]]
+        return self.data[j]
+
+
+@dataclass
+class Packed:
+    """A decoded partition: the sources to commit, their columns, and the failures."""
+
+    index: int
+    ids: list[str]
+    columns: dict[str, PackedColumn]
+    failures: list[Failure]
+
+    @property
+    def n_input(self) -> int:
+        return len(self.ids) + len(self.failures)
+
+
+def decode_partition(
+    partition: Partition,
+    features: Mapping[str, Feature],
+    bases: Mapping[str, str],
+    storage_options: Mapping[str, Any] | None = None,
+    after: Any = None,
+) -> Packed:
+    """Decode every source of ``partition`` with ``features`` (ordered, bases first).
+
+    ``bases`` maps each derived feature's path to the path it derives from.
+    ``after`` is only a dependency: the writer task this decode must wait for
+    (back-pressure); its value is ignored.
+    """
+    ids: list[str] = []
+    values: list[dict[str, Any]] = []
+    failures = list(partition.failures)
+    specs = partition.specs
+    for start in range(0, len(specs), FETCH_BATCH):
+        batch = [Source(spec, storage_options) for spec in specs[start : start + FETCH_BATCH]]
+        routes = [route(features, source.id) for source in batch]
+        wanted = [
+            source
+            for source, paths in zip(batch, routes, strict=True)
+            if source.url is not None and any(features[p].reads_bytes for p in paths)
+        ]
+        fetch(wanted, storage_options)
+        for source, paths in zip(batch, routes, strict=True):
+            if not paths:
+                failures.append(Failure(source.id, "", _unmatched(features)))
+                continue
+            outcome = load_source(source, features, bases, paths)
+            if isinstance(outcome, Failure):
+                failures.append(outcome)
+            else:
+                ids.append(source.id)
+                values.append(outcome)
+        del batch, wanted
+    return pack(partition.index, ids, values, features, failures)
+
+
+def load_source(
+    source: Any, features: Mapping[str, Feature], bases: Mapping[str, str], paths: list[str]
+) -> dict[str, Any] | Failure:
+    """Run the accepting features (then their derived ones) on one source.
+
+    Returns the stored layout of each column (``{column path: entry}``) or the
+    first failure.
+    """
+    raw: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
+    accepted = set(paths)
+    for path, feature in features.items():
+        base = bases.get(path)
+        if base is None and path not in accepted:
+            continue
+        if base is not None and raw.get(base) is None:
+            continue
+        try:
+            output = feature.load(raw[base] if base is not None else source)
+            raw[path] = output
+            stored.update(to_stored(output, feature.storage, path, type(feature).__name__))
+        except Exception as error:
+            return Failure(source.id, path, f"{type(error).__name__}: {error}")
+    return stored
+
+
+def to_stored(value: Any, storage: str, path: str, feature_name: str = "") -> dict[str, Any]:
+    """``{column path: entry}`` for one feature output, laid out for ``storage``.
+
+    An entry is an array whose axis 0 is what gets concatenated (plus its
+    original shape for ``flat``), or a name for ``category``. A dict output
+    gets one column per key. Raises :class:`FeatureTypeError` for anything
+    the bank cannot store.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key or "/" in key or key.startswith("__"):
+                raise FeatureTypeError(
+                    f"load() returned a dict with key {key!r}; keys must be plain names"
+                )
+            if item is not None:
+                out[posixpath.join(path, key)] = _entry(item, storage, feature_name)
+        return out
+    return {path: _entry(value, storage, feature_name)}
+
+
+def _entry(value: Any, storage: str, feature_name: str) -> Any:
+    if storage == "category":
+        if isinstance(value, str):
+            return value
+        raise FeatureTypeError(
+            f"{feature_name}.load() returned {type(value).__name__}; expected a str label"
+        )
+    if storage == "bytes":
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return (np.frombuffer(bytes(value), dtype=np.uint8), None)
+        if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+            return (value.reshape(-1), None)
+        raise FeatureTypeError(
+            f"{feature_name}.load() returned {type(value).__name__}; expected bytes or str"
+        )
+    if not isinstance(value, (np.ndarray, np.generic, int, float, complex)):
+        raise FeatureTypeError(
+            f"{feature_name}.load() returned {type(value).__name__}; "
+            "expected a numpy array, a dict of them, or None"
+        )
+    array = np.asarray(value)
+    if array.dtype.kind in "OUSV":
+        raise FeatureTypeError(
+            f"{feature_name}.load() returned an array of dtype {array.dtype}; "
+            "store numbers in arrays, text with String, bytes with Bytes"
+        )
+    if storage == "item":
+        return (array[np.newaxis], None)
+    if storage == "flat":
+        return (array.reshape(-1), tuple(array.shape))
+    return (array.reshape(1) if array.ndim == 0 else array, None)  # rows
+
+
+def pack(
+    index: int,
+    ids: list[str],
+    values: list[dict[str, Any]],
+    features: Mapping[str, Feature],
+    failures: list[Failure],
+) -> Packed:
+    """Gather the entries of ``values`` (one dict per id) into one column each."""
+    columns: dict[str, PackedColumn] = {}
+    pieces: dict[str, list[Any]] = {}
+    for row, entries in enumerate(values):
+        for key, entry in entries.items():
+            column = columns.get(key)
+            if column is None:
+                feature = _feature_of(key, features)
+                storage = features[feature].storage
+                column = columns[key] = PackedColumn(feature, storage)
+                if storage == "flat":
+                    column.shapes = []
+                pieces[key] = []
+            column.rows.append(row)
+            if column.storage == "category":
+                column.lengths.append(1)
+                pieces[key].append(entry)
+                continue
+            array, shape = entry
+            column.lengths.append(int(array.shape[0]))
+            pieces[key].append(array)
+            if column.shapes is not None:
+                column.shapes.append(shape)
+    for key, column in columns.items():
+        parts = pieces[key]
+        if column.storage == "category":
+            column.data = parts
+        elif all(p.shape[1:] == parts[0].shape[1:] and p.dtype == parts[0].dtype for p in parts):
+            column.data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        else:
+            column.data = parts
+    return Packed(index, ids, columns, failures)
+
+
+def _feature_of(column: str, features: Mapping[str, Feature]) -> str:
+    """The feature path a column belongs to (itself, or its parent for dict outputs)."""
+    return column if column in features else posixpath.dirname(column)
+
+
+def _unmatched(features: Mapping[str, Feature]) -> str:
+    patterns = [
+        f"{path} {feature.__re__!r}"
+        for path, feature in features.items()
+        if feature.derived_from is None
+    ]
+    shown = ", ".join(patterns[:6]) + (" ..." if len(patterns) > 6 else "")
+    return f"no feature accepts this source (features and the patterns searched in ids: {shown})"

@@ -1,0 +1,281 @@
+"""A build as a Dask graph: partitions, decode tasks, the writer chain, back-pressure.
+
+::
+
+    open ─▶ write 0 ─▶ write 1 ─▶ ... ─▶ write N-1 ─▶ finalize      (one process)
+              ▲          ▲                  ▲
+           decode 0   decode 1   ...    decode N-1                   (any worker)
+                                  ▲
+                   decode k+W waits for write k (back-pressure)
+
+Each decode task fetches and decodes one partition of sources on any worker.
+Its result goes to one writer task; the writer tasks form a chain (task k
+depends on task k-1) and are pinned to one worker process, so the bank is
+opened once and written by exactly one process. Decode task k+W depends on
+writer task k, so at most W decoded partitions ever wait for the writer and
+memory does not grow with the bank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import dask
+import h5py
+from dask.base import DaskMethodsMixin
+from dask.delayed import Delayed, delayed
+
+from features.base import Feature
+from pipeline import config, layout
+from pipeline.decode import Failure, Partition, decode_partition
+from pipeline.errors import DuplicateIdError, SchemaError
+from pipeline.sources import SourceSpec, expand, redact
+from pipeline.writer import BuildPlan, finalize_build, open_build, write_partition
+
+WRITER_PRIORITY = 100  # run a ready writer task before more decoding on its worker
+
+
+class Build(DaskMethodsMixin):
+    """A bank build as a Dask collection: computing it builds the bank.
+
+    ``dask.compute(build)``, ``build.compute()`` and ``client.compute(build)``
+    all work; the result is a :class:`pipeline.writer.BuildSummary`. Attributes
+    say what the build will do: ``path``, ``total`` (sources to process),
+    ``partitions`` (their sizes), ``write_keys`` (the writer chain's task
+    keys, for progress), ``writer`` (the worker the chain is pinned to, if any).
+    """
+
+    def __init__(
+        self,
+        final: Delayed,
+        write_keys: list[str],
+        partitions: list[int],
+        plan: BuildPlan,
+        writer: str | None,
+    ) -> None:
+        self._final = final
+        self.write_keys = write_keys
+        self.partitions = partitions
+        self.plan = plan
+        self.writer = writer
+
+    @property
+    def path(self) -> str:
+        return self.plan.path
+
+    @property
+    def token(self) -> str:
+        return self.plan.token
+
+    @property
+    def total(self) -> int:
+        return sum(self.partitions)
+
+    def __dask_graph__(self) -> Any:
+        return self._final.__dask_graph__()
+
+    def __dask_keys__(self) -> Any:
+        return self._final.__dask_keys__()
+
+    def __dask_layers__(self) -> Any:
+        return self._final.__dask_layers__()
+
+    def __dask_tokenize__(self) -> Any:
+        return self._final.key
+
+    def __dask_postcompute__(self) -> Any:
+        return self._final.__dask_postcompute__()
+
+    def __dask_postpersist__(self) -> Any:
+        return self._final.__dask_postpersist__()
+
+    # The graph is built exactly as it must run; there is nothing to optimise.
+    __dask_optimize__ = staticmethod(lambda dsk, keys, **kwargs: dsk)
+    __dask_scheduler__ = staticmethod(dask.threaded.get)
+
+    def __repr__(self) -> str:
+        where = f", writer on {self.writer}" if self.writer else ""
+        return (
+            f"<h5bank Build {self.path!r}: {self.total} sources in {len(self.partitions)} "
+            f"partitions{where}>"
+        )
+
+
+def committed_ids(path: str) -> set[str]:
+    """Ids already in the bank at ``path`` (or its partial file), if this process can see it.
+
+    Only an optimisation (skip decoding what is there): the writer skips
+    committed ids itself, so a bank only the writer can reach still appends
+    correctly.
+    """
+    for candidate in (layout.partial_path(path), path):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            with h5py.File(candidate, "r") as f:
+                if layout.is_bank(f):
+                    return set(layout.read_strings(layout.ids_table(f)))
+        except OSError:
+            continue
+    return set()
+
+
+def partition_sources(
+    sources: Any,
+    storage_options: Mapping[str, Any] | None,
+    partition_size: int | None,
+    threads: int,
+    skip: set[str],
+) -> tuple[list[Partition], int]:
+    """Expand ``sources`` into partitions; return them and how many ids were skipped.
+
+    Duplicate ids in a list known up front raise :class:`DuplicateIdError`
+    before anything is built; in a stream, the later duplicate becomes a
+    failure and the first one is kept.
+    """
+    known = isinstance(sources, (str, os.PathLike, list, tuple))
+    specs: Iterable[SourceSpec] = expand(sources, storage_options)
+    if known:
+        specs = list(specs)
+    if partition_size is None:
+        partition_size = config.get("build.partition-size")
+    if partition_size is None:
+        partition_size = 256
+        if known:
+            partition_size = max(1, min(256, math.ceil(len(specs) / (4 * max(threads, 1)))))
+    if partition_size < 1:
+        raise ValueError(f"partition_size must be at least 1, got {partition_size}")
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    skipped = 0
+    partitions: list[Partition] = [Partition(0, [])]
+    for spec in specs:
+        current = partitions[-1]
+        if len(current) >= partition_size:
+            current = Partition(len(partitions), [])
+            partitions.append(current)
+        if spec.id in skip:
+            skipped += 1
+        elif spec.id in seen:
+            if known:
+                duplicates.append(spec.id)
+            else:
+                current.failures.append(
+                    Failure(
+                        spec.id,
+                        "",
+                        "DuplicateIdError: an earlier source of this build has the same id; "
+                        "the first one is kept",
+                    )
+                )
+        else:
+            seen.add(spec.id)
+            current.specs.append(spec)
+    if duplicates:
+        shown = ", ".join(repr(d) for d in duplicates[:10])
+        more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        raise DuplicateIdError(
+            f"{len(duplicates)} duplicate source ids, nothing was written: {shown}{more}. Files "
+            "found under a directory or glob get ids relative to it, so two roots holding the same "
+            "relative path collide; build them into separate groups or give explicit paths"
+        )
+    return [p for p in partitions if len(p)], skipped
+
+
+def describe_sources(sources: Any, limit: int = 50) -> Any:
+    """The source specification recorded in the bank's provenance, credentials removed."""
+    if isinstance(sources, (str, os.PathLike)):
+        return [redact(os.fspath(sources))]
+    if isinstance(sources, (list, tuple)):
+        shown = [
+            redact(s.url or s.id) if isinstance(s, SourceSpec) else redact(os.fspath(s))
+            for s in sources[:limit]
+            if isinstance(s, (str, os.PathLike, SourceSpec))
+        ]
+        if len(sources) > limit:
+            shown.append(f"... and {len(sources) - limit} more")
+        return shown
+    return f"<{type(sources).__name__} streamed>"
+
+
+def build_graph(
+    features: Mapping[str, Feature],
+    bases: Mapping[str, str],
+    path: str | os.PathLike[str],
+    sources: Any,
+    *,
+    mode: str = "w",
+    on_error: str | None = None,
+    partition_size: int | None = None,
+    max_pending: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    writer: str | None = None,
+    threads: int | None = None,
+) -> Build:
+    """The Dask graph that builds the bank at ``path`` from ``sources``.
+
+    ``writer`` is the address of the worker the writer chain is pinned to
+    (``None`` for in-process schedulers); ``threads`` the number of worker
+    threads, used for the default partition size and back-pressure window.
+    """
+    if not features:
+        raise SchemaError("the bank type has no features: add Feature class attributes to it")
+    if mode not in ("w", "a"):
+        raise ValueError(f"mode must be 'w' (new bank) or 'a' (append / resume), got {mode!r}")
+    on_error = config.get("build.on-error", on_error)
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    path = os.path.abspath(os.fspath(path))
+    threads = threads or os.cpu_count() or 1
+    skip = committed_ids(path) if mode == "a" else set()
+    partitions, skipped = partition_sources(sources, storage_options, partition_size, threads, skip)
+    window = config.get("build.max-pending", max_pending) or 2 * threads
+    token = uuid.uuid4().hex
+    plan = BuildPlan(
+        token=token,
+        path=path,
+        mode=mode,
+        features=dict(features),
+        on_error=on_error,
+        provenance={
+            "mode": mode,
+            "sources": describe_sources(sources),
+            "partitions": len(partitions),
+            "on_error": on_error,
+        },
+        chunk_bytes=int(config.get("build.chunk-bytes")),
+        skipped=skipped,
+    )
+
+    def pinned() -> contextlib.AbstractContextManager[Any]:
+        if writer is None:
+            return contextlib.nullcontext()
+        return dask.annotate(workers=[writer], allow_other_workers=False, priority=WRITER_PRIORITY)
+
+    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
+    features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
+    options = dict(storage_options or {})
+    with pinned():
+        state = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
+    writes: list[Delayed] = []
+    for k, partition in enumerate(partitions):
+        after = writes[k - window] if k >= window else None
+        decoded = delayed(decode_partition, pure=False)(
+            partition, features_task, dict(bases), options, after,
+            dask_key_name=f"h5bank-decode-{k}-{token}",
+        )  # fmt: skip
+        with pinned():
+            state = delayed(write_partition, pure=False)(
+                plan_task, decoded, state, dask_key_name=f"h5bank-write-{k}-{token}"
+            )
+        writes.append(state)
+    with pinned():
+        final = delayed(finalize_build, pure=False)(
+            plan_task, state, dask_key_name=f"h5bank-finalize-{token}"
+        )
+    return Build(final, [w.key for w in writes], [len(p) for p in partitions], plan, writer)

@@ -1,0 +1,364 @@
+"""The on-disk format of a bank (version 1): names, attributes, commit and truncate rules.
+
+This is the only module that knows dataset paths. A bank is a plain HDF5 file
+that h5py alone can read:
+
+- root attributes ``h5bank_format`` (``"h5bank"``), ``h5bank_version`` (1),
+  ``h5bank_schema`` (JSON: each feature path's class, storage, attrs and
+  dataset options), ``h5bank_provenance`` (JSON: library version, builds with
+  their times, counts and source specification, credentials removed) and
+  ``h5bank_state`` (``"building"`` or ``"complete"``);
+- ``__sources__/id``: the committed source ids (UTF-8), in commit order; its
+  length is the number of sources in the bank;
+- ``__failures__/id``, ``/feature``, ``/error``: sources that failed, with the
+  feature (``""`` if none accepted the source) and the reason;
+- one HDF5 group per feature column, nested like the schema (``data/images``),
+  with attributes ``h5bank_storage``, ``h5bank_feature`` and the feature's
+  parameters, holding ``data`` (the concatenation along axis 0), ``refs``
+  (``(n, 2)`` int64 ``[start, stop)`` rows into ``data``, ``-1, -1`` where a
+  source has no data) and, for ``flat`` storage, ``shape`` (``(n, ndim)``
+  int64, ``-1`` padded). A feature whose ``load`` returns a dict gets one
+  column per key below its group (``feature/key``).
+
+Commit order makes crashes cheap: a commit appends rows, then refs (and
+shapes), then the ids, then failures, then flushes. The id table is the commit
+record: :func:`truncate` cuts every table back to what the ids commit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import FormatVersionError, NotABankError
+
+FORMAT = "h5bank"
+VERSION = 1
+
+ATTR_FORMAT = "h5bank_format"
+ATTR_VERSION = "h5bank_version"
+ATTR_SCHEMA = "h5bank_schema"
+ATTR_PROVENANCE = "h5bank_provenance"
+ATTR_STATE = "h5bank_state"
+ATTR_STORAGE = "h5bank_storage"
+ATTR_FEATURE = "h5bank_feature"
+ATTR_NAMES = "names"  # category labels, code i is names[i]
+
+IDS = "__sources__/id"
+FAILURES = "__failures__"
+FAILURE_FIELDS = ("id", "feature", "error")
+DATA, REFS, SHAPE = "data", "refs", "shape"
+
+BUILDING, COMPLETE = "building", "complete"
+PARTIAL_SUFFIX = ".partial"
+
+_STR = h5py.string_dtype("utf-8")
+# Rows per chunk of the id, failure, refs and shape tables: 64 KiB of refs, small
+# enough for tiny banks, large enough that a million-source table is 250 chunks.
+TABLE_ROWS = 4096
+
+
+def partial_path(path: str | os.PathLike[str]) -> str:
+    """Where a build writes until it finishes; renamed onto ``path`` at the end."""
+    return os.fspath(path) + PARTIAL_SUFFIX
+
+
+def is_bank(f: h5py.File) -> bool:
+    return f.attrs.get(ATTR_FORMAT) == FORMAT
+
+
+def check_format(f: h5py.File) -> int:
+    """The bank's format version; raises if the file is no bank or a newer one."""
+    if not is_bank(f):
+        raise NotABankError(
+            f"{f.filename} is not an h5bank bank (no {ATTR_FORMAT!r} attribute); "
+            "open it with pipeline.TypedFile to browse any HDF5 file"
+        )
+    version = int(f.attrs.get(ATTR_VERSION, 0))
+    if version > VERSION or version < 1:
+        raise FormatVersionError(
+            f"{f.filename} has bank format version {version}; this h5bank reads version "
+            f"{VERSION} and older: upgrade h5bank to read it"
+        )
+    return version
+
+
+def init_bank(f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any]) -> None:
+    """Write the root attributes and empty bookkeeping tables of a new bank."""
+    f.attrs[ATTR_FORMAT] = FORMAT
+    f.attrs[ATTR_VERSION] = VERSION
+    f.attrs[ATTR_SCHEMA] = json.dumps(schema, sort_keys=True)
+    f.attrs[ATTR_PROVENANCE] = json.dumps(provenance, sort_keys=True)
+    f.attrs[ATTR_STATE] = BUILDING
+    _string_table(f, IDS)
+    for field in FAILURE_FIELDS:
+        _string_table(f, f"{FAILURES}/{field}")
+
+
+def _string_table(f: h5py.File, name: str) -> h5py.Dataset:
+    return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(TABLE_ROWS,))
+
+
+def read_json_attr(f: h5py.File, name: str) -> dict[str, Any]:
+    raw = f.attrs.get(name)
+    return json.loads(raw) if raw else {}
+
+
+def write_json_attr(f: h5py.File, name: str, value: dict[str, Any]) -> None:
+    f.attrs[name] = json.dumps(value, sort_keys=True)
+
+
+def read_strings(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> list[str]:
+    if dataset.shape[0] == 0:
+        return []
+    return dataset.asstr()[start:stop].tolist()
+
+
+def append_strings(dataset: h5py.Dataset, values: list[str]) -> None:
+    if not values:
+        return
+    n = dataset.shape[0]
+    dataset.resize((n + len(values),))
+    dataset[n:] = np.array(values, dtype=object)
+
+
+def ids_table(f: h5py.File) -> h5py.Dataset:
+    return f[IDS]
+
+
+def failure_tables(f: h5py.File) -> list[h5py.Dataset]:
+    return [f[f"{FAILURES}/{field}"] for field in FAILURE_FIELDS]
+
+
+# -- feature columns --------------------------------------------------------
+
+
+@dataclass
+class Column:
+    """The datasets of one feature column: ``data``, ``refs`` and, for flat storage, ``shape``."""
+
+    path: str
+    storage: str
+    group: h5py.Group
+    data: h5py.Dataset
+    refs: h5py.Dataset
+    shape: h5py.Dataset | None
+
+    @classmethod
+    def open(cls, f: h5py.File, path: str) -> Column:
+        group = f[path]
+        return cls(
+            path,
+            str(group.attrs[ATTR_STORAGE]),
+            group,
+            group[DATA],
+            group[REFS],
+            group.get(SHAPE),
+        )
+
+
+def is_column(node: Any) -> bool:
+    return isinstance(node, h5py.Group) and ATTR_STORAGE in node.attrs and DATA in node
+
+
+def iter_columns(f: h5py.File) -> Iterator[str]:
+    """Paths of every feature column in the bank, in HDF5's (alphabetical) order."""
+    found: list[str] = []
+
+    def visit(name: str, node: Any) -> None:
+        if not name.startswith("__") and is_column(node):
+            found.append(name)
+
+    f.visititems(visit)
+    yield from found
+
+
+def create_column(
+    f: h5py.File,
+    path: str,
+    storage: str,
+    sample: np.ndarray,
+    n_sources: int,
+    options: dict[str, Any],
+    attrs: dict[str, Any],
+    feature_class: str,
+    chunk_bytes: int,
+) -> Column:
+    """Create the datasets of a new column, shaped after ``sample`` (one source's stored array).
+
+    ``refs`` (and ``shape``) start with ``n_sources`` rows of ``-1``: the
+    sources committed before this column existed have no data in it.
+    """
+    group = f.require_group(path)
+    group.attrs[ATTR_STORAGE] = storage
+    group.attrs[ATTR_FEATURE] = feature_class
+    for key, value in attrs.items():
+        if value is not None:
+            group.attrs[key] = _attribute(value)
+    options = dict(options)
+    row_shape = sample.shape[1:]
+    chunks = options.pop("chunks", None)
+    if chunks in (None, True):
+        # Chunks of about chunk_bytes; smaller (not under 64 KiB) for a column whose first
+        # write is small (a log added on the fly), so tiny banks stay tiny.
+        row_bytes = max(1, math.prod(row_shape) * sample.dtype.itemsize)
+        target = min(chunk_bytes, max(1 << 16, 4 * sample.nbytes))
+        rows = max(1, target // row_bytes)
+        if storage == "category":
+            rows = TABLE_ROWS  # one code per source: chunk it like the other per-source tables
+        chunks = (rows, *row_shape)
+    data = group.create_dataset(
+        DATA,
+        shape=(0, *row_shape),
+        maxshape=(None, *row_shape),
+        dtype=sample.dtype,
+        chunks=tuple(chunks),
+        **options,
+    )
+    refs = group.create_dataset(
+        REFS,
+        shape=(n_sources, 2),
+        maxshape=(None, 2),
+        dtype="i8",
+        chunks=(TABLE_ROWS, 2),
+        fillvalue=-1,
+    )
+    shape = None
+    if storage == "flat":
+        shape = group.create_dataset(
+            SHAPE,
+            shape=(n_sources, 1),
+            maxshape=(None, None),
+            dtype="i8",
+            chunks=(TABLE_ROWS, 4),
+            fillvalue=-1,
+        )
+    if storage == "category":
+        group.attrs[ATTR_NAMES] = np.array([], dtype=_STR)
+    return Column(path, storage, group, data, refs, shape)
+
+
+def _attribute(value: Any) -> Any:
+    """``value`` as an HDF5 attribute: lists of numbers or strings as arrays, dicts as JSON."""
+    if isinstance(value, (list, tuple)):
+        array = np.asarray(value)
+        if array.dtype.kind in "iufb":
+            return array
+        if array.dtype.kind == "U":
+            return array.astype(_STR)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+def category_names(column: Column) -> list[str]:
+    names = column.group.attrs.get(ATTR_NAMES)
+    return [] if names is None else [str(n) for n in np.atleast_1d(names)]
+
+
+def set_category_names(column: Column, names: list[str]) -> None:
+    column.group.attrs[ATTR_NAMES] = np.array(names, dtype=_STR)
+
+
+def resize_sources(column: Column, n: int) -> None:
+    """Give ``refs`` (and ``shape``) exactly ``n`` rows; new rows read ``-1``."""
+    column.refs.resize((n, 2))
+    if column.shape is not None:
+        column.shape.resize((n, column.shape.shape[1]))
+
+
+def write_shapes(column: Column, rows: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
+    """Record each source's shape (``rows`` index the sources) in the ``-1``-padded shape table."""
+    assert column.shape is not None
+    width = max([len(s) for s in shapes] + [column.shape.shape[1]])
+    if width > column.shape.shape[1]:
+        column.shape.resize((column.shape.shape[0], width))
+    table = np.full((len(shapes), width), -1, dtype="i8")
+    for i, shape in enumerate(shapes):
+        table[i, : len(shape)] = shape
+    _write_rows(column.shape, rows, table)
+
+
+def write_refs(column: Column, rows: np.ndarray, refs: np.ndarray) -> None:
+    _write_rows(column.refs, rows, refs)
+
+
+def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    if len(rows) == 0:
+        return
+    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one write
+        dataset[rows[0] : rows[-1] + 1] = values
+    else:
+        for row, value in zip(rows.tolist(), values, strict=True):
+            dataset[row] = value
+
+
+def stored_shape(column: Column, row: int) -> tuple[int, ...]:
+    assert column.shape is not None
+    return tuple(int(s) for s in column.shape[row] if s >= 0)
+
+
+# -- commit and truncate ----------------------------------------------------
+
+
+def truncate(f: h5py.File) -> int:
+    """Cut every table back to what the id table commits; return the number of sources.
+
+    Refs and shape tables get exactly one row per committed id; ``data`` is cut
+    after the last row a committed ref points to (rows a crashed commit
+    appended are dropped); the failure tables are cut to their shortest.
+    """
+    n = ids_table(f).shape[0]
+    for path in iter_columns(f):
+        column = Column.open(f, path)
+        resize_sources(column, n)
+        stops = column.refs[:, 1] if n else np.zeros(0, dtype="i8")
+        end = int(stops.max()) if stops.size and stops.max() > 0 else 0
+        if column.data.shape[0] > end:
+            column.data.resize(end, axis=0)
+    tables = failure_tables(f)
+    shortest = min(t.shape[0] for t in tables)
+    for table in tables:
+        table.resize((shortest,))
+    return n
+
+
+def storage_bytes(node: h5py.Group | h5py.Dataset) -> int:
+    """Bytes a dataset, or every dataset below a group, takes in the file."""
+    if isinstance(node, h5py.Dataset):
+        return int(node.id.get_storage_size())
+    total = 0
+
+    def visit(_: str, child: Any) -> None:
+        nonlocal total
+        if isinstance(child, h5py.Dataset):
+            total += int(child.id.get_storage_size())
+
+    node.visititems(visit)
+    return total
+
+
+def compression_of(dataset: h5py.Dataset) -> str:
+    """A short description of a dataset's filters (``"gzip(4)"``, ``"lzf"``, ``"filter 32015"``)."""
+    plist = dataset.id.get_create_plist()
+    names = []
+    for i in range(plist.get_nfilters()):
+        code, _, values, name = plist.get_filter(i)
+        label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        if code == h5py.h5z.FILTER_DEFLATE:
+            label = f"gzip({values[0]})" if values else "gzip"
+        elif code == h5py.h5z.FILTER_SHUFFLE:
+            label = "shuffle"
+        elif code == h5py.h5z.FILTER_FLETCHER32:
+            label = "fletcher32"
+        elif code == 32000:
+            label = "lzf"
+        names.append(label or f"filter {code}")
+    return "+".join(names) if names else "none"

@@ -1,0 +1,150 @@
+"""A bank type's features: their paths, their order, their record in the bank.
+
+A ``TypedFile`` subclass reads like the file it describes: class attributes
+are features or :class:`Group`\\ s of them, and groups nest. :class:`Schema`
+turns that into an ordered mapping of feature paths (``"data/images"``) to
+features, with every derived feature after the feature it derives from.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from features.base import Feature
+from pipeline.errors import SchemaError
+
+
+class Group:
+    """A group of features (or of groups) in a bank type: ``Group(images=Image(), labels=DirLabels())``.
+
+    On an open bank, the attribute reads as a group proxy: ``bank.data.get(id)``,
+    ``bank.data.images``.
+    """
+
+    def __init__(self, **children: Feature | Group) -> None:
+        for name, child in children.items():
+            if not isinstance(child, (Feature, Group)):
+                raise SchemaError(
+                    f"Group member {name!r} is a {type(child).__name__}; expected a Feature or a Group"
+                )
+            _check_name(name)
+        self.children: dict[str, Feature | Group] = dict(children)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance._child(self._name)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.children.items())
+        return f"Group({inner})"
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("__"):
+        raise SchemaError(
+            f"feature and group names may not be empty, hold '/' or start with '__': {name!r}"
+        )
+
+
+class Schema(Mapping[str, Feature]):
+    """Feature paths to features, bases before the features derived from them."""
+
+    def __init__(self, features: Mapping[str, Feature]) -> None:
+        self.bases: dict[str, str] = {}
+        for path, feature in features.items():
+            if feature.derived_from is not None:
+                self.bases[path] = self._resolve(path, feature.derived_from, features)
+        self._features = {path: features[path] for path in self._ordered(features)}
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any]) -> Schema:
+        """The schema of a class body (or any mapping of names to features and groups)."""
+        features: dict[str, Feature] = {}
+
+        def walk(prefix: str, members: Mapping[str, Any]) -> None:
+            for name, member in members.items():
+                if isinstance(member, Feature):
+                    _check_name(name)
+                    features[posixpath.join(prefix, name)] = member
+                elif isinstance(member, Group):
+                    _check_name(name)
+                    walk(posixpath.join(prefix, name), member.children)
+
+        walk("", namespace)
+        return cls(features)
+
+    @classmethod
+    def from_class(cls, typed_file: type) -> Schema:
+        """The schema of a ``TypedFile`` subclass, inherited features included."""
+        namespace: dict[str, Any] = {}
+        for klass in reversed(typed_file.__mro__):
+            namespace.update(
+                {k: v for k, v in vars(klass).items() if isinstance(v, (Feature, Group))}
+            )
+        return cls.from_namespace(namespace)
+
+    @staticmethod
+    def _resolve(path: str, base: str, features: Mapping[str, Feature]) -> str:
+        sibling = posixpath.join(posixpath.dirname(path), base)
+        for candidate in (sibling, base.strip("/")):
+            if candidate in features and candidate != path:
+                return candidate
+        raise SchemaError(
+            f"feature {path!r} is derived_from={base!r}, but the bank type has no such feature "
+            f"(features: {', '.join(features) or 'none'})"
+        )
+
+    def _ordered(self, features: Mapping[str, Feature]) -> list[str]:
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(path: str) -> None:
+            if path in order:
+                return
+            if path in visiting:
+                raise SchemaError(f"derived features form a cycle through {path!r}")
+            visiting.add(path)
+            if path in self.bases:
+                visit(self.bases[path])
+            visiting.discard(path)
+            order.append(path)
+
+        for path in features:
+            visit(path)
+        return order
+
+    def __getitem__(self, path: str) -> Feature:
+        return self._features[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._features)
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def groups(self) -> set[str]:
+        """Every group path the features live under (``"data"`` for ``"data/images"``)."""
+        out: set[str] = set()
+        for path in self._features:
+            parent = posixpath.dirname(path)
+            while parent:
+                out.add(parent)
+                parent = posixpath.dirname(parent)
+        return out
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Each feature's JSON record (class, storage, attrs, dataset options)."""
+        return {path: feature.describe() for path, feature in self._features.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.describe(), sort_keys=True)
+
+    def __repr__(self) -> str:
+        return f"Schema({', '.join(f'{p}={f!r}' for p, f in self._features.items())})"

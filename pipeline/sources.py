@@ -1,0 +1,306 @@
+"""Sources: expanding what the user gives into ids, and fetching their bytes.
+
+``sources`` may hold file paths, directories (walked recursively, hidden files
+skipped), glob patterns and fsspec URLs, or any iterable of them too large to
+list twice. :func:`expand` turns them into :class:`SourceSpec` (id + URL) in a
+deterministic order, lazily:
+
+- a path or URL listed explicitly keeps the string as given as its id (URLs
+  minus credentials: user info and signature / token query parameters);
+- files found by walking a local directory or a local glob get ids relative
+  to that root, in POSIX form (``"cats/01.png"``), so banks built on different
+  machines agree; files found under a URL root keep their full URL;
+- a string that is neither an existing path nor a URL is a plain id (a feature
+  may generate its data from the id itself); only reading its bytes fails.
+
+Nothing here special-cases a protocol: every URL goes through fsspec, with
+``storage_options`` passed on untouched.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from fsspec.core import split_protocol, url_to_fs
+
+from features.base import Feature
+from features.errors import SourceReadError
+
+__all__ = ["Source", "SourceSpec", "expand", "fetch", "is_url", "redact", "route"]
+
+_MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of a build: its ``id`` in the bank and the ``url`` its bytes come from.
+
+    ``url`` is an absolute local path, an fsspec URL, or ``None`` for a plain id.
+    """
+
+    id: str
+    url: str | None = None
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` names an fsspec URL (``proto://...`` or a ``::`` chain)."""
+    return "::" in text or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", text) is not None
+
+
+def expand(
+    sources: str | os.PathLike[str] | Iterable[Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[SourceSpec]:
+    """Yield a :class:`SourceSpec` per source, lazily, in a deterministic order.
+
+    Directories and globs are listed (and sorted) one root at a time, so memory
+    follows the largest root, not the whole source list.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    options = dict(storage_options or {})
+    for item in sources:
+        if isinstance(item, SourceSpec):
+            yield item
+            continue
+        if isinstance(item, os.PathLike):
+            item = os.fspath(item)
+        if not isinstance(item, str):
+            raise TypeError(
+                f"a source must be a path, a URL or an id string, got {type(item).__name__}: {item!r}"
+            )
+        if is_url(item):
+            yield from _expand_url(item, options)
+        else:
+            yield from _expand_local(item)
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _posix(path: str) -> str:
+    return path.replace(os.sep, "/") if os.sep != "/" else path
+
+
+def _expand_local(text: str) -> Iterator[SourceSpec]:
+    if _MAGIC.search(text):
+        root = _glob_root(text)
+        found = []
+        for path in globlib.glob(text, recursive=True):
+            if os.path.isdir(path):
+                continue
+            relative = _posix(os.path.relpath(path, root or "."))
+            if not _hidden(relative):
+                found.append((relative, os.path.abspath(path)))
+        for relative, absolute in sorted(found):
+            yield SourceSpec(relative, absolute)
+    elif os.path.isdir(text):
+        found = []
+        for directory, dirnames, filenames in os.walk(text):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(directory, name)
+                found.append((_posix(os.path.relpath(path, text)), os.path.abspath(path)))
+        for relative, absolute in sorted(found):
+            yield SourceSpec(relative, absolute)
+    elif os.path.lexists(text):
+        yield SourceSpec(text, os.path.abspath(text))
+    else:
+        yield SourceSpec(text, None)
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of ``pattern`` before its first wildcard."""
+    parts = pattern.replace("\\", "/").split("/")
+    fixed = []
+    for part in parts:
+        if _MAGIC.search(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
+    if "::" in url:
+        # A chained URL (simplecache::s3://..., zip://...::s3://...) names one file.
+        yield SourceSpec(redact(url), url)
+        return
+    split = urlsplit(url)
+    # "?" starts a query string in a URL, not a wildcard.
+    magic = _MAGIC.search(split.netloc + split.path) is not None and not split.query
+    if magic or url.endswith("/"):
+        fs, root_path = url_to_fs(url, **options)
+        if magic:
+            given_root = _glob_root(url)
+            stripped_root = _glob_root(root_path)
+            listing = fs.glob(root_path, detail=True)
+            files = [p for p, info in listing.items() if info.get("type") != "directory"]
+        else:
+            given_root = url.rstrip("/")
+            stripped_root = root_path.rstrip("/")
+            files = fs.find(root_path, withdirs=False)
+        found = []
+        for found_path in files:
+            relative = found_path[len(stripped_root) :].lstrip("/")
+            if relative and not _hidden(relative):
+                found.append(f"{given_root}/{relative}")
+        for full in sorted(found):
+            yield SourceSpec(redact(full), full)
+    else:
+        yield SourceSpec(redact(url), url)
+
+
+def route(features: Mapping[str, Feature], source_id: str) -> list[str]:
+    """The paths of the (non-derived) features that accept ``source_id``."""
+    return [
+        path
+        for path, feature in features.items()
+        if feature.derived_from is None and feature.accepts(source_id)
+    ]
+
+
+class Source:
+    """A source as a feature's ``load`` sees it: ``id``, ``url``, and bytes fetched once.
+
+    ``read()`` fetches the bytes on first use and keeps them, so several
+    features loading the same source share one fetch; :func:`fetch` fills many
+    sources in one batched call before the features run.
+    """
+
+    __slots__ = ("_data", "_error", "id", "storage_options", "url")
+
+    def __init__(self, spec: SourceSpec, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.id = spec.id
+        self.url = spec.url
+        self.storage_options = dict(storage_options or {})
+        self._data: bytes | None = None
+        self._error: BaseException | None = None
+
+    def read(self) -> bytes:
+        """The source's bytes (fetched at most once)."""
+        if self._data is None and self._error is None:
+            fetch([self], self.storage_options)
+        if self._error is not None:
+            raise self._error
+        assert self._data is not None
+        return self._data
+
+    def open(self) -> io.BytesIO:
+        """A binary file object over the source's bytes."""
+        return io.BytesIO(self.read())
+
+    def __repr__(self) -> str:
+        return f"Source(id={self.id!r}, url={redact(self.url) if self.url else None!r})"
+
+
+def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Fetch the bytes of ``sources`` that have none yet, one batched ``fs.cat`` per filesystem.
+
+    Failures are kept per source (raised by its ``read()``), never raised here.
+    """
+    options = dict(storage_options or {})
+    groups: dict[str, list[Source]] = {}
+    for source in sources:
+        if source._data is not None or source._error is not None:
+            continue
+        if source.url is None:
+            source._error = SourceReadError(
+                f"{source.id!r} is neither an existing file nor a URL, so it has no bytes to read "
+                "(a plain id is fine for features that do not read bytes)"
+            )
+            continue
+        if "::" in source.url:
+            groups.setdefault(source.url, []).append(source)  # chains resolve one by one
+        else:
+            groups.setdefault(split_protocol(source.url)[0] or "file", []).append(source)
+    for group in groups.values():
+        _fetch_group(group, options)
+
+
+def _fetch_group(group: list[Source], options: dict[str, Any]) -> None:
+    try:
+        fs, _ = url_to_fs(group[0].url, **options)
+        paths = [fs._strip_protocol(s.url) for s in group]
+        # One call for the whole group: remote filesystems fetch concurrently.
+        found = fs.cat(paths, on_error="return") if len(paths) > 1 else None
+    except Exception as error:  # the filesystem itself is unusable (bad options, missing driver)
+        for source in group:
+            source._error = SourceReadError(f"cannot open {redact(source.url)}: {_reason(error)}")
+        return
+    for source, path in zip(group, paths, strict=True):
+        try:
+            data = found[path] if found is not None else fs.cat_file(path)
+            if isinstance(data, BaseException):
+                raise data
+            source._data = bytes(data)
+        except Exception as error:
+            source._error = SourceReadError(
+                f"cannot read {redact(source.url)}: {_reason(error, fs)}"
+            )
+
+
+def _reason(error: BaseException, fs: Any = None) -> str:
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory (give a directory to walk it, or a glob)"
+    if isinstance(error, FileNotFoundError) and fs is not None and "memory" in fs.protocol:
+        return (
+            "no such file in this process's memory:// filesystem; memory:// files exist only in "
+            "the process that wrote them, so build with scheduler='threads' or 'sync'"
+        )
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"{type(error).__name__}: {error}"
+
+
+# Query parameters that carry credentials (presigned S3 / GCS URLs, Azure SAS, API keys).
+_SECRET_SUFFIXES = (
+    "signature",
+    "credential",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key",
+    "keyid",
+)
+_SECRET_NAMES = {"sig", "pwd", "auth", "se", "sp", "sv", "skoid", "sktid"}
+
+
+def _secret(name: str) -> bool:
+    name = name.lower().replace("_", "-")
+    return name in _SECRET_NAMES or name.rsplit("-", 1)[-1].endswith(_SECRET_SUFFIXES)
+
+
+def redact(url: str) -> str:
+    """``url`` without credentials: user info and credential query parameters are removed.
+
+    Used for every URL h5bank writes or prints, ids of URL sources included
+    (the URL with its credentials is only kept in memory, to fetch the bytes).
+    """
+    if not is_url(url):
+        return url
+    parts = []
+    for piece in url.split("::"):
+        try:
+            split = urlsplit(piece)
+        except ValueError:
+            parts.append(piece)
+            continue
+        netloc = split.netloc.rsplit("@", 1)[-1]
+        query = "&".join(
+            pair for pair in split.query.split("&") if pair and not _secret(pair.split("=", 1)[0])
+        )
+        parts.append(urlunsplit((split.scheme, netloc, split.path, query, split.fragment)))
+    return "::".join(parts)

@@ -1,0 +1,778 @@
+"""``TypedFile``, and the proxies that read and write a bank by id, by refs and by slice.
+
+A bank type is a subclass of :class:`TypedFile` whose class attributes are
+features or :class:`~pipeline.schema.Group`\\ s of them::
+
+    class Experiment(TypedFile):
+        data = Group(images=Image(size=(64, 64), mode="RGB"), labels=DirLabels())
+        logs = Group(loss=Array())
+
+    exp = Experiment.create("exp.h5", sources=["photos/"])
+    exp.logs.add("train", {"loss": losses})           # populate on the fly
+    exp.data.images[exp.data.images.refs[0]]          # source 0's rows
+    exp.data.labels[:32]                              # a slice of the concatenation
+
+On an open bank, a feature attribute reads as a :class:`FeatureProxy` and a
+group as a :class:`GroupProxy`. ``TypedFile(path)`` itself opens any HDF5
+file, mapping its groups and datasets to proxies.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import h5py
+import numpy as np
+
+from features.base import Feature
+from pipeline import config, layout
+from pipeline.decode import Failure, _feature_of, to_stored
+from pipeline.errors import (
+    BuildInProgressError,
+    NotABankError,
+    ReadOnlyError,
+    UnknownIdError,
+)
+from pipeline.schema import Group, Schema
+from pipeline.writer import (
+    BankWriter,
+    BuildSummary,
+    feature_for_column,
+    human_bytes,
+    library_version,
+)
+
+T = TypeVar("T", bound="TypedFile")
+
+
+class TypedFile:
+    """A bank (or any HDF5 file) opened through its type.
+
+    Parameters
+    ----------
+    path
+        The ``.h5`` file.
+    mode
+        ``"r"`` (read only, the default), ``"r+"`` (read and write an existing
+        bank) or ``"a"`` (read and write, creating an empty bank if the file is
+        missing). Use :meth:`create` to build a bank from sources.
+    **h5py_options
+        Passed to ``h5py.File`` (``rdcc_nbytes``, ``locking``...).
+    """
+
+    __schema__: ClassVar[Schema] = Schema({})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__schema__ = Schema.from_class(cls)
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r", **h5py_options: Any) -> None:
+        if mode not in ("r", "r+", "a"):
+            raise ValueError(
+                f"mode must be 'r', 'r+' or 'a', got {mode!r}; build a new bank with "
+                f"{type(self).__name__}.create(path, sources)"
+            )
+        self.path = os.fspath(path)
+        self.mode = mode
+        self.summary: BuildSummary | None = None
+        if not os.path.exists(self.path) and os.path.exists(layout.partial_path(self.path)):
+            raise BuildInProgressError(
+                f"{self.path} is being built, or its build stopped: only "
+                f"{layout.partial_path(self.path)} exists. Wait for the build, or resume it "
+                "with create(..., mode='a')"
+            )
+        new = mode == "a" and not os.path.exists(self.path)
+        self._h5 = h5py.File(self.path, mode, **h5py_options)
+        try:
+            if new:
+                layout.init_bank(
+                    self._h5,
+                    type(self).__schema__.describe(),
+                    {"library": f"h5bank {library_version()}", "builds": []},
+                )
+                self._h5.attrs[layout.ATTR_STATE] = layout.COMPLETE
+            self._check_file()
+        except BaseException:
+            self._h5.close()
+            raise
+        self._features = self._known_features()
+        self._columns: dict[str, layout.Column] = {}
+        self._ids: list[str] | None = None
+        self._index: dict[str, int] | None = None
+        self._writer: BankWriter | None = None
+
+    def _check_file(self) -> None:
+        if layout.is_bank(self._h5):
+            layout.check_format(self._h5)
+            if self._h5.attrs.get(layout.ATTR_STATE) != layout.COMPLETE:
+                raise BuildInProgressError(
+                    f"{self.path} is a bank whose build has not finished; resume the build "
+                    "with create(..., mode='a') on its final path"
+                )
+        elif type(self) is not TypedFile:
+            raise NotABankError(
+                f"{self.path} is not an h5bank bank, so it cannot open as {type(self).__name__}; "
+                "pipeline.TypedFile(path) opens any HDF5 file"
+            )
+
+    def _known_features(self) -> dict[str, Feature]:
+        """The class's features, plus generic ones for columns only the file has."""
+        features: dict[str, Feature] = dict(type(self).__schema__)
+        if layout.is_bank(self._h5):
+            records = layout.read_json_attr(self._h5, layout.ATTR_SCHEMA)
+            for path in layout.iter_columns(self._h5):
+                owner = _feature_of(path, features)
+                if owner not in features:
+                    attrs = self._h5[path].attrs
+                    owner = path if path in records else _feature_of(path, records)
+                    features[owner] = feature_for_column(
+                        str(attrs[layout.ATTR_STORAGE]), attrs, records.get(owner)
+                    )
+        return features
+
+    # -- building ------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls: type[T],
+        path: str | os.PathLike[str],
+        sources: Any,
+        mode: str = "w",
+        scheduler: Any = None,
+        partition_size: int | None = None,
+        on_error: str | None = None,
+        progress: bool | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int | None = None,
+    ) -> T:
+        """Build a bank from ``sources`` and return it opened for reading.
+
+        Parameters
+        ----------
+        path
+            The bank to write. The build writes ``path + ".partial"`` and
+            renames it onto ``path`` when it finishes, so ``path`` never holds
+            a half-built bank.
+        sources
+            Paths, directories (walked), globs, fsspec URLs or plain ids, or
+            an iterable of them (streamed); see :func:`pipeline.sources.expand`.
+        mode
+            ``"w"`` builds a new bank (replacing ``path`` when done); ``"a"``
+            appends the sources not in the bank yet, and resumes a build that
+            stopped.
+        scheduler
+            Where the build runs; ``None`` is an embedded local cluster (or
+            the current default client). See :mod:`pipeline.cluster`.
+        partition_size
+            Sources per decode task (config ``h5bank.build.partition-size``).
+        on_error
+            ``"skip"`` (default) records a failed source and goes on;
+            ``"raise"`` stops at the first with :class:`~pipeline.errors.SourceError`.
+        progress
+            Show a progress bar and print the summary (to stderr).
+        storage_options
+            fsspec options for URL sources, passed through untouched.
+        max_pending
+            Decoded partitions allowed to wait for the writer.
+        """
+        from pipeline.cluster import runner_for
+
+        progress = config.get("build.progress", progress)
+        started = time.perf_counter()
+        with runner_for(scheduler) as runner:
+            build = cls.graph(
+                path,
+                sources,
+                mode=mode,
+                scheduler=runner.client if runner.client is not None else runner.local,
+                partition_size=partition_size,
+                on_error=on_error,
+                storage_options=storage_options,
+                max_pending=max_pending,
+            )
+            summary = runner.run(build, progress=progress)
+        summary.seconds = time.perf_counter() - started
+        if progress:
+            print(summary, file=sys.stderr)
+        bank = cls(path, "r")
+        bank.summary = summary
+        return bank
+
+    @classmethod
+    def graph(
+        cls,
+        path: str | os.PathLike[str],
+        sources: Any,
+        mode: str = "w",
+        scheduler: Any = None,
+        partition_size: int | None = None,
+        on_error: str | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int | None = None,
+    ) -> Any:
+        """The build as a Dask collection (:class:`pipeline.graph.Build`), not yet run.
+
+        ``client.compute(Bank.graph(path, sources, scheduler=client))`` submits
+        a build without blocking. ``scheduler`` tells which cluster the writer
+        chain is pinned to (``None``: the default client if any, else none, for
+        the threaded scheduler).
+        """
+        from pipeline.cluster import placement
+        from pipeline.graph import build_graph
+
+        writer, threads = placement(scheduler)
+        return build_graph(
+            cls.__schema__,
+            cls.__schema__.bases,
+            path,
+            sources,
+            mode=mode,
+            on_error=on_error,
+            partition_size=partition_size,
+            max_pending=max_pending,
+            storage_options=storage_options,
+            writer=writer,
+            threads=threads,
+        )
+
+    # -- ids -----------------------------------------------------------------
+
+    @property
+    def h5(self) -> h5py.File:
+        """The underlying ``h5py.File``, for what the proxies do not cover."""
+        return self._h5
+
+    @property
+    def ids(self) -> list[str]:
+        """Source ids in commit order."""
+        if self._ids is None:
+            table = self._h5.get(layout.IDS)
+            self._ids = layout.read_strings(table) if table is not None else []
+        return self._ids
+
+    def index(self, id_: str) -> int:
+        """The row of source ``id_`` in every refs table."""
+        if self._index is None:
+            self._index = {value: row for row, value in enumerate(self.ids)}
+        try:
+            return self._index[id_]
+        except KeyError:
+            sample = ", ".join(repr(i) for i in self.ids[:3])
+            raise UnknownIdError(
+                f"no source {id_!r} in {self.path} ({len(self)} sources"
+                + (f"; ids look like {sample}" if sample else "")
+                + ")"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, id_: object) -> bool:
+        try:
+            self.index(id_)  # type: ignore[arg-type]
+        except (UnknownIdError, TypeError):
+            return False
+        return True
+
+    def failures(self) -> list[Failure]:
+        """Sources the builds of this bank could not load, with the feature and the reason."""
+        if layout.FAILURES not in self._h5:
+            return []
+        columns = [layout.read_strings(t) for t in layout.failure_tables(self._h5)]
+        return [Failure(*row) for row in zip(*columns, strict=True)]
+
+    # -- the tree of proxies ------------------------------------------------------
+
+    @property
+    def root(self) -> GroupProxy:
+        return GroupProxy(self, "")
+
+    def feature(self, path: str) -> FeatureProxy | GroupProxy | DatasetProxy:
+        """The proxy at ``path`` (``"data/images"``), for names that are not identifiers."""
+        return self._node(path.strip("/"))
+
+    def _child(self, name: str) -> Any:
+        return self._node(name)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.root.children():
+            return self._node(name)
+        raise AttributeError(
+            f"{type(self).__name__} {self.path!r} has no feature or group {name!r}"
+        )
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.root.children()))
+
+    def _node(self, path: str) -> Any:
+        node = self._h5.get(path) if path else self._h5
+        if path in self._features:
+            if isinstance(node, h5py.Group) and not layout.is_column(node) and len(node):
+                return GroupProxy(self, path, self._features[path])  # a dict-valued feature
+            return FeatureProxy(self, path)
+        if layout.is_column(node):
+            return FeatureProxy(self, path)
+        if path in type(self).__schema__.groups() or isinstance(node, h5py.Group):
+            return GroupProxy(self, path)
+        if isinstance(node, h5py.Dataset):
+            return DatasetProxy(self, path)
+        raise AttributeError(f"{self.path} has no feature or group {path!r}")
+
+    def _column(self, path: str) -> layout.Column | None:
+        column = self._columns.get(path)
+        if column is None and layout.is_column(self._h5.get(path)):
+            column = self._columns[path] = layout.Column.open(self._h5, path)
+        return column
+
+    def feature_of(self, path: str) -> Feature:
+        return self._features[_feature_of(path, self._features)]
+
+    # -- reading and writing by id -------------------------------------------------
+
+    def get(self, id_: str) -> dict[str, Any]:
+        """Every feature's data for source ``id_``, nested like the schema (no-data features left out)."""
+        return self.root.get(id_)
+
+    def add(self, id_: str, data: Mapping[str, Any]) -> None:
+        """Add data for ``id_`` (new ids and new features are created on first write).
+
+        ``data`` is nested like the schema (``{"logs": {"loss": losses}}``).
+        Features the bank type does not declare become ``Array`` (arrays),
+        ``String`` (str) or ``Bytes`` (bytes) features. An existing source that
+        already has data for a feature raises ``ValueError``; use :meth:`set`.
+        """
+        self._write(id_, data, replace=False)
+
+    def set(self, id_: str, data: Mapping[str, Any]) -> None:
+        """Write data for ``id_``, replacing what the source has (in place when the size matches)."""
+        self._write(id_, data, replace=True)
+
+    def _require_writable(self) -> None:
+        if self.mode == "r":
+            raise ReadOnlyError(
+                f"{self.path} is open read-only; open it with mode='r+' or 'a' to write"
+            )
+
+    def _write(self, id_: str, data: Mapping[str, Any], replace: bool, prefix: str = "") -> None:
+        self._require_writable()
+        if not isinstance(id_, str) or not id_:
+            raise TypeError(f"a source id must be a non-empty str, got {id_!r}")
+        values = self._flatten(data, prefix)
+        if not values:
+            raise ValueError(f"nothing to write for {id_!r}: {data!r}")
+        if self._writer is None:
+            self._writer = BankWriter(
+                self._h5, self._features, int(config.get("build.chunk-bytes"))
+            )
+        writer = self._writer
+        features = writer.features_for(values)
+        entries: dict[str, Any] = {}
+        for path, value in values.items():
+            feature = features[path]
+            entries.update(to_stored(value, feature.storage, path, type(feature).__name__))
+        new = writer.register(features)
+        try:
+            if id_ in self:
+                writer.update(id_, entries, replace=replace)
+            else:
+                writer.add_source(id_, entries)
+                self.ids.append(id_)
+                if self._index is not None:
+                    self._index[id_] = len(self.ids) - 1
+        except BaseException:
+            writer.forget(new)
+            raise
+        finally:
+            self._features.update(writer.features)
+            for path in new:
+                if path not in writer.features:
+                    self._features.pop(path, None)
+
+    def _flatten(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """``{feature path: value}`` from data nested like the schema."""
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"data must be a dict of feature name to value, got {type(data).__name__}"
+            )
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            path = posixpath.join(prefix, str(name))
+            if path in self._features or not isinstance(value, Mapping):
+                out[path] = value
+            else:
+                out.update(self._flatten(value, path))
+        return out
+
+    # -- display ----------------------------------------------------------------------
+
+    def tree(self) -> str:
+        """The bank as a tree: groups, features, shapes, dtypes, compression, bytes, sources."""
+        out = io.StringIO()
+        n_failed = len(self._h5[f"{layout.FAILURES}/id"]) if layout.FAILURES in self._h5 else 0
+        size = os.path.getsize(self.path)
+        if layout.is_bank(self._h5):
+            head = (
+                f"<{type(self).__name__} {self.path!r}: {len(self)} sources, {n_failed} failed, "
+                f"{human_bytes(size)}, format v{int(self._h5.attrs[layout.ATTR_VERSION])}>"
+            )
+        else:
+            head = f"<{type(self).__name__} {self.path!r}: plain HDF5, {human_bytes(size)}>"
+        print(head, file=out)
+        self.root._print_tree(out, "")
+        return out.getvalue().rstrip("\n")
+
+    def info(self, file: Any = None) -> None:
+        """Print :meth:`tree`."""
+        print(self.tree(), file=file or sys.stdout)
+
+    def __repr__(self) -> str:
+        if not self._h5:
+            return f"<{type(self).__name__} {self.path!r} (closed)>"
+        return self.tree()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._h5:
+            self._h5.close()
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Proxy:
+    def __init__(self, bank: TypedFile, path: str) -> None:
+        self.bank = bank
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+class GroupProxy(_Proxy):
+    """A group of a bank: ``group[id]`` / ``group.get(id)`` give its features' data for a source.
+
+    Children are attributes (``group.images``). A feature whose ``load``
+    returns a dict also reads as a group, one child per key, and its methods
+    stay reachable through it.
+    """
+
+    def __init__(self, bank: TypedFile, path: str, feature: Feature | None = None) -> None:
+        super().__init__(bank, path)
+        self._feature = feature
+
+    def children(self) -> list[str]:
+        """Names of the features and groups directly below this group."""
+        names: dict[str, None] = {}
+        depth = self.path.count("/") + 1 if self.path else 0
+        for path in self.bank._features:
+            parts = path.split("/")
+            if (not self.path or path.startswith(self.path + "/")) and len(parts) > depth:
+                names[parts[depth]] = None
+        node = self.bank._h5.get(self.path) if self.path else self.bank._h5
+        if isinstance(node, h5py.Group) and not layout.is_column(node):
+            for name in node:
+                if not name.startswith("__"):
+                    names[name] = None
+        return list(names)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.children():
+            return self.bank._node(posixpath.join(self.path, name))
+        if self._feature is not None:
+            return getattr(self._feature, name)
+        raise AttributeError(
+            f"group {self.path or '/'!r} of {self.bank.path} has no member {name!r}"
+        )
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.children()))
+
+    def get(self, id_: str) -> dict[str, Any]:
+        """``{child: data}`` for source ``id_``, nested; children without data are left out."""
+        row = self.bank.index(id_)
+        return self._get_row(row, id_)
+
+    def _get_row(self, row: int, id_: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.children():
+            child = self.bank._node(posixpath.join(self.path, name))
+            if isinstance(child, DatasetProxy):
+                continue
+            value = child._get_row(row, id_)
+            if value is not None and not (isinstance(value, dict) and not value):
+                out[name] = value
+        return out
+
+    def __getitem__(self, id_: str) -> dict[str, Any]:
+        return self.get(id_)
+
+    def add(self, id_: str, data: Mapping[str, Any]) -> None:
+        """Add ``data`` (``{child: value}``) for ``id_``; see :meth:`TypedFile.add`."""
+        self.bank._write(id_, data, replace=False, prefix=self.path)
+
+    def set(self, id_: str, data: Mapping[str, Any]) -> None:
+        """Write ``data`` for ``id_``, replacing what is there; see :meth:`TypedFile.set`."""
+        self.bank._write(id_, data, replace=True, prefix=self.path)
+
+    def _print_tree(self, out: Any, indent: str) -> None:
+        for name in self.children():
+            child = self.bank._node(posixpath.join(self.path, name))
+            if isinstance(child, GroupProxy):
+                print(f"{indent}{name}/", file=out)
+                child._print_tree(out, indent + "  ")
+            else:
+                print(f"{indent}{child._describe()}", file=out)
+
+    def __repr__(self) -> str:
+        out = io.StringIO()
+        print(f"<group {self.path or '/'!r} of {self.bank.path!r}>", file=out)
+        self._print_tree(out, "  ")
+        return out.getvalue().rstrip("\n")
+
+
+class FeatureProxy(_Proxy):
+    """One feature column of a bank: the concatenated data, its refs, and the feature's methods.
+
+    ``proxy[item]`` indexes the concatenation of every source's data like
+    h5py does; ``proxy.refs[i]`` is a ``slice`` so ``proxy[proxy.refs[i]]``
+    is source ``i``'s rows (reshaped, for features stored flattened);
+    ``proxy.get(id)`` is source ``id``'s data as the feature returned it.
+    """
+
+    @property
+    def feature(self) -> Feature:
+        return self.bank.feature_of(self.path)
+
+    @property
+    def column(self) -> layout.Column | None:
+        return self.bank._column(self.path)
+
+    def _require(self) -> layout.Column:
+        column = self.column
+        if column is None:
+            raise IndexError(f"feature {self.path!r} of {self.bank.path} has no data yet")
+        return column
+
+    @property
+    def storage(self) -> str:
+        column = self.column
+        return column.storage if column is not None else self.feature.storage
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        column = self.column
+        return None if column is None else column.data.shape
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        column = self.column
+        return None if column is None else column.data.dtype
+
+    @property
+    def attrs(self) -> Any:
+        """The attributes of the feature's group (its parameters: ``sr``, ``mode``, ``names``...)."""
+        return self._require().group.attrs
+
+    @property
+    def names(self) -> list[str]:
+        """Label names of a category feature: label ``i`` is ``names[i]``."""
+        column = self.column
+        return [] if column is None else layout.category_names(column)
+
+    @property
+    def refs(self) -> RefsView:
+        return RefsView(self)
+
+    def __len__(self) -> int:
+        column = self.column
+        return 0 if column is None else column.data.shape[0]
+
+    def __getitem__(self, item: Any) -> Any:
+        column = self._require()
+        if column.storage == "flat" and isinstance(item, slice) and item.step in (None, 1):
+            row = self._ref_row(column, item)
+            if row is not None:
+                return column.data[item].reshape(layout.stored_shape(column, row))
+        return column.data[item]
+
+    def _ref_row(self, column: layout.Column, item: slice) -> int | None:
+        """The source whose ref is exactly ``item``, if any (refs are sorted by start)."""
+        if item.start is None or item.stop is None:
+            return None
+        starts = column.refs[:, 0]
+        row = int(np.searchsorted(starts, item.start))
+        if row < len(starts) and starts[row] == item.start and column.refs[row, 1] == item.stop:
+            return row
+        hits = np.flatnonzero(starts == item.start)  # refs rewritten by set() are out of order
+        for hit in hits:
+            if column.refs[hit, 1] == item.stop:
+                return int(hit)
+        return None
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        self.bank._require_writable()
+        column = self._require()
+        if column.storage == "flat":
+            value = np.asarray(value).reshape(-1)  # what a ref read reshaped goes back raveled
+        column.data[item] = value
+
+    def get(self, id_: str) -> Any:
+        """Source ``id_``'s data (``None`` if it has none for this feature)."""
+        return self._get_row(self.bank.index(id_), id_)
+
+    def _get_row(self, row: int, id_: str) -> Any:
+        column = self.column
+        if column is None or row >= column.refs.shape[0]:
+            return None
+        start, stop = (int(v) for v in column.refs[row])
+        if start < 0:
+            return None
+        storage = column.storage
+        if storage == "category":
+            return int(column.data[start])
+        if storage == "item":
+            value = column.data[start]
+        elif storage == "flat":
+            value = column.data[start:stop].reshape(layout.stored_shape(column, row))
+        elif storage == "bytes":
+            return self.feature.from_stored(column.data[start:stop].tobytes(), id_)
+        else:
+            value = column.data[start:stop]
+        return self.feature.from_stored(value, id_)
+
+    def add(self, id_: str, value: Any) -> None:
+        """Add this feature's data for ``id_`` (which has none yet)."""
+        self.bank._write(
+            id_, {self.name: value}, replace=False, prefix=posixpath.dirname(self.path)
+        )
+
+    def set(self, id_: str, value: Any) -> None:
+        """Replace this feature's data for ``id_``."""
+        self.bank._write(id_, {self.name: value}, replace=True, prefix=posixpath.dirname(self.path))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.feature, name)
+
+    def _describe(self) -> str:
+        feature = self.feature
+        column = self.column
+        label = type(feature).__name__
+        if column is None:
+            return f"{self.name:<14} {label:<10} {self.storage:<8} (no data)"
+        refs = column.refs[:]
+        with_data = int((refs[:, 0] >= 0).sum()) if len(refs) else 0
+        params = {k: v for k, v in column.group.attrs.items() if not k.startswith("h5bank_")}
+        if "names" in params:
+            names = [str(n) for n in np.atleast_1d(params["names"])]
+            params["names"] = ",".join(names[:8]) + (",..." if len(names) > 8 else "")
+        shown = " ".join(f"{k}={v}" for k, v in params.items() if v is not None and k != "decoder")
+        return (
+            f"{self.name:<14} {label:<10} {column.storage:<8} {column.data.dtype!s:<8} "
+            f"{column.data.shape!s:<20} {layout.compression_of(column.data):<10} "
+            f"{human_bytes(layout.storage_bytes(column.group)):>9}  {with_data} sources  {shown}"
+        ).rstrip()
+
+    def __repr__(self) -> str:
+        return f"<feature {self.path!r} of {self.bank.path!r}: {self._describe().strip()}>"
+
+
+class RefsView:
+    """A feature's ``[start, stop)`` table: ``refs[i]`` is a ``slice`` (``None`` for no data).
+
+    ``refs[:]`` (or any non-integer item) returns rows of the ``(n, 2)`` int64 table.
+    """
+
+    def __init__(self, proxy: FeatureProxy) -> None:
+        self._proxy = proxy
+
+    def _table(self) -> h5py.Dataset | None:
+        column = self._proxy.column
+        return None if column is None else column.refs
+
+    def __len__(self) -> int:
+        return len(self._proxy.bank)
+
+    def __getitem__(self, item: Any) -> Any:
+        table = self._table()
+        n = len(self)
+        if isinstance(item, (int, np.integer)):
+            row = int(item) + n if item < 0 else int(item)
+            if not 0 <= row < n:
+                raise IndexError(f"refs index {item} out of range for {n} sources")
+            if table is None or row >= table.shape[0]:
+                return None
+            start, stop = (int(v) for v in table[row])
+            return None if start < 0 else slice(start, stop)
+        if table is None:
+            return np.full((n, 2), -1, dtype=np.int64)[item]
+        return table[item]
+
+    def __iter__(self) -> Iterator[slice | None]:
+        table = self._table()
+        rows = table[:] if table is not None else np.full((len(self), 2), -1)
+        for start, stop in rows.tolist():
+            yield None if start < 0 else slice(start, stop)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        table = self[:]
+        return table if dtype is None else table.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"<refs of {self._proxy.path!r}: {len(self)} sources>"
+
+
+class DatasetProxy(_Proxy):
+    """A plain HDF5 dataset (not a bank feature), indexed like h5py."""
+
+    @property
+    def dataset(self) -> h5py.Dataset:
+        return self.bank._h5[self.path]
+
+    shape = property(lambda self: self.dataset.shape)
+    dtype = property(lambda self: self.dataset.dtype)
+    attrs = property(lambda self: self.dataset.attrs)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self.dataset[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        self.bank._require_writable()
+        self.dataset[item] = value
+
+    def _get_row(self, row: int, id_: str) -> None:
+        return None
+
+    def _describe(self) -> str:
+        ds = self.dataset
+        return (
+            f"{self.name:<14} {'dataset':<10} {'':<8} {ds.dtype!s:<8} {ds.shape!s:<20} "
+            f"{layout.compression_of(ds):<10} {human_bytes(layout.storage_bytes(ds)):>9}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<dataset {self.path!r} of {self.bank.path!r}: {self._describe().strip()}>"
+
+
+__all__ = ["DatasetProxy", "FeatureProxy", "Group", "GroupProxy", "RefsView", "TypedFile"]

@@ -1,0 +1,651 @@
+"""The single writer: append, commit, resume, finalize.
+
+HDF5 takes one writer per file, so every append to a bank goes through one
+:class:`BankWriter` in one process. During a build that process runs the
+writer chain (``open_build`` -> ``write_partition`` x N -> ``finalize_build``,
+each task depending on the previous); the open writer lives in this module's
+registry, keyed by the build's token, so the file is opened once per build.
+If a task of the chain ever runs in another process (the writer's worker died
+and Dask moved the task), it refuses with :class:`WriterError` rather than
+open a second writer: the partial bank stays consistent up to its last commit,
+and ``create(..., mode="a")`` resumes it.
+
+The writer only moves bytes: decode tasks have already decoded, converted and
+concatenated each partition, so one commit is one resize and one write per
+column, then refs, then ids (the commit record), then failures, then a flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from features import Array, Bytes, String
+from features.base import Feature
+from pipeline import layout
+from pipeline.decode import Failure, Packed, PackedColumn, _feature_of
+from pipeline.errors import SchemaError, SourceError, WriterError
+
+# Writers open in this process, by build token.
+_OPEN: dict[str, BankWriter] = {}
+_LOCK = threading.Lock()
+
+
+def library_version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+class BankWriter:
+    """Appends sources to an open bank and keeps its tables consistent.
+
+    Used by the build's writer chain and by ``TypedFile.add`` / ``set``.
+    ``features`` maps feature paths to features; columns of features it does
+    not know (added on the fly) are created as generic features.
+    """
+
+    def __init__(
+        self, f: h5py.File, features: Mapping[str, Feature], chunk_bytes: int = 1 << 20
+    ) -> None:
+        self.f = f
+        self.features: dict[str, Feature] = dict(features)
+        self.chunk_bytes = chunk_bytes
+        self.n = layout.ids_table(f).shape[0]
+        self._index: dict[str, int] | None = None
+        self._columns: dict[str, layout.Column] = {}
+        self._codes: dict[str, dict[str, int]] = {}
+        self.busy = 0.0
+        self.started = time.time()
+
+    # -- ids ----------------------------------------------------------------
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Committed id -> row, read from the id table on first use."""
+        if self._index is None:
+            ids = layout.read_strings(layout.ids_table(self.f))
+            self._index = {id_: row for row, id_ in enumerate(ids)}
+        return self._index
+
+    # -- columns ------------------------------------------------------------
+
+    def column(self, key: str) -> layout.Column | None:
+        if key not in self._columns:
+            node = self.f.get(key)
+            if not layout.is_column(node):
+                return None
+            self._columns[key] = layout.Column.open(self.f, key)
+        return self._columns[key]
+
+    def all_columns(self) -> list[layout.Column]:
+        for key in layout.iter_columns(self.f):
+            self.column(key)
+        return list(self._columns.values())
+
+    def _create(self, key: str, packed: PackedColumn, sample: np.ndarray) -> layout.Column:
+        feature = self.features[packed.feature]
+        cls = type(feature)
+        column = layout.create_column(
+            self.f,
+            key,
+            packed.storage,
+            sample,
+            self.n,
+            feature.dataset_options,
+            feature.attrs,
+            f"{cls.__module__}.{cls.__qualname__}",
+            self.chunk_bytes,
+        )
+        self._columns[key] = column
+        schema = layout.read_json_attr(self.f, layout.ATTR_SCHEMA)
+        if packed.feature not in schema:
+            schema[packed.feature] = feature.describe()
+            layout.write_json_attr(self.f, layout.ATTR_SCHEMA, schema)
+        return column
+
+    def features_for(self, values: Mapping[str, Any]) -> dict[str, Feature]:
+        """The feature of each path in ``values``: declared, rebuilt from the file, or new.
+
+        A path neither declared nor in the file gets a generic feature chosen
+        from its first value (not registered: see :meth:`register`).
+        """
+        out: dict[str, Feature] = {}
+        for key, value in values.items():
+            owner = _feature_of(key, self.features)
+            if owner in self.features:
+                out[key] = self.features[owner]
+                continue
+            node = self.f.get(key)
+            if layout.is_column(node):
+                out[key] = feature_for_column(str(node.attrs[layout.ATTR_STORAGE]), node.attrs)
+            else:
+                out[key] = _feature_for_value(value)
+        return out
+
+    def register(self, features: Mapping[str, Feature]) -> list[str]:
+        """Add features to the ones this writer knows; return the paths that were new."""
+        new = [path for path in features if _feature_of(path, self.features) not in self.features]
+        self.features.update({path: features[path] for path in new})
+        return new
+
+    def forget(self, paths: list[str]) -> None:
+        """Drop features registered for a write that did not happen (they have no column)."""
+        for path in paths:
+            if self.column(path) is None:
+                self.features.pop(path, None)
+
+    # -- checking a packed column against its dataset -----------------------
+
+    def _check(self, key: str, packed: PackedColumn, skip: set[int]) -> dict[int, str]:
+        """Rows (positions) whose entry cannot go into column ``key``, with the reason."""
+        if packed.storage == "category":
+            return {}
+        column = self.column(key)
+        target = None if column is None else (column.data.shape[1:], column.data.dtype)
+        bad: dict[int, str] = {}
+        entries = _split(packed)
+        for row, entry in zip(packed.rows, entries, strict=True):
+            if row in skip:
+                continue
+            if target is None:
+                target = (entry.shape[1:], entry.dtype)  # the first entry will create the column
+                continue
+            shape, dtype = target
+            if entry.shape[1:] != shape:
+                bad[row] = (
+                    f"trailing shape {entry.shape[1:]} does not match the shape {shape} "
+                    f"this feature already stores"
+                )
+            elif not _castable(entry.dtype, dtype):
+                bad[row] = (
+                    f"dtype {entry.dtype} does not match the dtype {dtype} this feature "
+                    "already stores (set dtype= on the feature to convert)"
+                )
+        return bad
+
+    # -- the commit ----------------------------------------------------------
+
+    def commit(self, packed: Packed, on_error: str = "skip") -> dict[str, int]:
+        """Append a partition's sources, commit their ids, record its failures.
+
+        Ids already committed are skipped (a re-run or an append), so a commit
+        is idempotent. With ``on_error="raise"`` the first failure raises
+        :class:`SourceError` before anything of the partition is written.
+        """
+        started = time.perf_counter()
+        skip = {row for row, id_ in enumerate(packed.ids) if id_ in self.index}
+        failures = list(packed.failures)
+        rejected: dict[int, Failure] = {}
+        for key, column in packed.columns.items():
+            for row, reason in self._check(key, column, skip).items():
+                rejected.setdefault(
+                    row, Failure(packed.ids[row], column.feature, f"ValueError: {reason}")
+                )
+        failures.extend(rejected[row] for row in sorted(rejected))
+        if on_error == "raise" and failures:
+            first = failures[0]
+            raise SourceError(first.id, first.feature, first.error)
+        keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
+        bank_row = {row: self.n + k for k, row in enumerate(keep)}
+        n_new = self.n + len(keep)
+        touched = set()
+        for key, column in packed.columns.items():
+            entries = [j for j, row in enumerate(column.rows) if row in bank_row]
+            if entries:
+                rows = np.array([bank_row[column.rows[j]] for j in entries], dtype=np.int64)
+                self._append(key, column, entries, rows, n_new)
+                touched.add(key)
+        for column in self.all_columns():
+            if column.path not in touched:
+                layout.resize_sources(column, n_new)
+        new_ids = [packed.ids[row] for row in keep]
+        layout.append_strings(layout.ids_table(self.f), new_ids)
+        for row, id_ in enumerate(new_ids):
+            self.index[id_] = self.n + row
+        self.n = n_new
+        self._record(failures)
+        self.f.flush()
+        self.busy += time.perf_counter() - started
+        return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
+
+    def _append(
+        self, key: str, packed: PackedColumn, entries: list[int], rows: np.ndarray, n_new: int
+    ) -> None:
+        """Append the chosen entries of a packed column and point their refs at them."""
+        lengths = np.array([packed.lengths[j] for j in entries], dtype=np.int64)
+        if packed.storage == "category":
+            data = self._codes_for(key, packed, entries)
+        elif isinstance(packed.data, np.ndarray) and len(entries) == len(packed.rows):
+            data = packed.data  # the whole packed array: no copy
+        else:
+            parts = _split(packed)
+            data = np.concatenate([parts[j] for j in entries])
+        column = self.column(key) or self._create(key, packed, data)
+        if packed.storage == "category":
+            data = data.astype(column.data.dtype, copy=False)
+        start = column.data.shape[0]
+        if len(data):
+            column.data.resize(start + len(data), axis=0)
+            column.data[start:] = data
+        stops = start + np.cumsum(lengths)
+        refs = np.stack([stops - lengths, stops], axis=1)
+        layout.resize_sources(column, n_new)
+        layout.write_refs(column, rows, refs)
+        if column.shape is not None and packed.shapes is not None:
+            layout.write_shapes(column, rows, [packed.shapes[j] for j in entries])
+
+    def _codes_for(self, key: str, packed: PackedColumn, entries: list[int]) -> np.ndarray:
+        column = self.column(key)
+        codes = self._codes.get(key)
+        if codes is None:
+            names = layout.category_names(column) if column is not None else []
+            codes = self._codes[key] = {name: code for code, name in enumerate(names)}
+        before = len(codes)
+        out = np.empty(len(entries), dtype=np.int64)
+        for i, j in enumerate(entries):
+            out[i] = codes.setdefault(packed.data[j], len(codes))
+        if len(codes) != before:
+            column = self.column(key) or self._create(key, packed, out)
+            layout.set_category_names(column, list(codes))
+        return out
+
+    def _record(self, failures: list[Failure]) -> None:
+        if not failures:
+            return
+        tables = layout.failure_tables(self.f)
+        columns = zip(*[(f.id, f.feature, f.error) for f in failures], strict=True)
+        for table, values in zip(tables, columns, strict=True):
+            layout.append_strings(table, list(values))
+
+    # -- single sources, on the fly --------------------------------------------
+
+    def update(self, id_: str, values: Mapping[str, Any], replace: bool) -> None:
+        """Write the columns of an existing source (``add``: only where it has none; ``set``: any).
+
+        Every column is checked before any is written, so a refused update
+        writes nothing.
+        """
+        row = self.index[id_]
+        started = time.perf_counter()
+        planned = []
+        for key, entry in values.items():
+            feature = _feature_of(key, self.features)
+            packed = _single(feature, self.features[feature].storage, entry)
+            column = self.column(key)
+            has_data = (
+                column is not None and row < column.refs.shape[0] and column.refs[row][0] >= 0
+            )
+            if has_data and not replace:
+                raise ValueError(
+                    f"source {id_!r} already has data in {key!r}; use set() to replace it"
+                )
+            bad = self._check(key, packed, set())
+            if bad:
+                raise ValueError(f"cannot write {key!r} of {id_!r}: {bad[0]}")
+            planned.append((key, packed, column if has_data else None))
+        for key, packed, column in planned:
+            if column is None or not self._overwrite(column, key, packed, row):
+                self._append(key, packed, [0], np.array([row]), self.n)
+        self.f.flush()
+        self.busy += time.perf_counter() - started
+
+    def _overwrite(self, column: layout.Column, key: str, packed: PackedColumn, row: int) -> bool:
+        """Replace a source's data in place when the new data has the same extent."""
+        start, stop = (int(v) for v in column.refs[row])
+        if packed.storage == "category":
+            column.data[start] = self._codes_for(key, packed, [0])[0]
+            return True
+        entry = _split(packed)[0]
+        if stop - start != len(entry) or entry.shape[1:] != column.data.shape[1:]:
+            return False  # appended instead; the old rows are left unreferenced
+        if not _castable(entry.dtype, column.data.dtype):
+            return False
+        column.data[start:stop] = entry
+        if column.shape is not None and packed.shapes is not None:
+            layout.write_shapes(column, np.array([row]), packed.shapes)
+        return True
+
+    def add_source(self, id_: str, values: Mapping[str, Any]) -> None:
+        """Commit a new source with the given column entries."""
+        packed_columns = {}
+        for key, entry in values.items():
+            feature = _feature_of(key, self.features)
+            packed_columns[key] = _single(feature, self.features[feature].storage, entry)
+        result = self.commit(Packed(0, [id_], packed_columns, []), on_error="raise")
+        assert result["ok"] == 1
+
+    # -- finishing a build -------------------------------------------------------
+
+    def sort_categories(self) -> None:
+        """Renumber every category column so its names are sorted (label i is names[i])."""
+        for column in self.all_columns():
+            if column.storage != "category":
+                continue
+            names = layout.category_names(column)
+            order = sorted(names)
+            if order == names:
+                continue
+            remap = np.empty(len(names), dtype=np.int64)
+            for old, name in enumerate(names):
+                remap[old] = order.index(name)
+            step = 1 << 20
+            for start in range(0, column.data.shape[0], step):
+                column.data[start : start + step] = remap[column.data[start : start + step]]
+            layout.set_category_names(column, order)
+            self._codes.pop(column.path, None)
+
+    def compact_failures(self) -> list[Failure]:
+        """Keep one failure per source (the latest), none for sources now in the bank."""
+        tables = layout.failure_tables(self.f)
+        rows = list(zip(*[layout.read_strings(t) for t in tables], strict=True))
+        latest: dict[str, Failure] = {}
+        for id_, feature, error in rows:
+            if id_ not in self.index:
+                latest.pop(id_, None)
+                latest[id_] = Failure(id_, feature, error)
+        kept = list(latest.values())
+        if len(kept) != len(rows):
+            for table in tables:
+                table.resize((0,))
+            self._record(kept)
+        return kept
+
+    def summary_columns(self) -> dict[str, dict[str, Any]]:
+        return {
+            column.path: {
+                "rows": int(column.data.shape[0]),
+                "bytes": layout.storage_bytes(column.group),
+                "shape": list(column.data.shape),
+                "dtype": str(column.data.dtype),
+            }
+            for column in sorted(self.all_columns(), key=lambda c: c.path)
+        }
+
+
+def _split(packed: PackedColumn) -> list[Any]:
+    """The entries of a packed column, one per source."""
+    if not isinstance(packed.data, np.ndarray):
+        return list(packed.data)
+    bounds = np.cumsum([0, *packed.lengths])
+    return [packed.data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _castable(source: np.dtype, target: np.dtype) -> bool:
+    """Safe casts, plus float to float (stored precision chosen by the first source)."""
+    return np.can_cast(source, target, "safe") or (source.kind == target.kind == "f")
+
+
+def _single(feature: str, storage: str, entry: Any) -> PackedColumn:
+    if storage == "category":
+        return PackedColumn(feature, storage, [0], [1], [entry])
+    array, shape = entry
+    return PackedColumn(
+        feature, storage, [0], [len(array)], array, [shape] if shape is not None else None
+    )
+
+
+def _feature_for_value(value: Any) -> Feature:
+    """The feature a column added on the fly gets from its first value.
+
+    Scalars (metrics) are stored flat, so each reads back as a scalar; arrays
+    are concatenated along axis 0 (logs).
+    """
+    if isinstance(value, str):
+        return String()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Bytes()
+    if np.ndim(value) == 0:
+        return Array(flat=True)
+    return Array()
+
+
+class Undeclared(Feature):
+    """Stands in for a column of the bank that no feature class describes: reads it as stored."""
+
+    def __init__(self, storage: str, encoding: str | None = None) -> None:
+        super().__init__()
+        self.storage = storage
+        self.encoding = encoding
+
+    def load(self, source: Any) -> Any:
+        raise TypeError(
+            "this column was written by a feature h5bank cannot rebuild; it has no load()"
+        )
+
+    def from_stored(self, value: Any, name: str = "") -> Any:
+        if self.encoding and isinstance(value, bytes):
+            return value.decode(self.encoding)
+        return value
+
+
+def feature_for_column(
+    storage: str, attrs: Any, record: Mapping[str, Any] | None = None
+) -> Feature:
+    """The feature for a column the bank type does not declare.
+
+    Built-in features are rebuilt from their schema record (class and
+    parameters), so their methods work on any bank; anything else reads as stored.
+    """
+    import features
+
+    if record:
+        module, _, name = str(record.get("class", "")).rpartition(".")
+        cls = getattr(features, name, None) if module.startswith("features.") else None
+        if cls is not None and name in features.__all__:
+            try:
+                feature = cls(**(record.get("attrs") or {}))
+            except (TypeError, ValueError):
+                feature = None
+            if feature is not None and feature.storage == storage:
+                return feature
+    encoding = attrs.get("encoding")
+    return Undeclared(storage, str(encoding) if encoding else None)
+
+
+# -- the writer chain of a build ---------------------------------------------------
+
+
+@dataclass
+class BuildPlan:
+    """What every task of a build's writer chain needs; picklable and small."""
+
+    token: str
+    path: str
+    mode: str
+    features: dict[str, Feature]
+    on_error: str
+    provenance: dict[str, Any]
+    chunk_bytes: int
+    skipped: int = 0
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: counts, per-column rows and bytes, time, the first failures."""
+
+    path: str
+    ok: int
+    failed: int
+    skipped: int
+    sources: int
+    columns: dict[str, dict[str, Any]]
+    failures: list[Failure] = field(default_factory=list)
+    writer_seconds: float = 0.0
+    seconds: float = 0.0
+    writer_pid: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Sources committed per second of wall time."""
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"built {self.path}: {self.ok} sources ok, {self.failed} failed"
+            + (f", {self.skipped} already in the bank" if self.skipped else "")
+            + f"; {self.sources} in the bank",
+            f"  {self.seconds:.2f} s, {self.rate:,.0f} sources/s, writer busy {self.writer_seconds:.2f} s",
+        ]
+        for path, info in self.columns.items():
+            lines.append(
+                f"  {path:<24} {info['rows']:>10,} rows  {human_bytes(info['bytes']):>9}  "
+                f"{info['dtype']} {tuple(info['shape'])}"
+            )
+        for failure in self.failures[:10]:
+            lines.append(f"  failed: {failure}")
+        if len(self.failures) > 10:
+            lines.append(f"  ... and {len(self.failures) - 10} more failures (bank.failures())")
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as file managers show sizes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def open_build(plan: BuildPlan) -> dict[str, Any]:
+    """First task of the chain: open (or resume) the partial bank in this process."""
+    partial = layout.partial_path(plan.path)
+    resuming = plan.mode == "a" and (os.path.exists(partial) or os.path.exists(plan.path))
+    if plan.mode == "a" and not os.path.exists(partial) and os.path.exists(plan.path):
+        os.replace(plan.path, partial)
+    if not resuming and os.path.exists(partial):
+        os.remove(partial)
+    try:
+        f = h5py.File(partial, "r+" if resuming else "w", locking="best-effort")
+    except OSError as error:
+        raise WriterError(
+            f"cannot open {partial} for writing: {error}. Another build or program may be "
+            "writing it; wait for it, or stop it and resume with mode='a'"
+        ) from None
+    try:
+        if resuming:
+            layout.check_format(f)
+            _merge_schema(f, plan.features)
+            layout.truncate(f)
+        else:
+            schema = {path: feature.describe() for path, feature in plan.features.items()}
+            layout.init_bank(f, schema, {"library": f"h5bank {library_version()}", "builds": []})
+        f.attrs[layout.ATTR_STATE] = layout.BUILDING
+        f.flush()
+        writer = BankWriter(f, plan.features, plan.chunk_bytes)
+    except BaseException:
+        f.close()
+        raise
+    with _LOCK:
+        _OPEN[plan.token] = writer
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "ok": 0,
+        "failed": 0,
+        "skipped": plan.skipped,
+    }
+
+
+def _merge_schema(f: h5py.File, features: Mapping[str, Feature]) -> None:
+    stored = layout.read_json_attr(f, layout.ATTR_SCHEMA)
+    for path, feature in features.items():
+        old = stored.get(path)
+        if old is not None and old.get("storage") != feature.storage:
+            raise SchemaError(
+                f"{f.filename}: feature {path!r} is stored as {old.get('storage')!r} in the bank but "
+                f"the bank type declares {feature.storage!r}; build into a new file (mode='w')"
+            )
+        stored.setdefault(path, feature.describe())
+    layout.write_json_attr(f, layout.ATTR_SCHEMA, stored)
+
+
+def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:
+    writer = _OPEN.get(plan.token)
+    if writer is None or state["pid"] != os.getpid() or state["host"] != socket.gethostname():
+        raise WriterError(
+            f"the writer of {plan.path} was opened by process {state['pid']} on {state['host']}, but "
+            f"its next task ran in process {os.getpid()} on {socket.gethostname()}: the writer's "
+            "process died or the chain was not pinned to one worker (build through "
+            "Bank.create, or pass scheduler= to Bank.graph). The partial bank is consistent up to "
+            "its last commit; resume with mode='a'"
+        )
+    return writer
+
+
+def write_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
+    """One link of the chain: commit one decoded partition."""
+    writer = _writer_here(plan, state)
+    try:
+        counts = writer.commit(packed, plan.on_error)
+    except BaseException:
+        abort_build(plan.token)
+        raise
+    return {**state, **{k: state[k] + v for k, v in counts.items()}}
+
+
+def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
+    """Last task of the chain: sort labels, compact failures, close, rename into place."""
+    writer = _writer_here(plan, state)
+    f = writer.f
+    try:
+        writer.sort_categories()
+        failures = writer.compact_failures()
+        provenance = layout.read_json_attr(f, layout.ATTR_PROVENANCE)
+        provenance["library"] = f"h5bank {library_version()}"
+        provenance.setdefault("builds", []).append(
+            {
+                **plan.provenance,
+                "started": dt.datetime.fromtimestamp(writer.started, dt.timezone.utc).isoformat(),
+                "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "ok": state["ok"],
+                "failed": state["failed"],
+                "skipped": state["skipped"],
+            }
+        )
+        layout.write_json_attr(f, layout.ATTR_PROVENANCE, provenance)
+        summary = BuildSummary(
+            path=plan.path,
+            ok=state["ok"],
+            failed=state["failed"],
+            skipped=state["skipped"],
+            sources=writer.n,
+            columns=writer.summary_columns(),
+            failures=failures,
+            writer_seconds=writer.busy,
+            seconds=time.time() - writer.started,  # create() replaces it with its wall time
+            writer_pid=os.getpid(),
+        )
+        f.attrs[layout.ATTR_STATE] = layout.COMPLETE
+        f.flush()
+    except BaseException:
+        abort_build(plan.token)
+        raise
+    with _LOCK:
+        _OPEN.pop(plan.token, None)
+    f.close()
+    os.replace(layout.partial_path(plan.path), plan.path)
+    return summary
+
+
+def abort_build(token: str) -> bool:
+    """Close the writer of build ``token`` if this process holds it; the partial bank stays."""
+    with _LOCK:
+        writer = _OPEN.pop(token, None)
+    if writer is None:
+        return False
+    with contextlib.suppress(Exception):  # the file may already be unusable; closing is best effort
+        writer.f.close()
+    return True
