@@ -1,0 +1,85 @@
+"""The ``h5bank`` command.
+
+Exit codes: 0 when it worked, 1 when the work failed (with a one-line reason
+on stderr), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from typing import Any
+
+import click
+
+from pipeline.errors import H5BankError
+
+
+class _Command(click.Group):
+    """Turns h5bank's errors and OS errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (H5BankError, OSError, ValueError) as error:
+            click.echo(f"h5bank: error: {type(error).__name__}: {error}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="h5bank")
+def main() -> None:
+    """Build many small raw files into one HDF5 bank, and read it back."""
+
+
+@main.command()
+@click.option(
+    "--out", default="h5bank-demo", show_default=True, help="Folder for the samples and the bank."
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Where to build: default an embedded local cluster; 'threads', 'sync' or tcp://host:port.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo(out: str, scheduler: str | None, quiet: bool) -> None:
+    """Generate sample images and sounds, build them into OUT/demo.h5, print the bank."""
+    from pipeline import demo as demo_module
+
+    bank = demo_module.run(out, scheduler=scheduler, progress=not quiet)
+    with bank:
+        click.echo(bank.tree())
+        if quiet:  # otherwise create() has printed the summary under its progress bar
+            click.echo(str(bank.summary))
+
+
+@main.command()
+@click.argument("bank", type=click.Path(exists=True, dir_okay=False))
+def info(bank: str) -> None:
+    """Print BANK's tree: groups, features, shapes, dtypes, compression, sizes, sources."""
+    from pipeline.typedfile import TypedFile
+
+    with TypedFile(bank) as f:
+        click.echo(f.tree())
+        failures = f.failures()
+        for failure in failures[:20]:
+            click.echo(f"failed: {failure}")
+        if len(failures) > 20:
+            click.echo(f"... and {len(failures) - 20} more failed sources")
+
+
+@main.command(name="ls")
+@click.argument("bank", type=click.Path(exists=True, dir_okay=False))
+@click.argument("pattern", required=False)
+def ls(bank: str, pattern: str | None) -> None:
+    """List BANK's source ids (those matching the glob PATTERN), in commit order."""
+    from pipeline.typedfile import TypedFile
+
+    with TypedFile(bank) as f:
+        for id_ in f.ids:
+            if pattern is None or fnmatch.fnmatchcase(id_, pattern):
+                click.echo(id_)
+
+
+if __name__ == "__main__":
+    main()
