@@ -1,0 +1,113 @@
+"""Shared fixtures: a real two-process Dask cluster, and generated sources.
+
+Builds in tests run on real worker processes (``client``), except where a
+test is about the in-process schedulers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import soundfile
+from distributed import Client, LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    # Not the default client: tests of the embedded default must not find it.
+    with Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def write_images(
+    root: Path,
+    classes: tuple[str, ...] = ("cats", "dogs"),
+    per_class: int = 6,
+    seed: int = 0,
+    sizes: tuple[int, int] = (16, 40),
+) -> list[Path]:
+    """PNGs in class folders, cycling RGB / RGBA / grayscale, of varying sizes."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            shape = [(h, w, 3), (h, w, 4), (h, w)][i % 3]
+            path = folder / f"{name}_{i:03d}.png"
+            iio.imwrite(path, rng.integers(0, 256, size=shape, dtype=np.uint8))
+            paths.append(path)
+    return paths
+
+
+def write_sounds(
+    root: Path,
+    classes: tuple[str, ...] = ("low", "high"),
+    per_class: int = 2,
+    seed: int = 0,
+) -> list[Path]:
+    """WAV and FLAC files in class folders, mono and stereo, at 8 and 16 kHz."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            sr = (8000, 16000)[i % 2]
+            n = int(sr * rng.uniform(0.05, 0.2))
+            audio = rng.uniform(-0.5, 0.5, size=(n, 2) if i % 2 else n).astype(np.float32)
+            extension = ".flac" if i % 2 else ".wav"
+            path = folder / f"{name}_{i:02d}{extension}"
+            soundfile.write(path, audio, sr)
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder of 12 mixed-depth PNGs in two class folders."""
+    root = tmp_path / "images"
+    write_images(root)
+    return root
+
+
+@pytest.fixture
+def sounds(tmp_path) -> Path:
+    root = tmp_path / "sounds"
+    write_sounds(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_default_client():
+    """Fail loudly if a test leaves a default Client behind (it would change other tests)."""
+    yield
+    from distributed import default_client
+
+    try:
+        leftover = default_client()
+    except ValueError:
+        return
+    leftover.close()
+    pytest.fail("a test left a default distributed Client open")
+
+
+@pytest.fixture
+def chdir(tmp_path):
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)

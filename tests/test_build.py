@@ -1,0 +1,280 @@
+"""End-to-end builds: real worker processes, one writer, determinism, append, graphs."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from conftest import write_images
+from distributed import Client
+
+from features import DirLabels, Image, Sound
+from pipeline import Group, SchedulerError, TypedFile, layout
+from pipeline.graph import Build
+
+
+class Pictures(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+
+
+class Media(TypedFile):
+    data = Group(
+        images=Image(mode="RGBA"),
+        thumbs=Image(size=(8, 8), mode="RGB", derived_from="images"),
+        labels=DirLabels(),
+    )
+    audio = Sound(sr=8000)
+
+
+def expected_pixels(path, mode="RGB"):
+    return iio.imread(path, mode=mode)
+
+
+def test_build_on_two_worker_processes(images, tmp_path, client):
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler=client, progress=False)
+    workers = client.run(os.getpid)
+    # The writer chain ran in one worker process, not in this one.
+    assert bank.summary.writer_pid in workers.values()
+    assert bank.summary.writer_pid != os.getpid()
+    assert len(bank) == 12
+    assert bank.summary.ok == 12 and bank.summary.failed == 0
+    for id_ in bank.ids:
+        np.testing.assert_array_equal(bank.images.get(id_), expected_pixels(images / id_))
+    assert bank.labels.names == ["cats", "dogs"]
+    assert bank.labels[:].tolist() == [0] * 6 + [1] * 6
+
+
+def test_writer_tasks_are_pinned_to_one_worker(images, tmp_path, client):
+    build = Pictures.graph(tmp_path / "b.h5", images, scheduler=client, partition_size=1)
+    assert build.writer in client.scheduler_info()["workers"]
+    assert len(build.partitions) == 12
+    # Ask the scheduler where each writer task ran.
+    summary = client.compute(build).result()
+    assert summary.ok == 12
+
+    def where(dask_scheduler, prefix="h5bank-write-"):
+        return {str(ts.key): ts.annotations.get("workers") for ts in dask_scheduler.tasks.values()}
+
+    # Every writer key carried the same worker restriction.
+    assert build.write_keys
+    graph = build.__dask_graph__()
+    annotations = [
+        layer.annotations for layer in graph.layers.values() if layer.annotations is not None
+    ]
+    assert {tuple(a.get("workers", ())) for a in annotations} == {(build.writer,)}
+    assert all(a["allow_other_workers"] is False for a in annotations)
+
+
+def test_back_pressure_bounds_pending_partitions(images, tmp_path):
+    build = Pictures.graph(tmp_path / "b.h5", images, partition_size=1, max_pending=3)
+    graph = dict(build.__dask_graph__())
+    for k in range(len(build.partitions)):
+        decode = graph[f"h5bank-decode-{k}-{build.token}"]
+        deps = {str(d) for d in decode.dependencies}
+        if k >= 3:
+            assert f"h5bank-write-{k - 3}-{build.token}" in deps
+        else:
+            assert not any(d.startswith("h5bank-write") for d in deps)
+
+
+def test_threads_and_cluster_builds_are_identical(images, tmp_path, client):
+    a = Media.create(tmp_path / "a.h5", images, scheduler="threads", progress=False)
+    b = Media.create(tmp_path / "b.h5", images, scheduler=client, partition_size=2, progress=False)
+    assert a.ids == b.ids
+    for feature in ("data/images", "data/thumbs", "data/labels"):
+        np.testing.assert_array_equal(a.feature(feature)[:], b.feature(feature)[:])
+        np.testing.assert_array_equal(a.feature(feature).refs[:], b.feature(feature).refs[:])
+
+
+def test_one_and_two_workers_give_identical_banks(tmp_path, client):
+    images = tmp_path / "images"
+    write_images(images, classes=("a", "b", "c"), per_class=9, seed=3)
+    with Client(
+        n_workers=1, threads_per_worker=1, dashboard_address=":0", set_as_default=False
+    ) as one:
+        a = Pictures.create(
+            tmp_path / "one.h5", images, scheduler=one, partition_size=4, progress=False
+        )
+    b = Pictures.create(
+        tmp_path / "two.h5", images, scheduler=client, partition_size=3, progress=False
+    )
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.images[:], b.images[:])
+    np.testing.assert_array_equal(a.labels[:], b.labels[:])
+    assert a.labels.names == b.labels.names == ["a", "b", "c"]
+
+
+def test_labels_are_sorted_whatever_the_order_sources_arrive_in(tmp_path, client):
+    root = tmp_path / "images"
+    write_images(root, classes=("zebra", "ant", "moose"), per_class=2)
+    sources = [root / "zebra", root / "moose", root / "ant"]
+    # Three roots give ids relative to each; the class is lost, so use explicit files instead.
+    files = [str(p) for folder in sources for p in sorted(folder.iterdir())]
+    bank = Pictures.create(
+        tmp_path / "b.h5", files, scheduler=client, partition_size=1, progress=False
+    )
+    assert bank.labels.names == ["ant", "moose", "zebra"]
+    for id_ in bank.ids:
+        label = bank.labels.get(id_)
+        assert bank.labels.names[label] == os.path.basename(os.path.dirname(id_))
+
+
+def test_sounds_concatenate_along_time(sounds, tmp_path, client):
+    bank = Media.create(tmp_path / "b.h5", sounds, scheduler=client, progress=False)
+    assert bank.audio.attrs["sr"] == 8000
+    refs = bank.audio.refs[:]
+    assert refs[0, 0] == 0 and (refs[1:, 0] == refs[:-1, 1]).all()
+    assert refs[-1, 1] == len(bank.audio)
+    for i, id_ in enumerate(bank.ids):
+        assert bank.audio[bank.audio.refs[i]].ndim == 1  # mono
+        np.testing.assert_array_equal(bank.audio.get(id_), bank.audio[bank.audio.refs[i]])
+
+
+def test_append_mode_adds_only_new_sources(tmp_path, client):
+    root = tmp_path / "images"
+    write_images(root, classes=("cats",), per_class=4)
+    path = tmp_path / "b.h5"
+    first = Pictures.create(path, root, scheduler=client, progress=False)
+    before = first.images[:]
+    first.close()
+    write_images(
+        root, classes=("cats", "dogs"), per_class=6, seed=1
+    )  # rewrites cats 0-3, adds more
+    second = Pictures.create(path, root, mode="a", scheduler=client, progress=False)
+    assert second.summary.skipped == 4
+    assert second.summary.ok == 8
+    assert len(second) == 12
+    assert second.ids[:4] == [
+        "cats/cats_000.png",
+        "cats/cats_001.png",
+        "cats/cats_002.png",
+        "cats/cats_003.png",
+    ]
+    # Committed sources were not re-read: their pixels are the first build's.
+    np.testing.assert_array_equal(second.images[: len(before)], before)
+    assert second.labels.names == ["cats", "dogs"]
+    assert not os.path.exists(layout.partial_path(path))
+
+
+def test_append_writer_skips_committed_ids_it_was_not_told_about(tmp_path, client, monkeypatch):
+    """The writer itself skips committed ids (a client that cannot see the bank still appends right)."""
+    root = tmp_path / "images"
+    write_images(root, classes=("cats",), per_class=3)
+    path = tmp_path / "b.h5"
+    Pictures.create(path, root, scheduler="threads", progress=False).close()
+    import pipeline.graph
+
+    monkeypatch.setattr(pipeline.graph, "committed_ids", lambda path: set())
+    bank = Pictures.create(path, root, mode="a", scheduler="threads", progress=False)
+    assert len(bank) == 3
+    assert bank.summary.skipped == 3 and bank.summary.ok == 0
+
+
+def test_graph_submits_without_blocking(images, tmp_path, client):
+    path = tmp_path / "b.h5"
+    build = Pictures.graph(path, images, scheduler=client)
+    assert isinstance(build, Build)
+    assert dask.is_dask_collection(build)
+    assert not path.exists()  # building the graph writes nothing
+    future = client.compute(build)
+    summary = future.result()
+    assert summary.ok == 12
+    assert path.exists()
+    with Pictures(path) as bank:
+        assert len(bank) == 12
+
+
+def test_graph_computes_on_the_threaded_scheduler(images, tmp_path):
+    build = Pictures.graph(tmp_path / "b.h5", images)
+    assert build.writer is None
+    (summary,) = dask.compute(build)
+    assert summary.ok == 12
+    assert len(Pictures(tmp_path / "b.h5")) == 12
+
+
+def test_embedded_default_starts_and_closes_a_local_cluster(images, tmp_path):
+    import distributed
+
+    before = (
+        len(distributed.LocalCluster._instances)
+        if hasattr(distributed.LocalCluster, "_instances")
+        else None
+    )
+    bank = Pictures.create(tmp_path / "b.h5", images, progress=False)
+    assert len(bank) == 12
+    assert bank.summary.writer_pid != os.getpid()  # ran on a worker process
+    if before is not None:
+        assert (
+            len([c for c in distributed.LocalCluster._instances if c.status.name == "running"])
+            <= before
+        )
+
+
+def test_default_client_is_used_when_set(images, tmp_path, cluster):
+    with Client(cluster) as default:  # set_as_default=True
+        bank = Pictures.create(tmp_path / "b.h5", images, progress=False)
+        assert bank.summary.writer_pid in default.run(os.getpid).values()
+
+
+def test_scheduler_address(images, tmp_path, cluster):
+    bank = Pictures.create(
+        tmp_path / "b.h5", images, scheduler=cluster.scheduler_address, progress=False
+    )
+    assert len(bank) == 12
+
+
+def test_sync_scheduler(images, tmp_path):
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler="sync", progress=False)
+    assert bank.summary.writer_pid == os.getpid()
+    assert len(bank) == 12
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "nonsense", 42])
+def test_unusable_schedulers_are_refused(images, tmp_path, scheduler):
+    with pytest.raises(SchedulerError):
+        Pictures.create(tmp_path / "b.h5", images, scheduler=scheduler, progress=False)
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_progress_bar_and_summary(images, tmp_path, capsys):
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler="threads", progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err  # the bar reached the total
+    assert "src/s" in err  # with a rate
+    assert "12 sources ok, 0 failed" in err
+    assert "images" in err and "sources/s" in err
+    summary = bank.summary
+    assert summary.columns["images"]["rows"] == len(bank.images)
+    assert summary.columns["images"]["bytes"] > 0
+    assert summary.seconds > 0 and summary.rate > 0
+
+
+def test_progress_false_is_silent(images, tmp_path, capsys):
+    Pictures.create(tmp_path / "b.h5", images, scheduler="threads", progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_streamed_sources(tmp_path, client):
+    root = tmp_path / "images"
+    paths = write_images(root, per_class=5)
+    stream = (str(p) for p in paths)  # a generator: can only be listed once
+    bank = Pictures.create(
+        tmp_path / "b.h5", stream, scheduler=client, partition_size=3, progress=False
+    )
+    assert bank.ids == [str(p) for p in paths]
+
+
+def test_build_replaces_target_only_when_finished(images, tmp_path):
+    path = tmp_path / "b.h5"
+    path.write_bytes(b"old")
+    build = Pictures.graph(path, images)
+    assert path.read_bytes() == b"old"
+    dask.compute(build)
+    with Pictures(path) as bank:
+        assert len(bank) == 12
+    assert not os.path.exists(layout.partial_path(path))
