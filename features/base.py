@@ -154,12 +154,25 @@ class Feature:
         """Parameters recorded as attributes of the feature's group in the bank."""
         return {}
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Feature:
+        """The feature whose ``attrs`` are these (used to reopen banks without their type).
+
+        The default passes them to the constructor; override when ``attrs`` and
+        constructor parameters differ.
+        """
+        return cls(**attrs)
+
     # -- how it is stored -------------------------------------------------
 
     @property
     def dataset_options(self) -> dict[str, Any]:
         """Keyword arguments for ``h5py.Group.create_dataset``, hdf5plugin filters expanded."""
-        options = {**type(self).__ds_kwargs__, **(self._options or {})}
+        given = self._options or {}
+        options = dict(type(self).__ds_kwargs__)
+        if "compression" in given:  # the class's compression_opts belong to the class's filter
+            options.pop("compression_opts", None)
+        options.update(given)
         compression = options.get("compression")
         if isinstance(compression, Mapping):
             # hdf5plugin filters are mappings of compression=<filter id>, compression_opts=(...)

@@ -62,6 +62,13 @@ class Bytes(Feature):
     def attrs(self) -> dict[str, Any]:
         return {"decoder": None if self.decoder is None else self.decoder.describe()}
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Bytes:
+        from features import from_record
+
+        record = attrs.get("decoder")
+        return cls(decoder=from_record(record) if record else None)
+
     def load(self, source: Any) -> bytes:
         data = source.read()
         if not data:

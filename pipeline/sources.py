@@ -19,6 +19,7 @@ Nothing here special-cases a protocol: every URL goes through fsspec, with
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import io
 import os
@@ -91,7 +92,9 @@ def _posix(path: str) -> str:
 
 
 def _expand_local(text: str) -> Iterator[SourceSpec]:
-    if _MAGIC.search(text):
+    if os.path.lexists(text) and not os.path.isdir(text):
+        yield SourceSpec(text, os.path.abspath(text))  # an existing file, whatever its name holds
+    elif _MAGIC.search(text) and not os.path.isdir(text):
         root = _glob_root(text)
         found = []
         for path in globlib.glob(text, recursive=True):
@@ -113,8 +116,6 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
                 found.append((_posix(os.path.relpath(path, text)), os.path.abspath(path)))
         for relative, absolute in sorted(found):
             yield SourceSpec(relative, absolute)
-    elif os.path.lexists(text):
-        yield SourceSpec(text, os.path.abspath(text))
     else:
         yield SourceSpec(text, None)
 
@@ -231,26 +232,32 @@ def _fetch_group(group: list[Source], options: dict[str, Any]) -> None:
     try:
         fs, _ = url_to_fs(group[0].url, **options)
         paths = [fs._strip_protocol(s.url) for s in group]
-        # One call for the whole group: remote filesystems fetch concurrently.
-        found = fs.cat(paths, on_error="return") if len(paths) > 1 else None
+        # One call for the whole group (remote filesystems fetch concurrently), except for
+        # names holding wildcards, which fs.cat would expand as globs.
+        plain = [path for path in paths if not _MAGIC.search(path)]
+        found = fs.cat(plain, on_error="return") if len(plain) > 1 else {}
     except Exception as error:  # the filesystem itself is unusable (bad options, missing driver)
         for source in group:
             source._error = SourceReadError(f"cannot open {redact(source.url)}: {_reason(error)}")
         return
     for source, path in zip(group, paths, strict=True):
         try:
-            data = found[path] if found is not None else fs.cat_file(path)
+            data = found[path] if path in found else fs.cat_file(path)
             if isinstance(data, BaseException):
                 raise data
             source._data = bytes(data)
         except Exception as error:
             source._error = SourceReadError(
-                f"cannot read {redact(source.url)}: {_reason(error, fs)}"
+                f"cannot read {redact(source.url)}: {_reason(error, fs, path)}"
             )
 
 
-def _reason(error: BaseException, fs: Any = None) -> str:
-    if isinstance(error, IsADirectoryError):
+def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> str:
+    directory = isinstance(error, IsADirectoryError)
+    if not directory and isinstance(error, FileNotFoundError) and fs is not None and path:
+        with contextlib.suppress(Exception):  # only asked to explain a failure
+            directory = fs.isdir(path)
+    if directory:
         return "it is a directory (give a directory to walk it, or a glob)"
     if isinstance(error, FileNotFoundError) and fs is not None and "memory" in fs.protocol:
         return (

@@ -63,8 +63,11 @@ class BankWriter:
         self.features: dict[str, Feature] = dict(features)
         self.chunk_bytes = chunk_bytes
         self.n = layout.ids_table(f).shape[0]
+        self._opened_n = self.n
+        self._marks: list[int] = []  # self.n when each failure this writer recorded was
         self._index: dict[str, int] | None = None
         self._columns: dict[str, layout.Column] = {}
+        self._listed = False
         self._codes: dict[str, dict[str, int]] = {}
         self.busy = 0.0
         self.started = time.time()
@@ -90,8 +93,11 @@ class BankWriter:
         return self._columns[key]
 
     def all_columns(self) -> list[layout.Column]:
-        for key in layout.iter_columns(self.f):
-            self.column(key)
+        """Every column of the bank (read from the file once; later ones are created here)."""
+        if not self._listed:
+            for key in layout.iter_columns(self.f):
+                self.column(key)
+            self._listed = True
         return list(self._columns.values())
 
     def _create(self, key: str, packed: PackedColumn, sample: np.ndarray) -> layout.Column:
@@ -154,25 +160,18 @@ class BankWriter:
             return {}
         column = self.column(key)
         target = None if column is None else (column.data.shape[1:], column.data.dtype)
+        if isinstance(packed.data, np.ndarray):  # every entry shares one shape and dtype
+            reason = _mismatch(packed.data, target)
+            return {row: reason for row in packed.rows if row not in skip} if reason else {}
         bad: dict[int, str] = {}
-        entries = _split(packed)
-        for row, entry in zip(packed.rows, entries, strict=True):
+        for row, entry in zip(packed.rows, packed.data, strict=True):
             if row in skip:
                 continue
             if target is None:
                 target = (entry.shape[1:], entry.dtype)  # the first entry will create the column
-                continue
-            shape, dtype = target
-            if entry.shape[1:] != shape:
-                bad[row] = (
-                    f"trailing shape {entry.shape[1:]} does not match the shape {shape} "
-                    f"this feature already stores"
-                )
-            elif not _castable(entry.dtype, dtype):
-                bad[row] = (
-                    f"dtype {entry.dtype} does not match the dtype {dtype} this feature "
-                    "already stores (set dtype= on the feature to convert)"
-                )
+            reason = _mismatch(entry, target)
+            if reason:
+                bad[row] = reason
         return bad
 
     # -- the commit ----------------------------------------------------------
@@ -264,6 +263,7 @@ class BankWriter:
     def _record(self, failures: list[Failure]) -> None:
         if not failures:
             return
+        self._marks.extend([self.n] * len(failures))
         tables = layout.failure_tables(self.f)
         columns = zip(*[(f.id, f.feature, f.error) for f in failures], strict=True)
         for table, values in zip(tables, columns, strict=True):
@@ -347,18 +347,27 @@ class BankWriter:
             self._codes.pop(column.path, None)
 
     def compact_failures(self) -> list[Failure]:
-        """Keep one failure per source (the latest), none for sources now in the bank."""
+        """Keep one failure per id (the latest), none for sources that succeeded since.
+
+        A failure is dropped when its id was committed after the failure was
+        recorded (a retry that worked). A duplicate of a committed id failed
+        after its id was committed, so it is kept.
+        """
         tables = layout.failure_tables(self.f)
         rows = list(zip(*[layout.read_strings(t) for t in tables], strict=True))
+        # Sources committed when each failure was recorded: this writer's own failures
+        # carry the count; earlier ones happened before it opened the bank.
+        marks = [self._opened_n] * (len(rows) - len(self._marks)) + self._marks
         latest: dict[str, Failure] = {}
-        for id_, feature, error in rows:
-            if id_ not in self.index:
-                latest.pop(id_, None)
+        for (id_, feature, error), mark in zip(rows, marks, strict=True):
+            latest.pop(id_, None)
+            if self.index.get(id_, -1) < mark:
                 latest[id_] = Failure(id_, feature, error)
         kept = list(latest.values())
         if len(kept) != len(rows):
             for table in tables:
                 table.resize((0,))
+            self._marks = []
             self._record(kept)
         return kept
 
@@ -380,6 +389,21 @@ def _split(packed: PackedColumn) -> list[Any]:
         return list(packed.data)
     bounds = np.cumsum([0, *packed.lengths])
     return [packed.data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _mismatch(entry: np.ndarray, target: tuple[tuple[int, ...], np.dtype] | None) -> str | None:
+    """Why ``entry`` cannot join a column storing ``target`` (trailing shape, dtype), if it cannot."""
+    if target is None:
+        return None
+    shape, dtype = target
+    if entry.shape[1:] != shape:
+        return f"trailing shape {entry.shape[1:]} does not match the shape {shape} this feature already stores"
+    if not _castable(entry.dtype, dtype):
+        return (
+            f"dtype {entry.dtype} does not match the dtype {dtype} this feature already stores "
+            "(set dtype= on the feature to convert)"
+        )
+    return None
 
 
 def _castable(source: np.dtype, target: np.dtype) -> bool:
@@ -438,18 +462,11 @@ def feature_for_column(
     Built-in features are rebuilt from their schema record (class and
     parameters), so their methods work on any bank; anything else reads as stored.
     """
-    import features
+    from features import from_record
 
-    if record:
-        module, _, name = str(record.get("class", "")).rpartition(".")
-        cls = getattr(features, name, None) if module.startswith("features.") else None
-        if cls is not None and name in features.__all__:
-            try:
-                feature = cls(**(record.get("attrs") or {}))
-            except (TypeError, ValueError):
-                feature = None
-            if feature is not None and feature.storage == storage:
-                return feature
+    feature = from_record(record) if record else None
+    if feature is not None and feature.storage == storage:
+        return feature
     encoding = attrs.get("encoding")
     return Undeclared(storage, str(encoding) if encoding else None)
 
