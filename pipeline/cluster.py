@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from typing import Any
 import dask
 from tqdm.auto import tqdm
 
-from pipeline import config
-from pipeline.errors import SchedulerError
+from pipeline import config, layout
+from pipeline.errors import SchedulerError, WriterError
 from pipeline.graph import Build
 from pipeline.writer import BuildSummary, abort_build
 
@@ -94,24 +95,44 @@ class Runner:
         return summary
 
     def _run_distributed(self, build: Build, bar: Any) -> BuildSummary:
-        from distributed import as_completed
-
         if bar.disable is False and getattr(self.client, "dashboard_link", None):
             bar.write(f"h5bank: Dask dashboard at {self.client.dashboard_link}", file=sys.stderr)
         final, *writes = self.client.compute([build, *_delayed_keys(build)])
-        sizes = dict(zip(build.write_keys, build.partitions, strict=True))
+        sizes = dict(zip(writes, build.partitions, strict=True))
+        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for future in (*writes, final):
+            future.add_done_callback(done.put)
         try:
-            for future in as_completed(writes, loop=self.client.loop):
+            while True:
+                future = self._next(build, done)
                 if future.status != "finished":
                     future.result()  # raises the task's exception
-                bar.update(sizes[future.key])
+                if future is final:
+                    return final.result()
+                bar.update(sizes.pop(future))
                 future.release()
-            return final.result()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.client.cancel([f for f in (final, *writes) if f.status == "pending"])
-                self.client.run(abort_build, build.token)
+                build.abort(self.client)
             raise
+
+    def _next(self, build: Build, done: queue.SimpleQueue[Any]) -> Any:
+        """The next finished future; raises if the writer's worker left the cluster meanwhile.
+
+        Writer tasks may only run on their worker: if it dies (or an adaptive
+        cluster retires it), they would wait for ever.
+        """
+        while True:
+            try:
+                return done.get(timeout=1.0)
+            except queue.Empty:
+                if build.writer is not None and build.writer not in _workers(self.client):
+                    raise WriterError(
+                        f"the writer of {build.path} ran on worker {build.writer}, which left the "
+                        f"cluster (it died or was retired). {layout.partial_path(build.path)} is "
+                        "consistent up to its last commit: resume with mode='a'"
+                    ) from None
 
 
 def _workers(client: Any) -> dict[str, Any]:

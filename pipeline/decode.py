@@ -7,7 +7,8 @@ something storable, and lays it out for its storage kind (raveled for
 concatenated array per feature column, so the writer does one append per
 column per partition and no CPU work beyond moving bytes.
 
-A decode task never raises for a bad source: failures travel to the writer as
+A decode task never raises for a bad source (a failing ``load``, a failing
+``accepts``, bytes that cannot be fetched): failures travel to the writer as
 records, so the writer chain always runs and can close its file.
 """
 
@@ -22,7 +23,8 @@ import numpy as np
 
 from features.base import Feature
 from pipeline.errors import FeatureTypeError
-from pipeline.sources import Source, SourceSpec, fetch, route
+from pipeline.schema import feature_of
+from pipeline.sources import Source, SourceSpec, fetch, route, scrub
 
 # Sources whose bytes are fetched (and held) together; bounds a task's memory
 # for large files while still batching remote requests.
@@ -36,6 +38,9 @@ class Failure:
     id: str
     feature: str
     error: str
+
+    def __post_init__(self) -> None:
+        self.error = scrub(self.error)  # errors of fsspec and features may quote signed URLs
 
     def __str__(self) -> str:
         where = f" (feature {self.feature})" if self.feature else ""
@@ -78,13 +83,6 @@ class PackedColumn:
     data: Any = None
     shapes: list[tuple[int, ...]] | None = None
 
-    def entry(self, j: int) -> Any:
-        """Entry ``j`` alone (an array, or a name for ``category``)."""
-        if isinstance(self.data, np.ndarray):
-            start = sum(self.lengths[:j])
-            return self.data[start : start + self.lengths[j]]
-        return self.data[j]
-
 
 @dataclass
 class Packed:
@@ -94,10 +92,6 @@ class Packed:
     ids: list[str]
     columns: dict[str, PackedColumn]
     failures: list[Failure]
-
-    @property
-    def n_input(self) -> int:
-        return len(self.ids) + len(self.failures)
 
 
 def decode_partition(
@@ -119,18 +113,19 @@ def decode_partition(
     specs = partition.specs
     for start in range(0, len(specs), FETCH_BATCH):
         batch = [Source(spec, storage_options) for spec in specs[start : start + FETCH_BATCH]]
-        routes = [route(features, source.id) for source in batch]
+        routes = [_route(features, source.id) for source in batch]
         wanted = [
             source
             for source, paths in zip(batch, routes, strict=True)
-            if source.url is not None and any(features[p].reads_bytes for p in paths)
+            if source.url is not None
+            and isinstance(paths, list)
+            and any(features[p].reads_bytes for p in paths)
         ]
         fetch(wanted, storage_options)
         for source, paths in zip(batch, routes, strict=True):
-            if not paths:
-                failures.append(Failure(source.id, "", _unmatched(features)))
-                continue
-            outcome = load_source(source, features, bases, paths)
+            outcome = (
+                paths if isinstance(paths, Failure) else load_source(source, features, bases, paths)
+            )
             if isinstance(outcome, Failure):
                 failures.append(outcome)
             else:
@@ -138,6 +133,14 @@ def decode_partition(
                 values.append(outcome)
         del batch, wanted
     return pack(partition.index, ids, values, features, failures)
+
+
+def _route(features: Mapping[str, Feature], source_id: str) -> list[str] | Failure:
+    try:
+        paths = route(features, source_id)
+    except Exception as error:  # a feature's accepts() itself failed
+        return Failure(source_id, "", f"{type(error).__name__} while choosing features: {error}")
+    return paths or Failure(source_id, "", _unmatched(features))
 
 
 def load_source(
@@ -163,6 +166,10 @@ def load_source(
             stored.update(to_stored(output, feature.storage, path, type(feature).__name__))
         except Exception as error:
             return Failure(source.id, path, f"{type(error).__name__}: {error}")
+    if not stored:
+        return Failure(
+            source.id, "", f"no feature produced data for it (accepted by {', '.join(paths)})"
+        )
     return stored
 
 
@@ -238,7 +245,7 @@ def pack(
         for key, entry in entries.items():
             column = columns.get(key)
             if column is None:
-                feature = _feature_of(key, features)
+                feature = feature_of(key, features)
                 storage = features[feature].storage
                 column = columns[key] = PackedColumn(feature, storage)
                 if storage == "flat":
@@ -263,11 +270,6 @@ def pack(
         else:
             column.data = parts
     return Packed(index, ids, columns, failures)
-
-
-def _feature_of(column: str, features: Mapping[str, Feature]) -> str:
-    """The feature path a column belongs to (itself, or its parent for dict outputs)."""
-    return column if column in features else posixpath.dirname(column)
 
 
 def _unmatched(features: Mapping[str, Feature]) -> str:

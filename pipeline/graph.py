@@ -35,7 +35,7 @@ from pipeline import config, layout
 from pipeline.decode import Failure, Partition, decode_partition
 from pipeline.errors import DuplicateIdError, SchemaError
 from pipeline.sources import SourceSpec, expand, redact
-from pipeline.writer import BuildPlan, finalize_build, open_build, write_partition
+from pipeline.writer import BuildPlan, abort_build, finalize_build, open_build, write_partition
 
 WRITER_PRIORITY = 100  # run a ready writer task before more decoding on its worker
 
@@ -48,6 +48,11 @@ class Build(DaskMethodsMixin):
     say what the build will do: ``path``, ``total`` (sources to process),
     ``partitions`` (their sizes), ``write_keys`` (the writer chain's task
     keys, for progress), ``writer`` (the worker the chain is pinned to, if any).
+
+    The writer tasks may only run on ``writer``: if that worker dies while
+    ``client.compute(build)`` runs, they wait (``create`` watches for this and
+    raises ``WriterError``). Cancel the future and call :meth:`abort`, then
+    resume with ``mode="a"``.
     """
 
     def __init__(
@@ -75,6 +80,21 @@ class Build(DaskMethodsMixin):
     @property
     def total(self) -> int:
         return sum(self.partitions)
+
+    def abort(self, client: Any = None) -> None:
+        """Close this build's writer wherever it is open, after a cancel or a failure.
+
+        The partial bank stays, consistent up to its last commit, for
+        ``create(..., mode="a")`` to resume. ``client`` defaults to the
+        default distributed client, if any.
+        """
+        abort_build(self.token)
+        if client is None:
+            from pipeline.cluster import _default_client
+
+            client = _default_client()
+        if client is not None:
+            client.run(abort_build, self.token)
 
     def __dask_graph__(self) -> Any:
         return self._final.__dask_graph__()
@@ -250,6 +270,7 @@ def build_graph(
         },
         chunk_bytes=int(config.get("build.chunk-bytes")),
         skipped=skipped,
+        pinned=writer is not None,
     )
 
     def pinned() -> contextlib.AbstractContextManager[Any]:

@@ -20,9 +20,11 @@ that h5py alone can read:
   int64, ``-1`` padded). A feature whose ``load`` returns a dict gets one
   column per key below its group (``feature/key``).
 
-Commit order makes crashes cheap: a commit appends rows, then refs (and
-shapes), then the ids, then failures, then flushes. The id table is the commit
-record: :func:`truncate` cuts every table back to what the ids commit.
+Commit order makes crashes cheap: a commit appends rows (and, first, new
+label names or a new column's datasets, which nothing refers to yet), then
+refs (and shapes), then the ids, then failures, then flushes. The id table is
+the commit record: :func:`truncate` cuts every table back to what the ids
+commit.
 """
 
 from __future__ import annotations
@@ -165,7 +167,13 @@ class Column:
 
 
 def is_column(node: Any) -> bool:
-    return isinstance(node, h5py.Group) and ATTR_STORAGE in node.attrs and DATA in node
+    """A complete feature column: marked, with its data and refs (the mark is written last)."""
+    return (
+        isinstance(node, h5py.Group)
+        and ATTR_STORAGE in node.attrs
+        and DATA in node
+        and REFS in node
+    )
 
 
 def iter_columns(f: h5py.File) -> Iterator[str]:
@@ -197,11 +205,9 @@ def create_column(
     sources committed before this column existed have no data in it.
     """
     group = f.require_group(path)
-    group.attrs[ATTR_STORAGE] = storage
-    group.attrs[ATTR_FEATURE] = feature_class
-    for key, value in attrs.items():
-        if value is not None:
-            group.attrs[key] = _attribute(value)
+    for name in (DATA, REFS, SHAPE):  # left by a crash before the column was marked complete
+        if name in group:
+            del group[name]
     options = dict(options)
     row_shape = sample.shape[1:]
     chunks = options.pop("chunks", None)
@@ -242,6 +248,11 @@ def create_column(
         )
     if storage == "category":
         group.attrs[ATTR_NAMES] = np.array([], dtype=_STR)
+    group.attrs[ATTR_FEATURE] = feature_class
+    for key, value in attrs.items():
+        if value is not None:
+            group.attrs[key] = _attribute(value)
+    group.attrs[ATTR_STORAGE] = storage  # last: marks the column complete
     return Column(path, storage, group, data, refs, shape)
 
 
@@ -265,6 +276,67 @@ def category_names(column: Column) -> list[str]:
 
 def set_category_names(column: Column, names: list[str]) -> None:
     column.group.attrs[ATTR_NAMES] = np.array(names, dtype=_STR)
+
+
+SORTED_CODES = "data.sorted"  # a category column's renumbered codes, until they replace data
+
+
+def renumber_category(column: Column, order: list[str]) -> Column:
+    """Renumber a category column's codes so that its names become ``order``; crash-safe.
+
+    The new codes are written to a second dataset that carries the new names;
+    only when it is complete does it replace ``data`` (delete, then move), and
+    the names move to the group last. :func:`recover_renumbering` finishes or
+    drops an interrupted renumbering, so codes and names never disagree.
+    """
+    position = {name: code for code, name in enumerate(order)}
+    remap = np.array([position[name] for name in category_names(column)], dtype=np.int64)
+    group, old = column.group, column.data
+    if SORTED_CODES in group:
+        del group[SORTED_CODES]
+    space = h5py.h5s.create_simple(old.shape, (h5py.h5s.UNLIMITED,))
+    new = h5py.Dataset(
+        h5py.h5d.create(
+            group.id, SORTED_CODES.encode(), old.id.get_type(), space, old.id.get_create_plist()
+        )
+    )
+    step = 1 << 20
+    for start in range(0, old.shape[0], step):
+        new[start : start + step] = remap[old[start : start + step]]
+    new.attrs[ATTR_NAMES] = np.array(order, dtype=_STR)
+    group.file.flush()
+    del group[DATA]
+    group.move(SORTED_CODES, DATA)
+    _adopt_names(group)
+    group.file.flush()
+    return Column.open(group.file, column.path)
+
+
+def _adopt_names(group: h5py.Group) -> None:
+    data = group[DATA]
+    if ATTR_NAMES in data.attrs:
+        group.attrs[ATTR_NAMES] = data.attrs[ATTR_NAMES]
+        del data.attrs[ATTR_NAMES]
+
+
+def recover_renumbering(f: h5py.File) -> None:
+    """Finish a label renumbering whose new codes replaced ``data``, or drop one that had not."""
+    groups: list[h5py.Group] = []
+    f.visititems(
+        lambda name, node: (
+            groups.append(node)
+            if isinstance(node, h5py.Group) and node.attrs.get(ATTR_STORAGE) == "category"
+            else None
+        )
+    )
+    for group in groups:
+        if SORTED_CODES in group:
+            if DATA in group:
+                del group[SORTED_CODES]  # maybe incomplete; the old codes and names still agree
+            else:
+                group.move(SORTED_CODES, DATA)
+        if DATA in group:
+            _adopt_names(group)
 
 
 def resize_sources(column: Column, n: int) -> None:
@@ -293,11 +365,13 @@ def write_refs(column: Column, rows: np.ndarray, refs: np.ndarray) -> None:
 def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
     if len(rows) == 0:
         return
-    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one write
-        dataset[rows[0] : rows[-1] + 1] = values
-    else:
-        for row, value in zip(rows.tolist(), values, strict=True):
-            dataset[row] = value
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    if stop - start == len(rows):  # contiguous: one write
+        dataset[start:stop] = values
+    else:  # rows are sorted: one read and one write of the range they span
+        block = dataset[start:stop]
+        block[rows - start] = values
+        dataset[start:stop] = block
 
 
 def stored_shape(column: Column, row: int) -> tuple[int, ...]:
@@ -315,6 +389,7 @@ def truncate(f: h5py.File) -> int:
     after the last row a committed ref points to (rows a crashed commit
     appended are dropped); the failure tables are cut to their shortest.
     """
+    recover_renumbering(f)
     n = ids_table(f).shape[0]
     for path in iter_columns(f):
         column = Column.open(f, path)

@@ -13,6 +13,9 @@ import posixpath
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
+from features import Array, Bytes, String
 from features.base import Feature
 from pipeline.errors import SchemaError
 
@@ -148,3 +151,59 @@ class Schema(Mapping[str, Feature]):
 
     def __repr__(self) -> str:
         return f"Schema({', '.join(f'{p}={f!r}' for p, f in self._features.items())})"
+
+
+def feature_of(column: str, features: Mapping[str, Any]) -> str:
+    """The feature path a column belongs to: itself, or its parent for a dict-valued feature."""
+    return column if column in features else posixpath.dirname(column)
+
+
+def feature_for_value(value: Any) -> Feature:
+    """The feature a column added on the fly gets from its first value.
+
+    Scalars (metrics) are stored flat, so each reads back as a scalar; arrays
+    are concatenated along axis 0 (logs).
+    """
+    if isinstance(value, str):
+        return String()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Bytes()
+    if np.ndim(value) == 0:
+        return Array(flat=True)
+    return Array()
+
+
+class Undeclared(Feature):
+    """Stands in for a column of the bank that no feature class describes: reads it as stored."""
+
+    def __init__(self, storage: str, encoding: str | None = None) -> None:
+        super().__init__()
+        self.storage = storage
+        self.encoding = encoding
+
+    def load(self, source: Any) -> Any:
+        raise TypeError(
+            "this column was written by a feature h5bank cannot rebuild; it has no load()"
+        )
+
+    def from_stored(self, value: Any, name: str = "") -> Any:
+        if self.encoding and isinstance(value, bytes):
+            return value.decode(self.encoding)
+        return value
+
+
+def feature_for_column(
+    storage: str, attrs: Any, record: Mapping[str, Any] | None = None
+) -> Feature:
+    """The feature for a column the bank type does not declare.
+
+    Built-in features are rebuilt from their schema record (class and
+    parameters), so their methods work on any bank; anything else reads as stored.
+    """
+    from features import from_record
+
+    feature = from_record(record) if record else None
+    if feature is not None and feature.storage == storage:
+        return feature
+    encoding = attrs.get("encoding")
+    return Undeclared(storage, str(encoding) if encoding else None)

@@ -24,12 +24,13 @@ import glob as globlib
 import io
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import url_to_fs
 
 from features.base import Feature
 from features.errors import SourceReadError
@@ -92,6 +93,7 @@ def _posix(path: str) -> str:
 
 
 def _expand_local(text: str) -> Iterator[SourceSpec]:
+    text = os.path.expanduser(text)
     if os.path.lexists(text) and not os.path.isdir(text):
         yield SourceSpec(text, os.path.abspath(text))  # an existing file, whatever its name holds
     elif _MAGIC.search(text) and not os.path.isdir(text):
@@ -103,6 +105,7 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
             relative = _posix(os.path.relpath(path, root or "."))
             if not _hidden(relative):
                 found.append((relative, os.path.abspath(path)))
+        _warn_if_empty(text, found)
         for relative, absolute in sorted(found):
             yield SourceSpec(relative, absolute)
     elif os.path.isdir(text):
@@ -114,10 +117,22 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
                     continue
                 path = os.path.join(directory, name)
                 found.append((_posix(os.path.relpath(path, text)), os.path.abspath(path)))
+        _warn_if_empty(text, found)
         for relative, absolute in sorted(found):
             yield SourceSpec(relative, absolute)
     else:
         yield SourceSpec(text, None)
+
+
+class EmptySourceWarning(UserWarning):
+    """A directory or glob given as a source holds no files."""
+
+
+def _warn_if_empty(root: str, found: list[Any]) -> None:
+    if not found:
+        warnings.warn(
+            f"h5bank: {root!r} holds no (visible) files", EmptySourceWarning, stacklevel=4
+        )
 
 
 def _glob_root(pattern: str) -> str:
@@ -155,6 +170,7 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
             relative = found_path[len(stripped_root) :].lstrip("/")
             if relative and not _hidden(relative):
                 found.append(f"{given_root}/{relative}")
+        _warn_if_empty(redact(url), found)
         for full in sorted(found):
             yield SourceSpec(redact(full), full)
     else:
@@ -210,7 +226,7 @@ def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = Non
     Failures are kept per source (raised by its ``read()``), never raised here.
     """
     options = dict(storage_options or {})
-    groups: dict[str, list[Source]] = {}
+    groups: dict[int, tuple[Any, list[tuple[Source, str]]]] = {}
     for source in sources:
         if source._data is not None or source._error is not None:
             continue
@@ -220,27 +236,26 @@ def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = Non
                 "(a plain id is fine for features that do not read bytes)"
             )
             continue
-        if "::" in source.url:
-            groups.setdefault(source.url, []).append(source)  # chains resolve one by one
-        else:
-            groups.setdefault(split_protocol(source.url)[0] or "file", []).append(source)
-    for group in groups.values():
-        _fetch_group(group, options)
-
-
-def _fetch_group(group: list[Source], options: dict[str, Any]) -> None:
-    try:
-        fs, _ = url_to_fs(group[0].url, **options)
-        paths = [fs._strip_protocol(s.url) for s in group]
-        # One call for the whole group (remote filesystems fetch concurrently), except for
-        # names holding wildcards, which fs.cat would expand as globs.
-        plain = [path for path in paths if not _MAGIC.search(path)]
-        found = fs.cat(plain, on_error="return") if len(plain) > 1 else {}
-    except Exception as error:  # the filesystem itself is unusable (bad options, missing driver)
-        for source in group:
+        try:
+            # fsspec caches filesystem instances: one per protocol, host and options.
+            fs, path = url_to_fs(source.url, **options)
+        except Exception as error:  # bad options, a missing driver
             source._error = SourceReadError(f"cannot open {redact(source.url)}: {_reason(error)}")
-        return
-    for source, path in zip(group, paths, strict=True):
+            continue
+        groups.setdefault(id(fs), (fs, []))[1].append((source, path))
+    for fs, members in groups.values():
+        _fetch_group(fs, members)
+
+
+def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
+    # One call for the whole group (remote filesystems fetch concurrently), except for
+    # names holding wildcards, which fs.cat would expand as globs.
+    plain = [path for _, path in members if not _MAGIC.search(path)]
+    try:
+        found = fs.cat(plain, on_error="return") if len(plain) > 1 else {}
+    except Exception:
+        found = {}  # fall back to one request per source, each with its own error
+    for source, path in members:
         try:
             data = found[path] if path in found else fs.cat_file(path)
             if isinstance(data, BaseException):
@@ -258,7 +273,10 @@ def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> st
         with contextlib.suppress(Exception):  # only asked to explain a failure
             directory = fs.isdir(path)
     if directory:
-        return "it is a directory (give a directory to walk it, or a glob)"
+        return (
+            "it is a directory; to build the files in it, give the directory itself (a URL "
+            "ending in '/') or a glob"
+        )
     if isinstance(error, FileNotFoundError) and fs is not None and "memory" in fs.protocol:
         return (
             "no such file in this process's memory:// filesystem; memory:// files exist only in "
@@ -268,7 +286,7 @@ def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> st
         return "no such file"
     if isinstance(error, PermissionError):
         return "permission denied"
-    return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {scrub(str(error))}"
 
 
 # Query parameters that carry credentials (presigned S3 / GCS URLs, Azure SAS, API keys).
@@ -288,6 +306,14 @@ _SECRET_NAMES = {"sig", "pwd", "auth", "se", "sp", "sv", "skoid", "sktid"}
 def _secret(name: str) -> bool:
     name = name.lower().replace("_", "-")
     return name in _SECRET_NAMES or name.rsplit("-", 1)[-1].endswith(_SECRET_SUFFIXES)
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL in it redacted (error messages quote the URLs they failed on)."""
+    return _URL_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
 
 
 def redact(url: str) -> str:

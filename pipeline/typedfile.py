@@ -32,23 +32,21 @@ import numpy as np
 
 from features.base import Feature
 from pipeline import config, layout
-from pipeline.decode import Failure, _feature_of, to_stored
+from pipeline.decode import Failure, to_stored
 from pipeline.errors import (
     BuildInProgressError,
     NotABankError,
     ReadOnlyError,
+    SchemaError,
     UnknownIdError,
 )
-from pipeline.schema import Group, Schema
-from pipeline.writer import (
-    BankWriter,
-    BuildSummary,
-    feature_for_column,
-    human_bytes,
-    library_version,
-)
+from pipeline.schema import Group, Schema, feature_for_column, feature_of
+from pipeline.writer import BankWriter, BuildSummary, check_schema, human_bytes, library_version
 
 T = TypeVar("T", bound="TypedFile")
+
+# Set on every TypedFile instance; a feature of the same name would hide them.
+_INSTANCE_ATTRIBUTES = frozenset({"path", "mode", "summary"})
 
 
 class TypedFile:
@@ -71,6 +69,13 @@ class TypedFile:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.__schema__ = Schema.from_class(cls)
+        top = {path.split("/")[0] for path in cls.__schema__}
+        clash = sorted(n for n in top if hasattr(TypedFile, n) or n in _INSTANCE_ATTRIBUTES)
+        if clash:
+            raise SchemaError(
+                f"{cls.__name__}: feature or group names {clash} would hide TypedFile's own "
+                "attributes; rename them (e.g. 'labels' rather than 'index')"
+            )
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "r", **h5py_options: Any) -> None:
         if mode not in ("r", "r+", "a"):
@@ -103,6 +108,7 @@ class TypedFile:
             raise
         self._features = self._known_features()
         self._columns: dict[str, layout.Column] = {}
+        self._refs_cache: dict[str, np.ndarray] = {}
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
         self._writer: BankWriter | None = None
@@ -127,10 +133,10 @@ class TypedFile:
         if layout.is_bank(self._h5):
             records = layout.read_json_attr(self._h5, layout.ATTR_SCHEMA)
             for path in layout.iter_columns(self._h5):
-                owner = _feature_of(path, features)
+                owner = feature_of(path, features)
                 if owner not in features:
                     attrs = self._h5[path].attrs
-                    owner = path if path in records else _feature_of(path, records)
+                    owner = path if path in records else feature_of(path, records)
                     features[owner] = feature_for_column(
                         str(attrs[layout.ATTR_STORAGE]), attrs, records.get(owner)
                     )
@@ -260,6 +266,8 @@ class TypedFile:
 
     def index(self, id_: str) -> int:
         """The row of source ``id_`` in every refs table."""
+        if not isinstance(id_, str):
+            raise UnknownIdError(f"source ids are str; got {type(id_).__name__} {id_!r}")
         if self._index is None:
             self._index = {value: row for row, value in enumerate(self.ids)}
         try:
@@ -278,7 +286,7 @@ class TypedFile:
     def __contains__(self, id_: object) -> bool:
         try:
             self.index(id_)  # type: ignore[arg-type]
-        except (UnknownIdError, TypeError):
+        except UnknownIdError:
             return False
         return True
 
@@ -328,6 +336,15 @@ class TypedFile:
             return DatasetProxy(self, path)
         raise AttributeError(f"{self.path} has no feature or group {path!r}")
 
+    def _refs_index(self, column: layout.Column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A column's refs sorted by start (starts, source rows, stops), read once and cached."""
+        cached = self._refs_cache.get(column.path)
+        if cached is None:
+            refs = column.refs[:]
+            order = np.argsort(refs[:, 0], kind="stable")
+            cached = self._refs_cache[column.path] = (refs[order, 0], order, refs[order, 1])
+        return cached
+
     def _column(self, path: str) -> layout.Column | None:
         column = self._columns.get(path)
         if column is None and layout.is_column(self._h5.get(path)):
@@ -335,7 +352,7 @@ class TypedFile:
         return column
 
     def feature_of(self, path: str) -> Feature:
-        return self._features[_feature_of(path, self._features)]
+        return self._features[feature_of(path, self._features)]
 
     # -- reading and writing by id -------------------------------------------------
 
@@ -370,17 +387,13 @@ class TypedFile:
         values = self._flatten(data, prefix)
         if not values:
             raise ValueError(f"nothing to write for {id_!r}: {data!r}")
-        if self._writer is None:
-            self._writer = BankWriter(
-                self._h5, self._features, int(config.get("build.chunk-bytes"))
-            )
-        writer = self._writer
+        writer = self._open_writer()
         features = writer.features_for(values)
         entries: dict[str, Any] = {}
         for path, value in values.items():
             feature = features[path]
             entries.update(to_stored(value, feature.storage, path, type(feature).__name__))
-        new = writer.register(features)
+        new = writer.register(features)  # the writer shares self._features
         try:
             if id_ in self:
                 writer.update(id_, entries, replace=replace)
@@ -393,10 +406,24 @@ class TypedFile:
             writer.forget(new)
             raise
         finally:
-            self._features.update(writer.features)
-            for path in new:
-                if path not in writer.features:
-                    self._features.pop(path, None)
+            self._refs_cache.clear()
+            if layout.ids_table(self._h5).shape[0] != len(self.ids):
+                self._ids = self._index = None  # a failed commit was rolled back
+
+    def _open_writer(self) -> BankWriter:
+        """The writer of a bank opened for writing, checked against the bank type on first use."""
+        if self._writer is None:
+            if not layout.is_bank(self._h5):
+                raise NotABankError(
+                    f"{self.path} is a plain HDF5 file; h5bank writes sources only to banks "
+                    f"(build one with {type(self).__name__}.create, or open a new path with mode='a')"
+                )
+            check_schema(self._h5, type(self).__schema__)
+            layout.truncate(self._h5)  # a writer that died in add() may have left a half commit
+            self._writer = BankWriter(
+                self._h5, self._features, int(config.get("build.chunk-bytes"))
+            )
+        return self._writer
 
     def _flatten(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         """``{feature path: value}`` from data nested like the schema."""
@@ -606,6 +633,7 @@ class FeatureProxy(_Proxy):
 
     def __getitem__(self, item: Any) -> Any:
         column = self._require()
+        # A slice that is exactly a source's ref comes back in that source's shape.
         if column.storage == "flat" and isinstance(item, slice) and item.step in (None, 1):
             row = self._ref_row(column, item)
             if row is not None:
@@ -613,17 +641,16 @@ class FeatureProxy(_Proxy):
         return column.data[item]
 
     def _ref_row(self, column: layout.Column, item: slice) -> int | None:
-        """The source whose ref is exactly ``item``, if any (refs are sorted by start)."""
+        """The source whose ref is exactly ``item``, if any."""
         if item.start is None or item.stop is None:
             return None
-        starts = column.refs[:, 0]
-        row = int(np.searchsorted(starts, item.start))
-        if row < len(starts) and starts[row] == item.start and column.refs[row, 1] == item.stop:
-            return row
-        hits = np.flatnonzero(starts == item.start)  # refs rewritten by set() are out of order
-        for hit in hits:
-            if column.refs[hit, 1] == item.stop:
-                return int(hit)
+        starts, order, stops = self.bank._refs_index(column)
+        first = int(np.searchsorted(starts, item.start))
+        for i in range(first, len(starts)):
+            if starts[i] != item.start:
+                break
+            if stops[i] == item.stop:
+                return int(order[i])
         return None
 
     def __setitem__(self, item: Any, value: Any) -> None:

@@ -4,11 +4,13 @@ HDF5 takes one writer per file, so every append to a bank goes through one
 :class:`BankWriter` in one process. During a build that process runs the
 writer chain (``open_build`` -> ``write_partition`` x N -> ``finalize_build``,
 each task depending on the previous); the open writer lives in this module's
-registry, keyed by the build's token, so the file is opened once per build.
-If a task of the chain ever runs in another process (the writer's worker died
-and Dask moved the task), it refuses with :class:`WriterError` rather than
-open a second writer: the partial bank stays consistent up to its last commit,
-and ``create(..., mode="a")`` resumes it.
+registry, keyed by the build's token, so the file is opened once per build,
+and a second build of the same path in the process is refused. A task of the
+chain that runs in another process refuses with :class:`WriterError` rather
+than open a second writer. If the writer's worker dies, its pinned tasks can
+no longer run: ``create`` notices and raises ``WriterError``; a graph computed
+directly with ``client.compute`` waits (see ``Build``). Either way the partial
+bank is consistent up to its last commit, and ``create(..., mode="a")`` resumes it.
 
 The writer only moves bytes: decode tasks have already decoded, converted and
 concatenated each partition, so one commit is one resize and one write per
@@ -31,11 +33,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from features import Array, Bytes, String
 from features.base import Feature
 from pipeline import layout
-from pipeline.decode import Failure, Packed, PackedColumn, _feature_of
+from pipeline.decode import Failure, Packed, PackedColumn
 from pipeline.errors import SchemaError, SourceError, WriterError
+from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
 # Writers open in this process, by build token.
 _OPEN: dict[str, BankWriter] = {}
@@ -57,13 +59,19 @@ class BankWriter:
     """
 
     def __init__(
-        self, f: h5py.File, features: Mapping[str, Feature], chunk_bytes: int = 1 << 20
+        self,
+        f: h5py.File,
+        features: dict[str, Feature],
+        chunk_bytes: int = 1 << 20,
+        target: str | None = None,
     ) -> None:
         self.f = f
-        self.features: dict[str, Feature] = dict(features)
+        self.features = features  # shared with the caller: features added on the fly land in it
+        self.target = target  # the bank's final path, for a build (f is its partial file)
         self.chunk_bytes = chunk_bytes
         self.n = layout.ids_table(f).shape[0]
         self._opened_n = self.n
+        self._failures_at_open = layout.failure_tables(f)[0].shape[0]
         self._marks: list[int] = []  # self.n when each failure this writer recorded was
         self._index: dict[str, int] | None = None
         self._columns: dict[str, layout.Column] = {}
@@ -129,7 +137,7 @@ class BankWriter:
         """
         out: dict[str, Feature] = {}
         for key, value in values.items():
-            owner = _feature_of(key, self.features)
+            owner = feature_of(key, self.features)
             if owner in self.features:
                 out[key] = self.features[owner]
                 continue
@@ -137,12 +145,12 @@ class BankWriter:
             if layout.is_column(node):
                 out[key] = feature_for_column(str(node.attrs[layout.ATTR_STORAGE]), node.attrs)
             else:
-                out[key] = _feature_for_value(value)
+                out[key] = feature_for_value(value)
         return out
 
     def register(self, features: Mapping[str, Feature]) -> list[str]:
         """Add features to the ones this writer knows; return the paths that were new."""
-        new = [path for path in features if _feature_of(path, self.features) not in self.features]
+        new = [path for path in features if feature_of(path, self.features) not in self.features]
         self.features.update({path: features[path] for path in new})
         return new
 
@@ -199,25 +207,42 @@ class BankWriter:
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
         bank_row = {row: self.n + k for k, row in enumerate(keep)}
         n_new = self.n + len(keep)
-        touched = set()
-        for key, column in packed.columns.items():
-            entries = [j for j, row in enumerate(column.rows) if row in bank_row]
-            if entries:
-                rows = np.array([bank_row[column.rows[j]] for j in entries], dtype=np.int64)
-                self._append(key, column, entries, rows, n_new)
-                touched.add(key)
-        for column in self.all_columns():
-            if column.path not in touched:
-                layout.resize_sources(column, n_new)
-        new_ids = [packed.ids[row] for row in keep]
-        layout.append_strings(layout.ids_table(self.f), new_ids)
-        for row, id_ in enumerate(new_ids):
-            self.index[id_] = self.n + row
-        self.n = n_new
-        self._record(failures)
-        self.f.flush()
+        with self._rollback_on_error():
+            touched = set()
+            for key, column in packed.columns.items():
+                entries = [j for j, row in enumerate(column.rows) if row in bank_row]
+                if entries:
+                    rows = np.array([bank_row[column.rows[j]] for j in entries], dtype=np.int64)
+                    self._append(key, column, entries, rows, n_new)
+                    touched.add(key)
+            for column in self.all_columns():
+                if column.path not in touched:
+                    layout.resize_sources(column, n_new)
+            new_ids = [packed.ids[row] for row in keep]
+            layout.append_strings(layout.ids_table(self.f), new_ids)
+            for row, id_ in enumerate(new_ids):
+                self.index[id_] = self.n + row
+            self.n = n_new
+            self._record(failures)
+            self.f.flush()
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
+
+    @contextlib.contextmanager
+    def _rollback_on_error(self) -> Any:
+        """Cut the bank back to its last commit if writing fails half-way (full disk, I/O error)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # the file itself may be what broke
+                layout.truncate(self.f)
+                self.f.flush()
+            self.n = layout.ids_table(self.f).shape[0]
+            self._index = None
+            self._columns, self._listed, self._codes = {}, False, {}
+            recorded = layout.failure_tables(self.f)[0].shape[0] - self._failures_at_open
+            self._marks = self._marks[: max(0, recorded)]
+            raise
 
     def _append(
         self, key: str, packed: PackedColumn, entries: list[int], rows: np.ndarray, n_new: int
@@ -281,7 +306,7 @@ class BankWriter:
         started = time.perf_counter()
         planned = []
         for key, entry in values.items():
-            feature = _feature_of(key, self.features)
+            feature = feature_of(key, self.features)
             packed = _single(feature, self.features[feature].storage, entry)
             column = self.column(key)
             has_data = (
@@ -295,10 +320,11 @@ class BankWriter:
             if bad:
                 raise ValueError(f"cannot write {key!r} of {id_!r}: {bad[0]}")
             planned.append((key, packed, column if has_data else None))
-        for key, packed, column in planned:
-            if column is None or not self._overwrite(column, key, packed, row):
-                self._append(key, packed, [0], np.array([row]), self.n)
-        self.f.flush()
+        with self._rollback_on_error():
+            for key, packed, column in planned:
+                if column is None or not self._overwrite(column, key, packed, row):
+                    self._append(key, packed, [0], np.array([row]), self.n)
+            self.f.flush()
         self.busy += time.perf_counter() - started
 
     def _overwrite(self, column: layout.Column, key: str, packed: PackedColumn, row: int) -> bool:
@@ -321,30 +347,23 @@ class BankWriter:
         """Commit a new source with the given column entries."""
         packed_columns = {}
         for key, entry in values.items():
-            feature = _feature_of(key, self.features)
+            feature = feature_of(key, self.features)
             packed_columns[key] = _single(feature, self.features[feature].storage, entry)
-        result = self.commit(Packed(0, [id_], packed_columns, []), on_error="raise")
-        assert result["ok"] == 1
+        try:
+            self.commit(Packed(0, [id_], packed_columns, []), on_error="raise")
+        except SourceError as error:
+            raise ValueError(f"cannot add {id_!r}: {error.reason}") from None
 
     # -- finishing a build -------------------------------------------------------
 
     def sort_categories(self) -> None:
         """Renumber every category column so its names are sorted (label i is names[i])."""
         for column in self.all_columns():
-            if column.storage != "category":
-                continue
-            names = layout.category_names(column)
-            order = sorted(names)
-            if order == names:
-                continue
-            remap = np.empty(len(names), dtype=np.int64)
-            for old, name in enumerate(names):
-                remap[old] = order.index(name)
-            step = 1 << 20
-            for start in range(0, column.data.shape[0], step):
-                column.data[start : start + step] = remap[column.data[start : start + step]]
-            layout.set_category_names(column, order)
-            self._codes.pop(column.path, None)
+            if column.storage == "category":
+                names = layout.category_names(column)
+                if names != sorted(names):
+                    self._columns[column.path] = layout.renumber_category(column, sorted(names))
+                    self._codes.pop(column.path, None)
 
     def compact_failures(self) -> list[Failure]:
         """Keep one failure per id (the latest), none for sources that succeeded since.
@@ -420,57 +439,6 @@ def _single(feature: str, storage: str, entry: Any) -> PackedColumn:
     )
 
 
-def _feature_for_value(value: Any) -> Feature:
-    """The feature a column added on the fly gets from its first value.
-
-    Scalars (metrics) are stored flat, so each reads back as a scalar; arrays
-    are concatenated along axis 0 (logs).
-    """
-    if isinstance(value, str):
-        return String()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return Bytes()
-    if np.ndim(value) == 0:
-        return Array(flat=True)
-    return Array()
-
-
-class Undeclared(Feature):
-    """Stands in for a column of the bank that no feature class describes: reads it as stored."""
-
-    def __init__(self, storage: str, encoding: str | None = None) -> None:
-        super().__init__()
-        self.storage = storage
-        self.encoding = encoding
-
-    def load(self, source: Any) -> Any:
-        raise TypeError(
-            "this column was written by a feature h5bank cannot rebuild; it has no load()"
-        )
-
-    def from_stored(self, value: Any, name: str = "") -> Any:
-        if self.encoding and isinstance(value, bytes):
-            return value.decode(self.encoding)
-        return value
-
-
-def feature_for_column(
-    storage: str, attrs: Any, record: Mapping[str, Any] | None = None
-) -> Feature:
-    """The feature for a column the bank type does not declare.
-
-    Built-in features are rebuilt from their schema record (class and
-    parameters), so their methods work on any bank; anything else reads as stored.
-    """
-    from features import from_record
-
-    feature = from_record(record) if record else None
-    if feature is not None and feature.storage == storage:
-        return feature
-    encoding = attrs.get("encoding")
-    return Undeclared(storage, str(encoding) if encoding else None)
-
-
 # -- the writer chain of a build ---------------------------------------------------
 
 
@@ -486,6 +454,7 @@ class BuildPlan:
     provenance: dict[str, Any]
     chunk_bytes: int
     skipped: int = 0
+    pinned: bool = False
 
 
 @dataclass
@@ -537,20 +506,35 @@ def human_bytes(n: float) -> str:
 
 
 def open_build(plan: BuildPlan) -> dict[str, Any]:
-    """First task of the chain: open (or resume) the partial bank in this process."""
+    """First task of the chain: open (or resume) the partial bank in this process.
+
+    Nothing on disk changes until the bank to append to has opened for
+    writing and passed its checks; only then is it renamed to the partial path.
+    """
+    if not plan.pinned:
+        _refuse_on_a_worker(plan)
     partial = layout.partial_path(plan.path)
-    resuming = plan.mode == "a" and (os.path.exists(partial) or os.path.exists(plan.path))
-    if plan.mode == "a" and not os.path.exists(partial) and os.path.exists(plan.path):
-        os.replace(plan.path, partial)
-    if not resuming and os.path.exists(partial):
-        os.remove(partial)
-    try:
-        f = h5py.File(partial, "r+" if resuming else "w", locking="best-effort")
-    except OSError as error:
+    with _LOCK:
+        other = next((t for t, w in _OPEN.items() if w.target == plan.path), None)
+    if other is not None:
         raise WriterError(
-            f"cannot open {partial} for writing: {error}. Another build or program may be "
-            "writing it; wait for it, or stop it and resume with mode='a'"
-        ) from None
+            f"a build of {plan.path} (build {other}) is still writing it in this process; wait "
+            "for it, or abort it (Build.abort()) if it was cancelled"
+        )
+    has_partial, has_bank = os.path.exists(partial), os.path.exists(plan.path)
+    if plan.mode == "a" and has_partial and has_bank:
+        raise WriterError(
+            f"both {plan.path} and {partial} exist: the partial file is a build that stopped, and "
+            f"resuming it would replace the bank. Delete {partial} to append to the bank, or move "
+            "the bank away to resume the stopped build"
+        )
+    resuming = plan.mode == "a" and (has_partial or has_bank)
+    if resuming:
+        f = _open_for_writing(partial if has_partial else plan.path, "r+")
+    else:
+        if has_partial:
+            _remove_stale_partial(partial)
+        f = _open_for_writing(partial, "w-")
     try:
         if resuming:
             layout.check_format(f)
@@ -561,7 +545,9 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
             layout.init_bank(f, schema, {"library": f"h5bank {library_version()}", "builds": []})
         f.attrs[layout.ATTR_STATE] = layout.BUILDING
         f.flush()
-        writer = BankWriter(f, plan.features, plan.chunk_bytes)
+        if resuming and not has_partial:
+            os.replace(plan.path, partial)  # the bank is open: POSIX renames it under us
+        writer = BankWriter(f, plan.features, plan.chunk_bytes, target=plan.path)
     except BaseException:
         f.close()
         raise
@@ -576,17 +562,76 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     }
 
 
-def _merge_schema(f: h5py.File, features: Mapping[str, Feature]) -> None:
+def _locked(error: OSError) -> bool:
+    text = str(error)
+    return "lock" in text or "already open" in text
+
+
+def _open_for_writing(path: str, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode, locking="best-effort")
+    except OSError as error:
+        if _locked(error):
+            raise WriterError(
+                f"cannot open {path} for writing: it is open elsewhere ({error}). Close every "
+                "handle on it (another build, a program, or a bank this process opened: the bank "
+                "create() returned counts) and retry; nothing was changed"
+            ) from None
+        raise WriterError(f"cannot open {path} as an HDF5 file for writing: {error}") from None
+
+
+def _remove_stale_partial(partial: str) -> None:
+    """Delete a stopped build's partial file, unless a live writer holds it."""
+    try:
+        with h5py.File(partial, "r+"):
+            pass
+    except OSError as error:
+        if _locked(error):
+            raise WriterError(
+                f"{partial} is being written by another build; wait for it or stop it first"
+            ) from None
+    os.remove(partial)
+
+
+def _refuse_on_a_worker(plan: BuildPlan) -> None:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return  # not on a distributed worker: an in-process scheduler runs the whole chain
+    raise WriterError(
+        f"the build of {plan.path} was made without a cluster, so its writer chain is not pinned "
+        "to one worker, and it is running on a distributed worker: make the graph with "
+        "Bank.graph(path, sources, scheduler=client)"
+    )
+
+
+def check_schema(f: h5py.File, features: Mapping[str, Feature]) -> dict[str, Any]:
+    """The bank's schema records merged with ``features``; raises if a feature differs.
+
+    A feature the bank already has must match its record (storage, parameters,
+    dataset options): appending ``Image(mode="L")`` to a bank of RGB images, or
+    sounds at another rate, would mix incompatible data in one column.
+    """
     stored = layout.read_json_attr(f, layout.ATTR_SCHEMA)
     for path, feature in features.items():
-        old = stored.get(path)
-        if old is not None and old.get("storage") != feature.storage:
+        old, new = stored.get(path), feature.describe()
+        if old is None:
+            stored[path] = new
+            continue
+        differ = [k for k in ("storage", "attrs", "dataset") if old.get(k) != new.get(k)]
+        if differ:
+            detail = "; ".join(f"{k}: bank {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
             raise SchemaError(
-                f"{f.filename}: feature {path!r} is stored as {old.get('storage')!r} in the bank but "
-                f"the bank type declares {feature.storage!r}; build into a new file (mode='w')"
+                f"{f.filename}: feature {path!r} differs from the one the bank was built with "
+                f"({detail}); use the bank's settings, or build into a new file (mode='w')"
             )
-        stored.setdefault(path, feature.describe())
-    layout.write_json_attr(f, layout.ATTR_SCHEMA, stored)
+    return stored
+
+
+def _merge_schema(f: h5py.File, features: Mapping[str, Feature]) -> None:
+    layout.write_json_attr(f, layout.ATTR_SCHEMA, check_schema(f, features))
 
 
 def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:

@@ -266,7 +266,10 @@ def test_a_missing_memory_file_says_memory_files_live_in_one_process(memory_root
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
 def test_a_directory_read_as_a_file_says_how_to_walk_it(tree, as_url):
     url = f"file://{tree / 'dogs'}" if as_url else str(tree / "dogs")
-    with pytest.raises(SourceReadError, match=r"it is a directory \(give a directory to walk it"):
+    with pytest.raises(
+        SourceReadError,
+        match=r"it is a directory; to build the files in it, give the directory itself",
+    ):
         Source(SourceSpec("dogs", url)).read()
 
 
