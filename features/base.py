@@ -61,7 +61,25 @@ class SourceLike(Protocol):
     def open(self) -> io.BytesIO: ...
 
 
-class Feature:
+class BankMember:
+    """A class attribute of a bank type (a feature or a group of them).
+
+    On the class it is itself; on an open bank it reads as the bank's proxy
+    for it (``bank.images`` is the images feature's proxy).
+    """
+
+    _name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance._child(self._name)
+
+
+class Feature(BankMember):
     """Base class of every feature; subclass it and override ``load`` or ``decode``.
 
     Parameters
@@ -195,16 +213,6 @@ class Feature:
             "attrs": _jsonable(self.attrs),
             "dataset": _jsonable(self.dataset_options),
         }
-
-    # -- descriptor: a feature on a TypedFile class reads as its proxy -----
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return instance._child(self._name)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from features import Array, Bytes, String
-from features.base import Feature
+from features.base import BankMember, Feature
 from pipeline.errors import SchemaError
 
 
-class Group:
+class Group(BankMember):
     """A group of features (or of groups) in a bank type: ``Group(images=Image(), labels=DirLabels())``.
 
     On an open bank, the attribute reads as a group proxy: ``bank.data.get(id)``,
@@ -35,14 +35,6 @@ class Group:
                 )
             _check_name(name)
         self.children: dict[str, Feature | Group] = dict(children)
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return instance._child(self._name)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.children.items())
