@@ -36,8 +36,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-STORAGE_KINDS = ("rows", "item", "flat", "bytes", "category")
-
 # Options a feature may pass on to h5py.Group.create_dataset.
 DATASET_OPTIONS = (
     "compression",

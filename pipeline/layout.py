@@ -382,6 +382,23 @@ def stored_shape(column: Column, row: int) -> tuple[int, ...]:
 # -- commit and truncate ----------------------------------------------------
 
 
+def consistent(f: h5py.File) -> bool:
+    """Whether every table agrees with the id table (cheap: lengths only, no data read).
+
+    Rows a crashed commit appended past the last ref are not detected: they
+    are unreferenced, and only :func:`truncate` (run when a build resumes)
+    reclaims them.
+    """
+    n = ids_table(f).shape[0]
+    for path in iter_columns(f):
+        column = Column.open(f, path)
+        if column.refs.shape[0] != n or (column.shape is not None and column.shape.shape[0] != n):
+            return False
+        if column.storage == "category" and SORTED_CODES in column.group:
+            return False
+    return len({t.shape[0] for t in failure_tables(f)}) == 1
+
+
 def truncate(f: h5py.File) -> int:
     """Cut every table back to what the id table commits; return the number of sources.
 

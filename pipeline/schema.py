@@ -8,7 +8,6 @@ features, with every derived feature after the feature it derives from.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -137,9 +136,6 @@ class Schema(Mapping[str, Feature]):
     def describe(self) -> dict[str, dict[str, Any]]:
         """Each feature's JSON record (class, storage, attrs, dataset options)."""
         return {path: feature.describe() for path, feature in self._features.items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.describe(), sort_keys=True)
 
     def __repr__(self) -> str:
         return f"Schema({', '.join(f'{p}={f!r}' for p, f in self._features.items())})"

@@ -419,7 +419,8 @@ class TypedFile:
                     f"(build one with {type(self).__name__}.create, or open a new path with mode='a')"
                 )
             check_schema(self._h5, type(self).__schema__)
-            layout.truncate(self._h5)  # a writer that died in add() may have left a half commit
+            if not layout.consistent(self._h5):  # a writer that died in add() left a half commit
+                layout.truncate(self._h5)
             self._writer = BankWriter(
                 self._h5, self._features, int(config.get("build.chunk-bytes"))
             )
