@@ -199,7 +199,9 @@ class Source:
     def __init__(self, spec: SourceSpec, storage_options: Mapping[str, Any] | None = None) -> None:
         self.id = spec.id
         self.url = spec.url
-        self.storage_options = storage_options or {}  # shared by a partition's sources, never copied
+        self.storage_options = (
+            storage_options or {}
+        )  # shared by a partition's sources, never copied
         self._data: bytes | None = None
         self._error: BaseException | None = None
 
