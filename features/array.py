@@ -20,6 +20,10 @@ class Array(Feature):
         Store arrays of varying shape raveled, with a shape table (each comes
         back in its own shape). By default arrays are concatenated along axis 0
         and must share their trailing shape (logs, time series, embeddings).
+    item
+        Every source has one array of the same shape (a thumbnail, an
+        embedding): store them stacked, ``(n, *shape)``, so ``to_dask()``
+        has one row per source.
     dtype
         Cast every array to this dtype; by default the first array written
         fixes it and later arrays must cast to it safely.
@@ -29,18 +33,26 @@ class Array(Feature):
 
     __re__ = r"(?i)\.npy$"
 
-    def __init__(self, flat: bool = False, dtype: str | None = None, **options: Any) -> None:
+    def __init__(
+        self, flat: bool = False, dtype: str | None = None, item: bool = False, **options: Any
+    ) -> None:
         super().__init__(**options)
+        if flat and item:
+            raise ValueError("Array: choose flat=True (varying shapes) or item=True (one shape)")
         self.flat = bool(flat)
+        self.item = bool(item)
         self.dtype = None if dtype is None else str(np.dtype(dtype))
 
     @property
     def storage(self) -> str:  # type: ignore[override]
-        return "flat" if self.flat else "rows"
+        return "flat" if self.flat else "item" if self.item else "rows"
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return {"flat": self.flat, "dtype": self.dtype}
+        attrs: dict[str, Any] = {"flat": self.flat, "dtype": self.dtype}
+        if self.item:  # only when set: banks written before it existed keep matching
+            attrs["item"] = True
+        return attrs
 
     def load(self, source: Any) -> np.ndarray:
         array = source if isinstance(source, np.ndarray) else self.decode(source.read(), source.id)

@@ -13,6 +13,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from pipeline import config
 from pipeline.errors import (
+    BankBusyError,
+    BankChangedError,
     BuildInProgressError,
     DuplicateIdError,
     FeatureTypeError,
@@ -31,6 +33,8 @@ from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
 from pipeline.writer import BuildSummary
 
 __all__ = [
+    "BankBusyError",
+    "BankChangedError",
     "BuildInProgressError",
     "BuildSummary",
     "DuplicateIdError",

@@ -26,7 +26,7 @@ from typing import Any
 import dask
 from tqdm.auto import tqdm
 
-from pipeline import config, layout
+from pipeline import config, layout, readers
 from pipeline.errors import SchedulerError, WriterError
 from pipeline.graph import Build
 from pipeline.writer import BuildSummary, abort_build
@@ -57,37 +57,48 @@ class Runner:
             workers = sorted(_workers(self.client))
         return workers[0]
 
+    def release(self, path: str) -> None:
+        """Close cached read handles on ``path`` here and on every worker: a writer needs it alone."""
+        readers.release(path)
+        if self.client is not None:
+            self.client.run(readers.release, path)
+
     def run(self, build: Build, progress: bool = True) -> BuildSummary:
         """Compute ``build``, showing sources written, rate and ETA while it runs."""
-        bar = tqdm(
-            total=build.total,
-            unit="src",
-            desc=f"h5bank {os.path.basename(build.path)}",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        try:
+        self.release(build.path)
+        verb = "map " if build.plan.provenance.get("mode") == "map" else ""
+        desc = f"h5bank {verb}{os.path.basename(build.path)}"
+        with _bar(build.total, desc, progress) as bar:
             if self.client is None:
                 return self._run_local(build, bar)
             return self._run_distributed(build, bar)
-        finally:
-            bar.close()
+
+    def gather(
+        self, parts: list[Any], sizes: list[int], desc: str, progress: bool = True
+    ) -> list[Any]:
+        """Compute delayed ``parts`` (each covering ``sizes[i]`` sources) with a progress bar."""
+        with _bar(sum(sizes), desc, progress) as bar:
+            if self.client is None:
+                by_key = {part.key: size for part, size in zip(parts, sizes, strict=True)}
+                with _progress(by_key, bar):
+                    return list(dask.compute(*parts, scheduler=self.local))
+            from distributed import as_completed
+
+            futures = self.client.compute(parts)
+            by_future = dict(zip(futures, sizes, strict=True))
+            try:
+                for future in as_completed(futures):
+                    if future.status != "finished":
+                        future.result()  # raises the task's exception
+                    bar.update(by_future[future])
+                return self.client.gather(futures)
+            except BaseException:
+                self.client.cancel(futures)
+                raise
 
     def _run_local(self, build: Build, bar: Any) -> BuildSummary:
-        from dask.callbacks import Callback
-
-        sizes = dict(zip(build.write_keys, build.partitions, strict=True))
-
-        class _Progress(Callback):
-            def _posttask(
-                self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
-            ) -> None:
-                if key in sizes:
-                    bar.update(sizes[key])
-
         try:
-            with _Progress():
+            with _progress(dict(zip(build.write_keys, build.partitions, strict=True)), bar):
                 (summary,) = dask.compute(build, scheduler=self.local)
         except BaseException:
             abort_build(build.token)
@@ -133,6 +144,29 @@ class Runner:
                         f"cluster (it died or was retired). {layout.partial_path(build.path)} is "
                         "consistent up to its last commit: resume with mode='a'"
                     ) from None
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    return tqdm(
+        total=total,
+        unit="src",
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _progress(sizes: dict[Any, int], bar: Any) -> Any:
+    """A local-scheduler callback that advances ``bar`` by ``sizes[key]`` when a task ends."""
+    from dask.callbacks import Callback
+
+    class _Progress(Callback):
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if key in sizes:
+                bar.update(sizes[key])
+
+    return _Progress()
 
 
 def _workers(client: Any) -> dict[str, Any]:

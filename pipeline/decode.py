@@ -23,7 +23,8 @@ import numpy as np
 
 from features.base import Feature
 from pipeline.errors import FeatureTypeError
-from pipeline.schema import feature_of
+from pipeline.readers import ColumnSpec, LazyFile, read_rows_lazily
+from pipeline.schema import feature_for_value, feature_of
 from pipeline.sources import Source, SourceSpec, fetch, route, scrub
 
 # Sources whose bytes are fetched (and held) together; bounds a task's memory
@@ -86,12 +87,17 @@ class PackedColumn:
 
 @dataclass
 class Packed:
-    """A decoded partition: the sources to commit, their columns, and the failures."""
+    """A decoded partition: the sources to commit, their columns, and the failures.
+
+    ``features`` names features the writer may not know yet (the output of a
+    ``bank.map`` whose feature was chosen from its first result).
+    """
 
     index: int
     ids: list[str]
     columns: dict[str, PackedColumn]
     failures: list[Failure]
+    features: dict[str, Feature] = field(default_factory=dict)
 
 
 def decode_partition(
@@ -133,6 +139,64 @@ def decode_partition(
                 values.append(outcome)
         del batch, wanted
     return pack(partition.index, ids, values, features, failures)
+
+
+def apply_function(
+    func: Any, records: list[tuple[str, Any]], feature: str = ""
+) -> tuple[list[tuple[str, Any]], list[Failure]]:
+    """``func(data)`` for each ``(id, data)``: the results, and a failure for each call that raised.
+
+    ``feature`` is what failures name (the output of ``bank.map``, if any).
+    """
+    name = getattr(func, "__qualname__", None) or type(func).__name__
+    results: list[tuple[str, Any]] = []
+    failures: list[Failure] = []
+    for id_, data in records:
+        try:
+            results.append((id_, func(data)))
+        except Exception as error:
+            failures.append(Failure(id_, feature, f"{type(error).__name__} in {name}(): {error}"))
+    return results, failures
+
+
+def map_rows(
+    func: Any, lazy: LazyFile, columns: list[ColumnSpec], rows: Any
+) -> tuple[list[tuple[str, Any]], list[Failure]]:
+    """A ``bank.map`` task without an output: read the sources at ``rows`` and call ``func``."""
+    return apply_function(func, read_rows_lazily(lazy, columns, rows))
+
+
+def map_partition(
+    func: Any,
+    records: list[tuple[str, Any]],
+    output: str,
+    feature: Feature | None,
+    index: int,
+) -> Packed:
+    """A ``bank.map`` task with an output: run ``func`` on each source and pack the results.
+
+    Without ``feature``, the first result chooses one (``Array`` for arrays,
+    ``String`` for text, ``Bytes`` for bytes) and the writer registers it. A
+    result of ``None`` means no data for that source.
+    """
+    results, failures = apply_function(func, records, output)
+    ids: list[str] = []
+    values: list[dict[str, Any]] = []
+    for id_, result in results:
+        if result is None:
+            continue
+        if feature is None:
+            feature = feature_for_value(result)
+        try:
+            values.append(to_stored(result, feature.storage, output, type(feature).__name__))
+        except FeatureTypeError as error:
+            failures.append(Failure(id_, output, f"{type(error).__name__}: {error}"))
+            continue
+        ids.append(id_)
+    features = {output: feature} if feature is not None else {}
+    packed = pack(index, ids, values, features, failures)
+    packed.features = features
+    return packed
 
 
 def _route(features: Mapping[str, Feature], source_id: str) -> list[str] | Failure:

@@ -11,6 +11,8 @@
 | ``NotABankError`` | a bank type opened a file h5bank did not write |
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
+| ``BankBusyError`` | reading a bank another process has open for writing |
+| ``BankChangedError`` | a Dask graph made from a bank runs after the bank changed on disk |
 | ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
 | ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on |
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 from features.errors import DecodeError, H5BankError, SourceReadError
 
 __all__ = [
+    "BankBusyError",
+    "BankChangedError",
     "BuildInProgressError",
     "DecodeError",
     "DuplicateIdError",
@@ -86,6 +90,14 @@ class FormatVersionError(H5BankError):
 
 class BuildInProgressError(H5BankError, FileNotFoundError):
     """The bank is being built (or its build stopped); only its partial file exists."""
+
+
+class BankBusyError(H5BankError, OSError):
+    """Another process has the bank open for writing; h5bank readers wait for it to close."""
+
+
+class BankChangedError(H5BankError, RuntimeError):
+    """The bank on disk is not the one a Dask graph (``to_dask``, ``map``) was made from."""
 
 
 class WriterError(H5BankError, RuntimeError):

@@ -19,6 +19,7 @@ memory does not grow with the bank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import uuid
@@ -32,10 +33,19 @@ from dask.delayed import Delayed, delayed
 
 from features.base import Feature
 from pipeline import config, layout
-from pipeline.decode import Failure, Partition, decode_partition
+from pipeline.decode import Failure, Partition, decode_partition, map_partition
 from pipeline.errors import DuplicateIdError, SchemaError
+from pipeline.readers import ColumnSpec
 from pipeline.sources import SourceSpec, expand, redact
-from pipeline.writer import BuildPlan, abort_build, finalize_build, open_build, write_partition
+from pipeline.writer import (
+    BuildPlan,
+    abort_build,
+    attach_partition,
+    finalize_build,
+    open_build,
+    read_partition,
+    write_partition,
+)
 
 WRITER_PRIORITY = 100  # run a ready writer task before more decoding on its worker
 
@@ -124,6 +134,13 @@ class Build(DaskMethodsMixin):
             f"<h5bank Build {self.path!r}: {self.total} sources in {len(self.partitions)} "
             f"partitions{where}>"
         )
+
+
+def _pinned(writer: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Annotations that keep a writer-chain task on the writer's worker (none in-process)."""
+    if writer is None:
+        return contextlib.nullcontext()
+    return dask.annotate(workers=[writer], allow_other_workers=False, priority=WRITER_PRIORITY)
 
 
 def committed_ids(path: str) -> set[str]:
@@ -273,11 +290,7 @@ def build_graph(
         pinned=writer is not None,
     )
 
-    def pinned() -> contextlib.AbstractContextManager[Any]:
-        if writer is None:
-            return contextlib.nullcontext()
-        return dask.annotate(workers=[writer], allow_other_workers=False, priority=WRITER_PRIORITY)
-
+    pinned = functools.partial(_pinned, writer)
     plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
     options = dict(storage_options or {})
@@ -293,6 +306,85 @@ def build_graph(
         with pinned():
             state = delayed(write_partition, pure=False)(
                 plan_task, decoded, state, dask_key_name=f"h5bank-write-{k}-{token}"
+            )
+        writes.append(state)
+    with pinned():
+        final = delayed(finalize_build, pure=False)(
+            plan_task, state, dask_key_name=f"h5bank-finalize-{token}"
+        )
+    return Build(final, [w.key for w in writes], [len(p) for p in partitions], plan, writer)
+
+
+def map_graph(
+    path: str | os.PathLike[str],
+    func: Any,
+    columns: list[ColumnSpec],
+    partitions: list[Any],
+    output: str,
+    feature: Feature | None,
+    *,
+    on_error: str,
+    skipped: int = 0,
+    max_pending: int | None = None,
+    writer: str | None = None,
+    threads: int | None = None,
+) -> Build:
+    """The Dask graph of ``bank.map(func, ..., output=output)`` over the bank at ``path``.
+
+    ::
+
+        open ─▶ read k ──▶ func over k ──▶ attach k ─▶ ... ─▶ finalize   (read/attach: writer)
+                                (any worker)
+
+    The writer chain is the build's: it opens the bank for writing (renamed to
+    its partial path until the chain finishes), and each ``attach`` task writes
+    one partition's results as ``output`` at the rows of its sources. The
+    writer process also reads each partition's inputs (no other process may
+    open a file being written), so ``func`` runs on any worker. ``partitions``
+    are arrays of source rows; read ``k+W`` waits for attach ``k``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    threads = threads or os.cpu_count() or 1
+    window = config.get("build.max-pending", max_pending) or 2 * threads
+    token = uuid.uuid4().hex
+    name = getattr(func, "__qualname__", None) or type(func).__name__
+    plan = BuildPlan(
+        token=token,
+        path=path,
+        mode="a",
+        features={output: feature} if feature is not None else {},
+        on_error=on_error,
+        provenance={
+            "mode": "map",
+            "function": f"{getattr(func, '__module__', '')}.{name}".lstrip("."),
+            "inputs": [spec.path for spec in columns],
+            "output": output,
+            "partitions": len(partitions),
+            "on_error": on_error,
+        },
+        chunk_bytes=int(config.get("build.chunk-bytes")),
+        skipped=skipped,
+        pinned=writer is not None,
+    )
+    pinned = functools.partial(_pinned, writer)
+    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
+    func_task = delayed(func, name=f"h5bank-function-{token}", traverse=False)
+    with pinned():
+        opened = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
+    state = opened
+    writes: list[Delayed] = []
+    for k, rows in enumerate(partitions):
+        after = writes[k - window] if k >= window else None
+        with pinned():
+            records = delayed(read_partition, pure=False)(
+                plan_task, opened, columns, rows, after, dask_key_name=f"h5bank-read-{k}-{token}"
+            )
+        results = delayed(map_partition, pure=False)(
+            func_task, records, output, feature, k, dask_key_name=f"h5bank-map-{k}-{token}"
+        )
+        with pinned():
+            state = delayed(attach_partition, pure=False)(
+                plan_task, results, state, dask_key_name=f"h5bank-write-{k}-{token}"
             )
         writes.append(state)
     with pinned():

@@ -20,6 +20,7 @@ file, mapping its groups and datasets to proxies.
 from __future__ import annotations
 
 import io
+import math
 import os
 import posixpath
 import sys
@@ -31,13 +32,14 @@ import h5py
 import numpy as np
 
 from features.base import Feature
-from pipeline import config, layout
+from pipeline import config, layout, readers
 from pipeline.decode import Failure, to_stored
 from pipeline.errors import (
     BuildInProgressError,
     NotABankError,
     ReadOnlyError,
     SchemaError,
+    SourceError,
     UnknownIdError,
 )
 from pipeline.schema import Group, Schema, feature_for_column, feature_of
@@ -93,7 +95,11 @@ class TypedFile:
                 "with create(..., mode='a')"
             )
         new = mode == "a" and not os.path.exists(self.path)
-        self._h5 = h5py.File(self.path, mode, **h5py_options)
+        self._options = {**readers.READ_OPTIONS, **h5py_options}
+        if mode == "r":
+            self._h5 = readers.open_for_reading(self.path, **self._options)
+        else:
+            self._h5 = h5py.File(self.path, mode, **self._options)
         try:
             if new:
                 layout.init_bank(
@@ -106,6 +112,10 @@ class TypedFile:
         except BaseException:
             self._h5.close()
             raise
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop everything read from the file (it was reopened, or changed under us)."""
         self._features = self._known_features()
         self._columns: dict[str, layout.Column] = {}
         self._refs_cache: dict[str, np.ndarray] = {}
@@ -351,6 +361,12 @@ class TypedFile:
             column = self._columns[path] = layout.Column.open(self._h5, path)
         return column
 
+    def _require_column(self, path: str) -> layout.Column:
+        column = self._column(path)
+        if column is None:
+            raise ValueError(f"{path!r} is not a feature column of {self.path}")
+        return column
+
     def feature_of(self, path: str) -> Feature:
         return self._features[feature_of(path, self._features)]
 
@@ -441,6 +457,240 @@ class TypedFile:
                 out.update(self._flatten(value, path))
         return out
 
+    # -- lazy computing ------------------------------------------------------------------
+
+    def lazy_file(self) -> readers.LazyFile:
+        """The picklable recipe Dask tasks open this bank with, once per worker process.
+
+        For a bank opened read-only it records the file as it is now, so a task
+        that finds the bank rebuilt or appended to raises ``BankChangedError``.
+        """
+        if self.mode == "r":
+            return readers.LazyFile.of(self.path)
+        self._h5.flush()
+        return readers.LazyFile(self.path)  # written through this handle: no fixed identity
+
+    def to_dask(self, chunks: Any = None) -> dict[str, Any]:
+        """Every feature column as a ``dask.array.Array``, by path (see :meth:`FeatureProxy.to_dask`).
+
+        ``x, y = arrays["images"], arrays["labels"]`` then ``x[y == 3].mean(axis=0)``
+        runs lazily: with fixed-shape features and labels, row ``i`` of each
+        array is source ``i`` when every source has data for both.
+        """
+        return self.root.to_dask(chunks)
+
+    def map(
+        self,
+        func: Any,
+        inputs: str | list[str] | None = None,
+        output: str | None = None,
+        *,
+        feature: Feature | None = None,
+        scheduler: Any = None,
+        partition_size: int | None = None,
+        on_error: str | None = None,
+        progress: bool | None = None,
+        max_pending: int | None = None,
+    ) -> Any:
+        """Apply ``func`` to each source's data in parallel, on the cluster.
+
+        Parameters
+        ----------
+        func
+            Called as ``func({input: value})`` once per source, on any worker
+            (so it must be picklable); values are what ``proxy.get(id)``
+            returns. Only sources with data for every input are passed.
+        inputs
+            Feature column paths (``"images"``, ``"data/images"``), one or a
+            list; ``None`` means every column of the bank. Keys of the dict
+            ``func`` receives are these paths as given.
+        output
+            ``None``: return the results, ``{id: result}`` (a :class:`MapResult`,
+            whose ``failures`` lists the calls that raised). A path: write the
+            results into this bank as a new feature, aligned with the sources,
+            through the build's single writer (the bank is renamed to its
+            partial path meanwhile, as during an append), and return the
+            :class:`~pipeline.writer.BuildSummary`. Sources that already have
+            data in ``output`` are skipped, so running a map again after it
+            stopped fills in only what is missing. A result of ``None`` stores
+            nothing for that source.
+        feature
+            How ``output`` is stored (``Array(flat=True)``, ``Image(...)``
+            for ``item`` storage...). Default: the bank's feature at
+            ``output`` if it has one, else chosen from the first result
+            (``Array`` for arrays, ``String`` for text, ``Bytes`` for bytes).
+        scheduler, progress, max_pending
+            As for :meth:`create`.
+        partition_size
+            Sources per task; default about ``h5bank.read.chunk-bytes`` of
+            input per task, and at least 4 tasks per worker thread.
+        on_error
+            ``"skip"`` (default) records a source whose call raised (in
+            ``bank.failures()`` with ``output`` as its feature, or in the
+            result's ``failures``) and goes on; ``"raise"`` stops at the first
+            with :class:`~pipeline.errors.SourceError`.
+
+        The bank is closed while the map runs and reopened in its mode after.
+        If a map with an output fails, the bank is put back as of its last
+        commit before the error is raised: the results written so far stay.
+        """
+        from pipeline.cluster import runner_for
+
+        on_error = config.get("build.on-error", on_error)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        progress = config.get("build.progress", progress)
+        keys = self._map_inputs(inputs)
+        columns = readers.columns_for(self._features, self._h5, keys)
+        have = np.ones(len(self), dtype=bool)
+        for path in keys.values():
+            have &= self._require_column(path).refs[:, 0] >= 0
+        skipped = 0
+        if output is not None:
+            output = self._map_output(output, keys)
+            existing = self._column(output)
+            if existing is not None:
+                done = existing.refs[:, 0] >= 0
+                skipped = int((have & done).sum())
+                have &= ~done
+            if feature is None and (existing is not None or output in self._features):
+                feature = self.feature_of(output)
+        rows = np.flatnonzero(have)
+        per_partition = partition_size or readers.rows_per_partition(
+            self._h5, list(keys.values()), len(self)
+        )
+        started = time.perf_counter()
+        with runner_for(scheduler) as runner:
+            if partition_size is None:
+                spread = math.ceil(len(rows) / (4 * runner.threads)) if len(rows) else 1
+                per_partition = max(1, min(per_partition, spread))
+            parts = readers.partition_rows(rows, per_partition)
+            lazy = self.lazy_file()
+            self.close()
+            try:
+                if output is None:
+                    return self._map_collect(runner, func, lazy, columns, parts, on_error, progress)
+                summary = self._map_write(
+                    runner, func, columns, parts, output, feature, on_error, skipped, max_pending,
+                    progress,
+                )  # fmt: skip
+            finally:
+                self._reopen()
+        summary.seconds = time.perf_counter() - started
+        if progress:
+            print(summary, file=sys.stderr)
+        self.summary = summary
+        return summary
+
+    def _map_inputs(self, inputs: str | list[str] | None) -> dict[str, str]:
+        """``{key: column path}`` for ``map``'s ``inputs``."""
+        available = list(layout.iter_columns(self._h5)) if layout.is_bank(self._h5) else []
+        if inputs is None:
+            if not available:
+                raise ValueError(f"{self.path} has no feature columns to map over")
+            return {path: path for path in available}
+        names = [inputs] if isinstance(inputs, str) else list(inputs)
+        out: dict[str, str] = {}
+        for name in names:
+            path = str(name).strip("/")
+            if path not in available:
+                raise ValueError(
+                    f"map input {name!r} is not a feature column of {self.path}; "
+                    f"its columns are {available}"
+                )
+            out[str(name)] = path
+        if not out:
+            raise ValueError("map needs at least one input feature")
+        return out
+
+    def _map_output(self, output: str, inputs: Mapping[str, str]) -> str:
+        path = str(output).strip("/")
+        if not path or any(part.startswith("__") or not part for part in path.split("/")):
+            raise ValueError(f"map output {output!r} is not a usable feature path")
+        if path in inputs.values():
+            raise ValueError(f"map output {output!r} is also an input; write to a new feature")
+        node = self._h5.get(path)
+        if node is not None and not layout.is_column(node):
+            raise ValueError(
+                f"map output {output!r} is already a group or dataset of {self.path} that is not "
+                "a feature column; choose another path"
+            )
+        return path
+
+    def _map_collect(
+        self,
+        runner: Any,
+        func: Any,
+        lazy: readers.LazyFile,
+        columns: list[readers.ColumnSpec],
+        parts: list[np.ndarray],
+        on_error: str,
+        progress: bool,
+    ) -> MapResult:
+        from dask.delayed import delayed
+
+        from pipeline.decode import map_rows
+
+        func_task = delayed(func, traverse=False)
+        tasks = [delayed(map_rows, pure=False)(func_task, lazy, columns, rows) for rows in parts]
+        done = runner.gather(
+            tasks, [len(p) for p in parts], f"h5bank map {os.path.basename(self.path)}", progress
+        )
+        result = MapResult()
+        for pairs, failures in done:
+            result.update(pairs)
+            result.failures.extend(failures)
+        if on_error == "raise" and result.failures:
+            first = result.failures[0]
+            raise SourceError(first.id, first.feature, first.error)
+        return result
+
+    def _map_write(
+        self,
+        runner: Any,
+        func: Any,
+        columns: list[readers.ColumnSpec],
+        parts: list[np.ndarray],
+        output: str,
+        feature: Feature | None,
+        on_error: str,
+        skipped: int,
+        max_pending: int | None,
+        progress: bool,
+    ) -> BuildSummary:
+        from pipeline.graph import map_graph
+        from pipeline.writer import restore_after_failure
+
+        build = map_graph(
+            self.path,
+            func,
+            columns,
+            parts,
+            output,
+            feature,
+            on_error=on_error,
+            skipped=skipped,
+            max_pending=max_pending,
+            writer=runner.writer_worker(),
+            threads=runner.threads,
+        )
+        try:
+            return runner.run(build, progress=progress)
+        except BaseException as error:
+            restore_after_failure(build.path, error)
+            raise
+
+    def _reopen(self) -> None:
+        """Open the file again in this bank's mode (after ``map`` closed it), if it is there."""
+        if not os.path.exists(self.path):
+            return
+        if self.mode == "r":
+            self._h5 = readers.open_for_reading(self.path, **self._options)
+        else:
+            self._h5 = h5py.File(self.path, self.mode, **self._options)
+        self._check_file()
+        self._forget()
+
     # -- display ----------------------------------------------------------------------
 
     def tree(self) -> str:
@@ -479,6 +729,20 @@ class TypedFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class MapResult(dict):
+    """What ``bank.map(func)`` without an output returns: ``{id: func(data)}`` in bank order.
+
+    ``failures`` lists the sources whose call raised (id, ``""``, the error).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[Failure] = []
+
+    def __repr__(self) -> str:
+        return f"<MapResult: {len(self)} results, {len(self.failures)} failures>"
 
 
 class _Proxy:
@@ -550,6 +814,17 @@ class GroupProxy(_Proxy):
 
     def __getitem__(self, id_: str) -> dict[str, Any]:
         return self.get(id_)
+
+    def to_dask(self, chunks: Any = None) -> dict[str, Any]:
+        """``{path below this group: dask array}`` for every feature column (and plain dataset)."""
+        out: dict[str, Any] = {}
+        for name in self.children():
+            child = self.bank._node(posixpath.join(self.path, name))
+            if isinstance(child, GroupProxy):
+                out.update({f"{name}/{k}": v for k, v in child.to_dask(chunks).items()})
+            elif child.shape is not None:
+                out[name] = child.to_dask(chunks)
+        return out
 
     def add(self, id_: str, data: Mapping[str, Any]) -> None:
         """Add ``data`` (``{child: value}``) for ``id_``; see :meth:`TypedFile.add`."""
@@ -672,18 +947,50 @@ class FeatureProxy(_Proxy):
         start, stop = (int(v) for v in column.refs[row])
         if start < 0:
             return None
-        storage = column.storage
-        if storage == "category":
-            return int(column.data[start])
-        if storage == "item":
-            value = column.data[start]
-        elif storage == "flat":
-            value = column.data[start:stop].reshape(layout.stored_shape(column, row))
-        elif storage == "bytes":
-            return self.feature.from_stored(column.data[start:stop].tobytes(), id_)
-        else:
-            value = column.data[start:stop]
-        return self.feature.from_stored(value, id_)
+        shape = layout.stored_shape(column, row) if column.storage == "flat" else None
+        return readers.stored_value(
+            self.feature, column.storage, column.data[start:stop], shape, id_
+        )
+
+    def to_dask(self, chunks: Any = None) -> Any:
+        """The concatenated data as a ``dask.array.Array``, read lazily on any worker.
+
+        Fixed-shape features (``Image(size=...)``, ``Array(item=True)``) come
+        out as ``(n, H, W, C)`` and labels as ``(n,)``. When every source of
+        the bank has data for such a feature, row ``i`` is source ``i``
+        (whatever order the rows were written in), so arrays of two features
+        line up: ``x[y == 3]``. Otherwise, and for features stored ``rows``
+        or ``flat``, it is the concatenation in the order of ``data``; use
+        :meth:`to_dask_sources` for one array per source.
+
+        ``chunks`` is anything ``dask.array.from_array`` takes. The default
+        cuts axis 0 in whole HDF5 chunks, about ``h5bank.read.chunk-bytes``
+        (64 MiB) a block. Making the array reads metadata only; its tasks
+        open the bank once per worker process (a :class:`~pipeline.readers.LazyFile`),
+        so the bank must be on storage every worker reaches.
+        """
+        column = self._require()
+        by_source = column.storage in ("item", "category") and column.data.shape[0] == len(
+            self.bank
+        )
+        refs = column.refs if by_source else None
+        return readers.dask_array(self.bank.lazy_file(), column.data, chunks, refs)
+
+    def to_dask_sources(self, partition_size: int | None = None) -> Any:
+        """A ``dask.bag`` of ``(id, value)``, one item per source with data, in bank order.
+
+        ``value`` is what :meth:`get` returns (each image in its own shape,
+        each sound its own length). Partitions are ranges of consecutive
+        sources, ``partition_size`` of them (default: about
+        ``h5bank.read.chunk-bytes`` of data, at most 10,000), so a bank of
+        millions of sources makes hundreds of tasks, not millions. Making it
+        reads metadata only.
+        """
+        column = self._require()
+        n = len(self.bank)
+        size = partition_size or readers.rows_per_partition(self.bank._h5, [self.path], n)
+        spec = readers.ColumnSpec(self.path, self.path, column.storage, self.feature)
+        return readers.source_bag(self.bank.lazy_file(), [spec], range(n), size, single=True)
 
     def add(self, id_: str, value: Any) -> None:
         """Add this feature's data for ``id_`` (which has none yet)."""
@@ -789,6 +1096,10 @@ class DatasetProxy(_Proxy):
         self.bank._require_writable()
         self.dataset[item] = value
 
+    def to_dask(self, chunks: Any = None) -> Any:
+        """The dataset as a ``dask.array.Array``; see :meth:`FeatureProxy.to_dask`."""
+        return readers.dask_array(self.bank.lazy_file(), self.dataset, chunks)
+
     def _get_row(self, row: int, id_: str) -> None:
         return None
 
@@ -803,4 +1114,12 @@ class DatasetProxy(_Proxy):
         return f"<dataset {self.path!r} of {self.bank.path!r}: {self._describe().strip()}>"
 
 
-__all__ = ["DatasetProxy", "FeatureProxy", "Group", "GroupProxy", "RefsView", "TypedFile"]
+__all__ = [
+    "DatasetProxy",
+    "FeatureProxy",
+    "Group",
+    "GroupProxy",
+    "MapResult",
+    "RefsView",
+    "TypedFile",
+]

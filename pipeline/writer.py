@@ -37,11 +37,14 @@ from features.base import Feature
 from pipeline import layout
 from pipeline.decode import Failure, Packed, PackedColumn
 from pipeline.errors import SchemaError, SourceError, WriterError
+from pipeline.readers import ColumnSpec, read_rows
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
 # Writers open in this process, by build token.
 _OPEN: dict[str, BankWriter] = {}
 _LOCK = threading.Lock()
+# Builds whose writer this process closed after an error (their later tasks say so).
+_ABORTED: set[str] = set()
 
 
 def library_version() -> str:
@@ -354,6 +357,75 @@ class BankWriter:
         except SourceError as error:
             raise ValueError(f"cannot add {id_!r}: {error.reason}") from None
 
+    def attach(self, packed: Packed, on_error: str = "skip") -> dict[str, int]:
+        """Write new column data for sources already in the bank (``bank.map`` with ``output``).
+
+        Each entry goes to the row of its (committed) id; a source that has
+        data in a column already is skipped, so a re-run only fills the gaps.
+        Rows are appended first and refs written second, so a crash between
+        the two leaves rows no ref points to, which :func:`layout.truncate`
+        drops. Failures are recorded like a build's.
+        """
+        started = time.perf_counter()
+        self.register(packed.features)
+        failures = list(packed.failures)
+        unknown = {p for p, id_ in enumerate(packed.ids) if id_ not in self.index}
+        failures.extend(
+            Failure(packed.ids[p], "", "UnknownIdError: the source is not in the bank")
+            for p in sorted(unknown)
+        )
+        skip = set(unknown)
+        for key, column in packed.columns.items():
+            skip |= self._rows_with_data(key, column, packed.ids)
+        rejected: dict[int, Failure] = {}
+        for key, column in packed.columns.items():
+            for row, reason in self._check(key, column, skip).items():
+                rejected.setdefault(
+                    row, Failure(packed.ids[row], column.feature, f"ValueError: {reason}")
+                )
+        failures.extend(rejected[row] for row in sorted(rejected))
+        if on_error == "raise" and failures:
+            first = failures[0]
+            raise SourceError(first.id, first.feature, first.error)
+        keep = {
+            position: self.index[id_]
+            for position, id_ in enumerate(packed.ids)
+            if position not in skip and position not in rejected
+        }
+        with self._rollback_on_error():
+            for key, column in packed.columns.items():
+                entries = sorted(
+                    (j for j, position in enumerate(column.rows) if position in keep),
+                    key=lambda j: keep[column.rows[j]],
+                )
+                if entries:
+                    rows = np.array([keep[column.rows[j]] for j in entries], dtype=np.int64)
+                    self._append(key, column, entries, rows, self.n)
+            self._record(failures)
+            self.f.flush()
+        self.busy += time.perf_counter() - started
+        return {"ok": len(keep), "failed": len(failures), "skipped": len(skip - unknown)}
+
+    def _rows_with_data(self, key: str, packed: PackedColumn, ids: list[str]) -> set[int]:
+        """Positions (in ``ids``) of the sources that already have data in column ``key``."""
+        column = self.column(key)
+        positions = [p for p in packed.rows if ids[p] in self.index]
+        if column is None or not positions:
+            return set()
+        rows = np.array([self.index[ids[p]] for p in positions])
+        low = int(rows.min())
+        starts = column.refs[low : int(rows.max()) + 1, 0]
+        return {p for p, row in zip(positions, rows, strict=True) if starts[row - low] >= 0}
+
+    def _has_data(self, feature: str, row: int) -> bool:
+        """Whether source ``row`` has data in ``feature``'s column (or any column below it)."""
+        return any(
+            (column.path == feature or column.path.startswith(feature + "/"))
+            and row < column.refs.shape[0]
+            and column.refs[row, 0] >= 0
+            for column in self.all_columns()
+        )
+
     # -- finishing a build -------------------------------------------------------
 
     def sort_categories(self) -> None:
@@ -369,8 +441,10 @@ class BankWriter:
         """Keep one failure per id (the latest), none for sources that succeeded since.
 
         A failure is dropped when its id was committed after the failure was
-        recorded (a retry that worked). A duplicate of a committed id failed
-        after its id was committed, so it is kept.
+        recorded (a retry that worked), or when the feature it names has data
+        for the source now (a ``bank.map`` that failed for a source, re-run).
+        A duplicate of a committed id failed after its id was committed, so
+        it is kept.
         """
         tables = layout.failure_tables(self.f)
         rows = list(zip(*[layout.read_strings(t) for t in tables], strict=True))
@@ -380,8 +454,12 @@ class BankWriter:
         latest: dict[str, Failure] = {}
         for (id_, feature, error), mark in zip(rows, marks, strict=True):
             latest.pop(id_, None)
-            if self.index.get(id_, -1) < mark:
-                latest[id_] = Failure(id_, feature, error)
+            row = self.index.get(id_, -1)
+            if row >= mark:
+                continue  # committed since it failed
+            if row >= 0 and feature and self._has_data(feature, row):
+                continue  # a map over the bank that failed for it has worked since
+            latest[id_] = Failure(id_, feature, error)
         kept = list(latest.values())
         if len(kept) != len(rows):
             for table in tables:
@@ -471,6 +549,11 @@ class BuildSummary:
     writer_seconds: float = 0.0
     seconds: float = 0.0
     writer_pid: int = 0
+    action: str = "built"  # or "mapped f() into thumbs of", for bank.map
+
+    @property
+    def _had(self) -> str:
+        return "in the bank" if self.action == "built" else "done"
 
     @property
     def rate(self) -> float:
@@ -479,8 +562,8 @@ class BuildSummary:
 
     def __str__(self) -> str:
         lines = [
-            f"built {self.path}: {self.ok} sources ok, {self.failed} failed"
-            + (f", {self.skipped} already in the bank" if self.skipped else "")
+            f"{self.action} {self.path}: {self.ok} sources ok, {self.failed} failed"
+            + (f", {self.skipped} already {self._had}" if self.skipped else "")
             + f"; {self.sources} in the bank",
             f"  {self.seconds:.2f} s, {self.rate:,.0f} sources/s, writer busy {self.writer_seconds:.2f} s",
         ]
@@ -636,6 +719,11 @@ def _merge_schema(f: h5py.File, features: Mapping[str, Feature]) -> None:
 
 def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:
     writer = _OPEN.get(plan.token)
+    if writer is None and plan.token in _ABORTED:
+        raise WriterError(
+            f"the build of {plan.path} stopped after an error (raised by an earlier task); "
+            "its writer is closed. The partial bank is consistent up to its last commit"
+        )
     if writer is None or state["pid"] != os.getpid() or state["host"] != socket.gethostname():
         raise WriterError(
             f"the writer of {plan.path} was opened by process {state['pid']} on {state['host']}, but "
@@ -652,6 +740,31 @@ def write_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> d
     writer = _writer_here(plan, state)
     try:
         counts = writer.commit(packed, plan.on_error)
+    except BaseException:
+        abort_build(plan.token)
+        raise
+    return {**state, **{k: state[k] + v for k, v in counts.items()}}
+
+
+def read_partition(
+    plan: BuildPlan, state: dict[str, Any], columns: list[ColumnSpec], rows: Any, after: Any = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """A link beside the chain (``bank.map``): read sources' inputs through the writer's handle.
+
+    The bank is open for writing in this process only, so its inputs are read
+    here and handed to the tasks that run the function on any worker.
+    ``after`` is only a dependency (back-pressure).
+    """
+    if plan.token in _ABORTED:
+        return []  # the chain stopped on an error; that error is the one to report
+    return read_rows(_writer_here(plan, state).f, columns, rows)
+
+
+def attach_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
+    """One link of a ``bank.map`` chain: write a partition's results to existing sources."""
+    writer = _writer_here(plan, state)
+    try:
+        counts = writer.attach(packed, plan.on_error)
     except BaseException:
         abort_build(plan.token)
         raise
@@ -689,6 +802,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
             writer_seconds=writer.busy,
             seconds=time.time() - writer.started,  # create() replaces it with its wall time
             writer_pid=os.getpid(),
+            action=_action(plan.provenance),
         )
         f.attrs[layout.ATTR_STATE] = layout.COMPLETE
         f.flush()
@@ -702,10 +816,48 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
     return summary
 
 
+def restore_after_failure(path: str, error: BaseException) -> None:
+    """Put back a complete bank whose ``bank.map`` failed, as of its last commit.
+
+    A map renames the bank to its partial path while it writes; when the map
+    fails (a function error with ``on_error="raise"``, a dead writer), this
+    reopens the partial bank in this process, cuts it to its last commit and
+    renames it back. If it cannot (the writer is still open somewhere), a
+    note on ``error`` says how to resume by hand.
+    """
+    partial = layout.partial_path(path)
+    if os.path.exists(path) or not os.path.exists(partial):
+        return
+    plan = BuildPlan(
+        token=f"restore-{os.getpid()}-{time.time_ns()}",
+        path=path,
+        mode="a",
+        features={},
+        on_error="skip",
+        provenance={"mode": "map stopped", "error": f"{type(error).__name__}: {error}"[:500]},
+        chunk_bytes=1 << 20,
+    )
+    try:
+        finalize_build(plan, open_build(plan))
+    except Exception as failure:
+        error.add_note(
+            f"h5bank: {path} is left at {partial} ({failure}); resume with "
+            "create(path, [], mode='a') once nothing else writes it"
+        )
+
+
+def _action(provenance: Mapping[str, Any]) -> str:
+    if provenance.get("mode") == "map":
+        return f"mapped {provenance.get('function')}() into {provenance.get('output')} of"
+    return "built"
+
+
 def abort_build(token: str) -> bool:
     """Close the writer of build ``token`` if this process holds it; the partial bank stays."""
     with _LOCK:
         writer = _OPEN.pop(token, None)
+        if writer is not None:
+            _ABORTED.add(token)
     if writer is None:
         return False
     with contextlib.suppress(Exception):  # the file may already be unusable; closing is best effort

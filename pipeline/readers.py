@@ -1,0 +1,520 @@
+"""Dask readers over a bank, and the picklable lazy file handles they are built on.
+
+An ``h5py.File`` cannot cross a process boundary, and opening one costs a few
+hundred microseconds plus the metadata reads. So a Dask graph over a bank never
+holds a file: it holds a :class:`LazyFile`, the *recipe* for opening one (the
+path, h5py's open options, and what the file looked like when the graph was
+made). Each process opens a recipe at most once and keeps the handle in a
+small per-process cache (:class:`FileCache`), closed when the process exits or
+when a writer needs the file (:func:`release`).
+
+Readers are read-only and take HDF5's shared file lock where the filesystem
+has one ("best-effort"), so a process writing the bank (a build, ``add``,
+``bank.map(output=...)``) and a reader refuse each other with a clear error
+instead of one seeing the other's half-written metadata. h5bank does not use
+HDF5's SWMR mode; see the README's section on reading while a bank changes.
+
+- :func:`dask_array`: a ``dask.array.Array`` over a dataset, in blocks that
+  are whole multiples of its HDF5 chunks along axis 0 (config
+  ``h5bank.read.chunk-bytes``). Making one reads metadata only.
+- :func:`source_bag`: a ``dask.bag`` of ``(id, value)`` per source,
+  partitioned by contiguous source rows: one task per partition, never one per
+  source, however many millions there are.
+- :func:`read_rows`: what both the bag and ``bank.map`` use to read sources'
+  data by row, through any open ``h5py.File``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from features.base import Feature
+from pipeline import config, layout
+from pipeline.errors import BankBusyError, BankChangedError, BuildInProgressError
+
+# What a reader opens with unless told otherwise: HDF5's shared lock where the
+# filesystem supports locks, none where it does not (NFS, Lustre often refuse).
+READ_OPTIONS: dict[str, Any] = {"locking": "best-effort"}
+
+# Sources per partition of a per-source bag at most: each becomes a Python
+# object in the partition's list, so bytes alone would make label bags huge.
+MAX_PARTITION_SOURCES = 10_000
+
+
+def file_identity(path: str) -> tuple[int, int, int]:
+    """What tells one version of a file from another: inode, size, modification time."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_for_reading(path: str, **options: Any) -> h5py.File:
+    """``h5py.File(path, "r")``, with errors that say what is going on with a bank.
+
+    A path whose build has not finished raises :class:`BuildInProgressError`;
+    a file another process has open for writing raises :class:`BankBusyError`.
+    """
+    try:
+        return h5py.File(path, "r", **{**READ_OPTIONS, **options})
+    except FileNotFoundError:
+        if os.path.exists(layout.partial_path(path)):
+            raise BuildInProgressError(
+                f"{path} is being written (a build, an append or bank.map with output is "
+                f"running, or one stopped and left {layout.partial_path(path)}); read it when "
+                "that finishes, or resume a stopped build with create(..., mode='a')"
+            ) from None
+        raise
+    except OSError as error:
+        if "lock" in str(error):
+            raise BankBusyError(
+                f"{path} is open for writing in another process (a bank opened with mode 'r+' or "
+                "'a', or a writer that has not finished): h5bank readers do not read a bank "
+                f"while it is written. Close the writer and retry ({error})"
+            ) from None
+        raise
+
+
+class _Entry:
+    __slots__ = ("datasets", "file", "identity", "stale", "users")
+
+    def __init__(self, file: h5py.File, identity: tuple[int, int, int]) -> None:
+        self.file = file
+        self.identity = identity
+        self.datasets: dict[str, h5py.Dataset] = {}
+        self.users = 0
+        self.stale = False  # closed as soon as its last user is done
+
+
+class FileCache:
+    """Open read-only files of this process, reused by every task that reads them.
+
+    At most ``max-open`` files stay open (least recently used closed first,
+    config ``h5bank.read.max-open-files``). A file is reopened when it changed
+    on disk since it was opened (rebuilt, appended to). A file in use by a
+    task is never closed under it: :func:`release` and eviction mark it, and
+    the last user closes it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+        self.opens = 0  # files opened by this process, for tests and curiosity
+
+    @contextlib.contextmanager
+    def acquire(self, lazy: LazyFile) -> Iterator[_Entry]:
+        key = lazy.key
+        identity = file_identity(lazy.path)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.identity != identity:
+                self._drop(key)
+                entry = None
+            if entry is None:
+                entry = _Entry(open_for_reading(lazy.path, **lazy.options), identity)
+                self.opens += 1
+                self._entries[key] = entry
+                self._evict()
+            self._entries.move_to_end(key)
+            entry.users += 1
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.stale and entry.users == 0:
+                    entry.file.close()
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        entry = self._entries.pop(key)
+        entry.stale = True
+        if entry.users == 0:
+            entry.file.close()
+
+    def _evict(self) -> None:
+        limit = max(1, int(config.get("read.max-open-files")))
+        while len(self._entries) > limit:
+            self._drop(next(iter(self._entries)))
+
+    def release(self, path: str | None = None) -> int:
+        """Close the cached files of ``path`` (every file if ``None``); return how many."""
+        target = None if path is None else os.path.abspath(path)
+        with self._lock:
+            keys = [k for k in self._entries if target is None or k[0] == target]
+            for key in keys:
+                self._drop(key)
+        return len(keys)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+CACHE = FileCache()
+atexit.register(CACHE.release)
+
+
+def release(path: str | None = None) -> int:
+    """Close this process's cached read handles on ``path`` (all if ``None``).
+
+    A writer needs the bank to itself: builds and ``bank.map`` call this on
+    every worker (``client.run(release, path)``) before they open it.
+    """
+    return CACHE.release(path)
+
+
+class LazyFile:
+    """A picklable recipe for opening a bank read-only, opened once per process.
+
+    Parameters
+    ----------
+    path
+        The file, on a filesystem every worker that reads it can reach.
+    identity
+        What the file looked like when the graph was made
+        (:func:`file_identity`); a task that finds another file at ``path``
+        raises :class:`BankChangedError` rather than read rows of a different
+        bank. ``None`` skips the check.
+    **options
+        ``h5py.File`` options (``rdcc_nbytes``...); ``locking`` defaults to
+        ``"best-effort"``.
+
+    Pickling keeps the recipe and drops nothing else: there is no file in it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        identity: tuple[int, int, int] | None = None,
+        **options: Any,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.identity = identity
+        self.options = options
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], **options: Any) -> LazyFile:
+        """A recipe for ``path`` as it is now (its identity recorded)."""
+        return cls(path, file_identity(os.fspath(path)), **options)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.path, tuple(sorted(self.options.items())))
+
+    @contextlib.contextmanager
+    def _entry(self) -> Iterator[_Entry]:
+        with CACHE.acquire(self) as entry:
+            if self.identity is not None and entry.identity != tuple(self.identity):
+                raise BankChangedError(
+                    f"{self.path} changed after this Dask graph was made (it was rebuilt, appended "
+                    "to or replaced): make the arrays again from the bank as it is now"
+                )
+            yield entry
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[h5py.File]:
+        """This process's open handle (opened on first use), checked against ``identity``."""
+        with self._entry() as entry:
+            yield entry.file
+
+    def read(self, name: str, selection: Any) -> np.ndarray:
+        """``file[name][selection]`` through the cached handle."""
+        with self._entry() as entry:
+            dataset = entry.datasets.get(name)
+            if dataset is None:
+                dataset = entry.datasets[name] = entry.file[name]
+            return dataset[selection]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "identity": self.identity, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __dask_tokenize__(self) -> Any:
+        return (type(self).__name__, self.path, self.identity, self.key)
+
+    def __repr__(self) -> str:
+        return f"LazyFile({self.path!r})"
+
+
+class LazyDataset:
+    """An array-like over one dataset of a :class:`LazyFile`, for ``dask.array.from_array``.
+
+    Holds the shape and dtype read when it was made, so building a Dask array
+    on it reads nothing more.
+    """
+
+    def __init__(self, file: LazyFile, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.file = file
+        self.name = name
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self.file.read(self.name, selection)
+
+    def __dask_tokenize__(self) -> Any:
+        return (type(self).__name__, self.file.__dask_tokenize__(), self.name, self.shape)
+
+    def __repr__(self) -> str:
+        return f"LazyDataset({self.file.path!r}, {self.name!r}, shape={self.shape}, {self.dtype})"
+
+
+class LazySourceRows(LazyDataset):
+    """An item or category column read by source: row ``i`` is source ``i``'s item.
+
+    For a column with one row per source. Each read takes the refs of the
+    sources it covers; when they point at the same rows (a bank built in one
+    go) it is one contiguous read of ``data``, otherwise the rows are gathered
+    (a ``bank.map`` re-run that filled gaps appends them out of order).
+    """
+
+    def __init__(
+        self, file: LazyFile, name: str, refs: str, shape: tuple[int, ...], dtype: Any
+    ) -> None:
+        super().__init__(file, name, shape, dtype)
+        self.refs = refs
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        selection = selection if isinstance(selection, tuple) else (selection,)
+        first, rest = selection[0], selection[1:]
+        start, stop, _ = first.indices(self.shape[0])
+        starts = self.file.read(self.refs, (slice(start, stop), 0))
+        if starts.size == 0 or np.array_equal(starts, np.arange(start, stop)):
+            return self.file.read(self.name, (slice(start, stop), *rest))
+        if (starts < 0).any():
+            row = start + int(np.flatnonzero(starts < 0)[0])
+            raise ValueError(
+                f"{self.file.path}: source row {row} has no data in {self.name}; read this "
+                "feature with to_dask_sources(), which skips such sources"
+            )
+        # Read each run of consecutive rows once, then put the rows in source order.
+        order = np.argsort(starts, kind="stable")
+        ordered = starts[order]
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        runs = [
+            self.file.read(self.name, (slice(int(run[0]), int(run[-1]) + 1), *rest))
+            for run in np.split(ordered, breaks)
+        ]
+        out = np.empty_like(runs[0], shape=(len(starts), *runs[0].shape[1:]))
+        out[order] = np.concatenate(runs)
+        return out
+
+    def __dask_tokenize__(self) -> Any:
+        return (super().__dask_tokenize__(), self.refs)
+
+
+def default_chunks(dataset: h5py.Dataset, target_bytes: int | None = None) -> tuple[int, ...]:
+    """Rows per Dask block along axis 0: whole HDF5 chunks, about ``target_bytes`` a block.
+
+    Other axes are whole. ``target_bytes`` defaults to ``h5bank.read.chunk-bytes``.
+    """
+    target = int(config.get("read.chunk-bytes", target_bytes))
+    n = dataset.shape[0]
+    row_bytes = max(1, math.prod(dataset.shape[1:]) * dataset.dtype.itemsize)
+    chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+    per_block = max(1, target // (chunk_rows * row_bytes)) * chunk_rows
+    return (max(1, min(per_block, n)), *dataset.shape[1:])
+
+
+def dask_array(
+    lazy: LazyFile,
+    dataset: h5py.Dataset,
+    chunks: Any = None,
+    refs: h5py.Dataset | None = None,
+) -> Any:
+    """A ``dask.array.Array`` over ``dataset`` (of the file ``lazy`` opens), reading nothing now.
+
+    With ``refs`` (the column's refs table, one row of ``dataset`` per
+    source), row ``i`` of the array is source ``i``'s (:class:`LazySourceRows`).
+    ``chunks`` is anything ``dask.array.from_array`` takes; ``None`` is
+    :func:`default_chunks`.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    if refs is not None:
+        array_like: LazyDataset = LazySourceRows(
+            lazy, dataset.name, refs.name, dataset.shape, dataset.dtype
+        )
+    else:
+        array_like = LazyDataset(lazy, dataset.name, dataset.shape, dataset.dtype)
+    if chunks is None:
+        chunks = default_chunks(dataset)
+    label = f"h5bank-{os.path.basename(lazy.path)}{dataset.name}".replace("/", "-")
+    return da.from_array(
+        array_like,
+        chunks=chunks,
+        name=f"{label}-{tokenize(array_like, chunks)}",
+        lock=False,
+        asarray=True,
+        fancy=False,
+        meta=np.empty((0,) * array_like.ndim, dtype=array_like.dtype),
+    )
+
+
+# -- per source --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """What a task needs to read one column per source: its path, storage and feature."""
+
+    key: str  # the name the value gets in the dict handed out (the path the caller used)
+    path: str
+    storage: str
+    feature: Feature
+
+
+def stored_value(
+    feature: Feature, storage: str, block: np.ndarray, shape: tuple[int, ...] | None, id_: str
+) -> Any:
+    """One source's value as reads return it, from its rows of a column's ``data``."""
+    if storage == "category":
+        return int(block[0])
+    if storage == "bytes":
+        return feature.from_stored(block.tobytes(), id_)
+    if storage == "item":
+        return feature.from_stored(block[0], id_)
+    if storage == "flat":
+        return feature.from_stored(block.reshape(shape), id_)
+    return feature.from_stored(block, id_)
+
+
+def read_rows(
+    f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(id, {key: value})`` of the sources at ``rows`` (sorted) that have data in every column.
+
+    Each column is read in one request spanning the rows' data when their
+    data is about contiguous (a built bank), else source by source.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return []
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    ids = layout.read_strings(layout.ids_table(f), first, last)
+    offsets = rows - first
+    values: list[list[Any]] = []
+    keep = np.ones(len(rows), dtype=bool)
+    for spec in columns:
+        column = layout.Column.open(f, spec.path)
+        refs = column.refs[first:last][offsets]
+        keep &= refs[:, 0] >= 0
+        shapes = column.shape[first:last][offsets] if column.shape is not None else None
+        values.append(_read_column(column, spec, refs, shapes, ids, offsets))
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i in np.flatnonzero(keep):
+        out.append((ids[offsets[i]], {spec.key: values[c][i] for c, spec in enumerate(columns)}))
+    return out
+
+
+def _read_column(
+    column: layout.Column,
+    spec: ColumnSpec,
+    refs: np.ndarray,
+    shapes: np.ndarray | None,
+    ids: list[str],
+    offsets: np.ndarray,
+) -> list[Any]:
+    have = refs[:, 0] >= 0
+    out: list[Any] = [None] * len(refs)
+    if not have.any():
+        return out
+    starts, stops = refs[have, 0], refs[have, 1]
+    low, high = int(starts.min()), int(stops.max())
+    needed = int((stops - starts).sum())
+    block = column.data[low:high] if high - low <= 2 * needed + 1024 else None
+    for i in np.flatnonzero(have):
+        start, stop = int(refs[i, 0]), int(refs[i, 1])
+        rows = block[start - low : stop - low] if block is not None else column.data[start:stop]
+        shape = None
+        if shapes is not None:
+            shape = tuple(int(s) for s in shapes[i] if s >= 0)
+        out[i] = stored_value(spec.feature, spec.storage, rows, shape, ids[offsets[i]])
+    return out
+
+
+def read_rows_lazily(
+    lazy: LazyFile, columns: Sequence[ColumnSpec], rows: Sequence[int]
+) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`read_rows` through this process's cached handle of ``lazy``."""
+    with lazy.acquire() as f:
+        return read_rows(f, columns, rows)
+
+
+def _single_values(
+    lazy: LazyFile, columns: Sequence[ColumnSpec], rows: Sequence[int]
+) -> list[tuple[str, Any]]:
+    (spec,) = columns
+    return [(id_, values[spec.key]) for id_, values in read_rows_lazily(lazy, columns, rows)]
+
+
+def partition_rows(rows: Sequence[int], size: int) -> list[Sequence[int]]:
+    """``rows`` (an array or a ``range``) cut into consecutive pieces of at most ``size``."""
+    size = max(1, int(size))
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def rows_per_partition(f: h5py.File, paths: Sequence[str], n_sources: int) -> int:
+    """Sources per partition so that one partition reads about ``h5bank.read.chunk-bytes``."""
+    target = int(config.get("read.chunk-bytes"))
+    per_source = 0.0
+    for path in paths:
+        data = f[path][layout.DATA]
+        per_source += data.shape[0] * max(1, math.prod(data.shape[1:])) * data.dtype.itemsize
+    per_source = per_source / max(1, n_sources)
+    by_bytes = target // max(1, int(per_source)) if per_source else MAX_PARTITION_SOURCES
+    return int(max(1, min(MAX_PARTITION_SOURCES, by_bytes)))
+
+
+def source_bag(
+    lazy: LazyFile,
+    columns: Sequence[ColumnSpec],
+    rows: Sequence[int],
+    partition_size: int,
+    single: bool = False,
+) -> Any:
+    """A ``dask.bag`` of ``(id, value)`` (``single``) or ``(id, {key: value})`` for ``rows``.
+
+    One partition per ``partition_size`` consecutive rows; a partition is one
+    task that opens the bank once (per process) and reads each column's span.
+    """
+    import dask.bag as db
+    from dask.delayed import delayed
+
+    reader = _single_values if single else read_rows_lazily
+    parts = [
+        delayed(reader, pure=True, traverse=False)(lazy, list(columns), piece)
+        for piece in partition_rows(rows, partition_size)
+    ]
+    if not parts:
+        return db.from_sequence([], npartitions=1)
+    return db.from_delayed(parts)
+
+
+def columns_for(
+    features: Mapping[str, Feature], f: h5py.File, paths: Mapping[str, str]
+) -> list[ColumnSpec]:
+    """A :class:`ColumnSpec` for each ``{key: column path}``, from the bank's features."""
+    from pipeline.schema import feature_of
+
+    specs = []
+    for key, path in paths.items():
+        group = f[path]
+        owner = feature_of(path, features)
+        specs.append(ColumnSpec(key, path, str(group.attrs[layout.ATTR_STORAGE]), features[owner]))
+    return specs
