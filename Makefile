@@ -9,6 +9,7 @@ test:
 
 bench:
 	.venv/bin/python benchmarks/build_images.py
+	.venv/bin/python benchmarks/scan.py
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import multiprocessing.util
 import os
 import threading
 from collections import OrderedDict
@@ -52,10 +53,22 @@ READ_OPTIONS: dict[str, Any] = {"locking": "best-effort"}
 MAX_PARTITION_SOURCES = 10_000
 
 
-def file_identity(path: str) -> tuple[int, int, int]:
-    """What tells one version of a file from another: inode, size, modification time."""
+def file_identity(path: str | int) -> tuple[int, int, int]:
+    """What tells one version of a file from another: inode, size, modification time.
+
+    ``path`` may be an open file descriptor, to name the file a handle holds
+    even if another file has been renamed onto its path since.
+    """
     st = os.stat(path)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def handle_identity(f: h5py.File) -> tuple[int, int, int] | None:
+    """:func:`file_identity` of the file an open ``h5py.File`` reads (``None`` if not a plain file)."""
+    try:
+        return file_identity(int(f.id.get_vfd_handle()))
+    except (TypeError, ValueError, OSError):
+        return None
 
 
 def open_for_reading(path: str, **options: Any) -> h5py.File:
@@ -159,7 +172,11 @@ class FileCache:
 
 
 CACHE = FileCache()
+# Close the cache when the process ends: atexit in a main process, and
+# multiprocessing's exit hook in the child processes Dask's nannies spawn
+# (they leave through os._exit, which skips atexit).
 atexit.register(CACHE.release)
+multiprocessing.util.Finalize(None, CACHE.release, exitpriority=10)
 
 
 def release(path: str | None = None) -> int:
@@ -201,9 +218,9 @@ class LazyFile:
         self.options = options
 
     @classmethod
-    def of(cls, path: str | os.PathLike[str], **options: Any) -> LazyFile:
-        """A recipe for ``path`` as it is now (its identity recorded)."""
-        return cls(path, file_identity(os.fspath(path)), **options)
+    def of(cls, f: h5py.File, **options: Any) -> LazyFile:
+        """A recipe for the file ``f`` has open, identified as it is now."""
+        return cls(f.filename, handle_identity(f), **options)
 
     @property
     def key(self) -> tuple[Any, ...]:

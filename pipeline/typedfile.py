@@ -15,6 +15,12 @@ features or :class:`~pipeline.schema.Group`\\ s of them::
 On an open bank, a feature attribute reads as a :class:`FeatureProxy` and a
 group as a :class:`GroupProxy`. ``TypedFile(path)`` itself opens any HDF5
 file, mapping its groups and datasets to proxies.
+
+Lazily, on any Dask cluster: ``proxy.to_dask()`` / ``bank.to_dask()`` (dask
+arrays), ``proxy.to_dask_sources()`` (a bag of ``(id, value)``) and
+``bank.map(func, inputs, output)`` (a function over every source, its results
+returned or written back as a feature through the build's single writer);
+see :mod:`pipeline.readers`.
 """
 
 from __future__ import annotations
@@ -96,10 +102,7 @@ class TypedFile:
             )
         new = mode == "a" and not os.path.exists(self.path)
         self._options = {**readers.READ_OPTIONS, **h5py_options}
-        if mode == "r":
-            self._h5 = readers.open_for_reading(self.path, **self._options)
-        else:
-            self._h5 = h5py.File(self.path, mode, **self._options)
+        self._h5 = self._open()
         try:
             if new:
                 layout.init_bank(
@@ -466,7 +469,7 @@ class TypedFile:
         that finds the bank rebuilt or appended to raises ``BankChangedError``.
         """
         if self.mode == "r":
-            return readers.LazyFile.of(self.path)
+            return readers.LazyFile.of(self._h5)
         self._h5.flush()
         return readers.LazyFile(self.path)  # written through this handle: no fixed identity
 
@@ -684,12 +687,15 @@ class TypedFile:
         """Open the file again in this bank's mode (after ``map`` closed it), if it is there."""
         if not os.path.exists(self.path):
             return
-        if self.mode == "r":
-            self._h5 = readers.open_for_reading(self.path, **self._options)
-        else:
-            self._h5 = h5py.File(self.path, self.mode, **self._options)
+        self._h5 = self._open()
         self._check_file()
         self._forget()
+
+    def _open(self) -> h5py.File:
+        if self.mode == "r":
+            return readers.open_for_reading(self.path, **self._options)
+        readers.release(self.path)  # this process's cached read handles would refuse a writer
+        return h5py.File(self.path, self.mode, **self._options)
 
     # -- display ----------------------------------------------------------------------
 

@@ -658,7 +658,8 @@ def _open_for_writing(path: str, mode: str) -> h5py.File:
             raise WriterError(
                 f"cannot open {path} for writing: it is open elsewhere ({error}). Close every "
                 "handle on it (another build, a program, or a bank this process opened: the bank "
-                "create() returned counts) and retry; nothing was changed"
+                "create() returned counts; Dask workers that read it keep it open until "
+                "client.run(pipeline.readers.release, path)) and retry; nothing was changed"
             ) from None
         raise WriterError(f"cannot open {path} as an HDF5 file for writing: {error}") from None
 
