@@ -87,7 +87,7 @@ class Runner:
             futures = self.client.compute(parts)
             by_future = dict(zip(futures, sizes, strict=True))
             try:
-                for future in as_completed(futures):
+                for future in as_completed(futures, loop=self.client.loop):
                     if future.status != "finished":
                         future.result()  # raises the task's exception
                     bar.update(by_future[future])

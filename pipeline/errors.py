@@ -12,7 +12,7 @@
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
 | ``BankBusyError`` | reading a bank another process has open for writing |
-| ``BankChangedError`` | a Dask graph made from a bank runs after the bank changed on disk |
+| ``BankChangedError`` | a Dask graph made from a bank runs after the bank was rebuilt, or its rows rewritten |
 | ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
 | ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on |
 """
@@ -97,7 +97,12 @@ class BankBusyError(H5BankError, OSError):
 
 
 class BankChangedError(H5BankError, RuntimeError):
-    """The bank on disk is not the one a Dask graph (``to_dask``, ``map``) was made from."""
+    """The bank no longer holds the rows a Dask graph (``to_dask``...) was made from.
+
+    Raised when the file at the bank's path is another one (rebuilt, replaced),
+    or a dataset the graph reads lost rows, changed shape or dtype, or had its
+    label codes renumbered. Appends keep earlier rows, so graphs survive them.
+    """
 
 
 class WriterError(H5BankError, RuntimeError):

@@ -31,6 +31,7 @@ import contextlib
 import math
 import multiprocessing.util
 import os
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -86,7 +87,10 @@ def open_for_reading(path: str, **options: Any) -> h5py.File:
                 f"running, or one stopped and left {layout.partial_path(path)}); read it when "
                 "that finishes, or resume a stopped build with create(..., mode='a')"
             ) from None
-        raise
+        raise FileNotFoundError(
+            f"{path} does not exist here (process {os.getpid()} on {socket.gethostname()}): Dask "
+            "tasks read a bank from its path, so it must be on storage every worker reaches"
+        ) from None
     except OSError as error:
         if "lock" in str(error):
             raise BankBusyError(
@@ -97,13 +101,51 @@ def open_for_reading(path: str, **options: Any) -> h5py.File:
         raise
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What a dataset held when a Dask graph was made from it.
+
+    A read checks it against the dataset as it is: at least ``rows`` rows
+    (appends keep earlier rows), the same trailing shape and dtype, and label
+    ``names`` that start with the recorded ones (codes keep their meaning).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, dataset: h5py.Dataset) -> Expect:
+        return cls(tuple(dataset.shape), dataset.dtype.str, _names(dataset))
+
+    def problem(self, now: Expect) -> str | None:
+        """Why a dataset that is now ``now`` cannot serve this graph (``None`` if it can)."""
+        if len(now.shape) != len(self.shape) or now.shape[1:] != self.shape[1:]:
+            return f"its shape is {now.shape}, the graph was made for {self.shape}"
+        if self.shape and now.shape[0] < self.shape[0]:
+            return f"it has {now.shape[0]} rows, the graph was made for {self.shape[0]}"
+        if now.dtype != self.dtype:
+            return f"its dtype is {now.dtype}, the graph was made for {self.dtype}"
+        if self.names is not None and (now.names or ())[: len(self.names)] != self.names:
+            return "its label names changed (codes were renumbered)"
+        return None
+
+
+def _names(dataset: h5py.Dataset) -> tuple[str, ...] | None:
+    """The label names of the category column ``dataset`` belongs to, if it is one."""
+    group = dataset.parent
+    if group.attrs.get(layout.ATTR_STORAGE) != "category" or dataset.name != group.name + "/data":
+        return None
+    return tuple(str(n) for n in np.atleast_1d(group.attrs.get(layout.ATTR_NAMES, [])))
+
+
 class _Entry:
     __slots__ = ("datasets", "file", "identity", "stale", "users")
 
     def __init__(self, file: h5py.File, identity: tuple[int, int, int]) -> None:
         self.file = file
         self.identity = identity
-        self.datasets: dict[str, h5py.Dataset] = {}
+        self.datasets: dict[str, tuple[h5py.Dataset, Expect]] = {}
         self.users = 0
         self.stale = False  # closed as soon as its last user is done
 
@@ -126,7 +168,11 @@ class FileCache:
     @contextlib.contextmanager
     def acquire(self, lazy: LazyFile) -> Iterator[_Entry]:
         key = lazy.key
-        identity = file_identity(lazy.path)
+        try:
+            identity = file_identity(lazy.path)
+        except FileNotFoundError:
+            open_for_reading(lazy.path, **lazy.options)  # raises the error that explains why
+            raise
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.identity != identity:
@@ -196,10 +242,12 @@ class LazyFile:
     path
         The file, on a filesystem every worker that reads it can reach.
     identity
-        What the file looked like when the graph was made
-        (:func:`file_identity`); a task that finds another file at ``path``
-        raises :class:`BankChangedError` rather than read rows of a different
-        bank. ``None`` skips the check.
+        The inode of the file the graph was made from; a task that finds
+        another file at ``path`` (the bank was rebuilt or replaced) raises
+        :class:`BankChangedError` rather than read rows of a different bank.
+        ``None`` skips the check. Appends keep the inode: what a read then
+        checks is that the dataset still holds the rows it was made with
+        (:class:`Expect`).
     **options
         ``h5py.File`` options (``rdcc_nbytes``...); ``locking`` defaults to
         ``"best-effort"``.
@@ -210,7 +258,7 @@ class LazyFile:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        identity: tuple[int, int, int] | None = None,
+        identity: int | None = None,
         **options: Any,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
@@ -219,8 +267,9 @@ class LazyFile:
 
     @classmethod
     def of(cls, f: h5py.File, **options: Any) -> LazyFile:
-        """A recipe for the file ``f`` has open, identified as it is now."""
-        return cls(f.filename, handle_identity(f), **options)
+        """A recipe for the file ``f`` has open (identified by its inode)."""
+        identity = handle_identity(f)
+        return cls(f.filename, None if identity is None else identity[0], **options)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -229,10 +278,10 @@ class LazyFile:
     @contextlib.contextmanager
     def _entry(self) -> Iterator[_Entry]:
         with CACHE.acquire(self) as entry:
-            if self.identity is not None and entry.identity != tuple(self.identity):
+            if self.identity is not None and entry.identity[0] != self.identity:
                 raise BankChangedError(
-                    f"{self.path} changed after this Dask graph was made (it was rebuilt, appended "
-                    "to or replaced): make the arrays again from the bank as it is now"
+                    f"{self.path} is not the file this Dask graph was made from (the bank was "
+                    "rebuilt or replaced since): make the arrays again from the bank as it is now"
                 )
             yield entry
 
@@ -242,12 +291,20 @@ class LazyFile:
         with self._entry() as entry:
             yield entry.file
 
-    def read(self, name: str, selection: Any) -> np.ndarray:
-        """``file[name][selection]`` through the cached handle."""
+    def read(self, name: str, selection: Any, expect: Expect | None = None) -> np.ndarray:
+        """``file[name][selection]`` through the cached handle, checked against ``expect``."""
         with self._entry() as entry:
-            dataset = entry.datasets.get(name)
-            if dataset is None:
-                dataset = entry.datasets[name] = entry.file[name]
+            cached = entry.datasets.get(name)
+            if cached is None:
+                dataset = entry.file[name]
+                cached = entry.datasets[name] = (dataset, Expect.of(dataset))
+            dataset, now = cached
+            problem = expect.problem(now) if expect is not None else None
+            if problem:
+                raise BankChangedError(
+                    f"{self.path}: {name} no longer holds what this Dask graph was made from "
+                    f"({problem}): make the arrays again from the bank as it is now"
+                )
             return dataset[selection]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -270,21 +327,22 @@ class LazyDataset:
     on it reads nothing more.
     """
 
-    def __init__(self, file: LazyFile, name: str, shape: tuple[int, ...], dtype: Any) -> None:
+    def __init__(self, file: LazyFile, name: str, expect: Expect) -> None:
         self.file = file
         self.name = name
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
+        self.expect = expect
+        self.shape = expect.shape
+        self.dtype = np.dtype(expect.dtype)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def __getitem__(self, selection: Any) -> np.ndarray:
-        return self.file.read(self.name, selection)
+        return self.file.read(self.name, selection, self.expect)
 
     def __dask_tokenize__(self) -> Any:
-        return (type(self).__name__, self.file.__dask_tokenize__(), self.name, self.shape)
+        return (type(self).__name__, self.file.__dask_tokenize__(), self.name, self.expect)
 
     def __repr__(self) -> str:
         return f"LazyDataset({self.file.path!r}, {self.name!r}, shape={self.shape}, {self.dtype})"
@@ -299,19 +357,18 @@ class LazySourceRows(LazyDataset):
     (a ``bank.map`` re-run that filled gaps appends them out of order).
     """
 
-    def __init__(
-        self, file: LazyFile, name: str, refs: str, shape: tuple[int, ...], dtype: Any
-    ) -> None:
-        super().__init__(file, name, shape, dtype)
+    def __init__(self, file: LazyFile, name: str, expect: Expect, refs: str, n: int) -> None:
+        super().__init__(file, name, expect)
         self.refs = refs
+        self.refs_expect = Expect((n, 2), np.dtype("i8").str)
 
     def __getitem__(self, selection: Any) -> np.ndarray:
         selection = selection if isinstance(selection, tuple) else (selection,)
         first, rest = selection[0], selection[1:]
         start, stop, _ = first.indices(self.shape[0])
-        starts = self.file.read(self.refs, (slice(start, stop), 0))
+        starts = self.file.read(self.refs, (slice(start, stop), 0), self.refs_expect)
         if starts.size == 0 or np.array_equal(starts, np.arange(start, stop)):
-            return self.file.read(self.name, (slice(start, stop), *rest))
+            return self.file.read(self.name, (slice(start, stop), *rest), self.expect)
         if (starts < 0).any():
             row = start + int(np.flatnonzero(starts < 0)[0])
             raise ValueError(
@@ -323,7 +380,7 @@ class LazySourceRows(LazyDataset):
         ordered = starts[order]
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         runs = [
-            self.file.read(self.name, (slice(int(run[0]), int(run[-1]) + 1), *rest))
+            self.file.read(self.name, (slice(int(run[0]), int(run[-1]) + 1), *rest), self.expect)
             for run in np.split(ordered, breaks)
         ]
         out = np.empty_like(runs[0], shape=(len(starts), *runs[0].shape[1:]))
@@ -331,7 +388,7 @@ class LazySourceRows(LazyDataset):
         return out
 
     def __dask_tokenize__(self) -> Any:
-        return (super().__dask_tokenize__(), self.refs)
+        return (super().__dask_tokenize__(), self.refs, self.refs_expect)
 
 
 def default_chunks(dataset: h5py.Dataset, target_bytes: int | None = None) -> tuple[int, ...]:
@@ -339,6 +396,8 @@ def default_chunks(dataset: h5py.Dataset, target_bytes: int | None = None) -> tu
 
     Other axes are whole. ``target_bytes`` defaults to ``h5bank.read.chunk-bytes``.
     """
+    if dataset.ndim == 0:
+        return ()
     target = int(config.get("read.chunk-bytes", target_bytes))
     n = dataset.shape[0]
     row_bytes = max(1, math.prod(dataset.shape[1:]) * dataset.dtype.itemsize)
@@ -363,12 +422,13 @@ def dask_array(
     import dask.array as da
     from dask.base import tokenize
 
+    expect = Expect.of(dataset)
     if refs is not None:
         array_like: LazyDataset = LazySourceRows(
-            lazy, dataset.name, refs.name, dataset.shape, dataset.dtype
+            lazy, dataset.name, expect, refs.name, dataset.shape[0]
         )
     else:
-        array_like = LazyDataset(lazy, dataset.name, dataset.shape, dataset.dtype)
+        array_like = LazyDataset(lazy, dataset.name, expect)
     if chunks is None:
         chunks = default_chunks(dataset)
     label = f"h5bank-{os.path.basename(lazy.path)}{dataset.name}".replace("/", "-")

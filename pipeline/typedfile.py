@@ -41,6 +41,7 @@ from features.base import Feature
 from pipeline import config, layout, readers
 from pipeline.decode import Failure, to_stored
 from pipeline.errors import (
+    BankBusyError,
     BuildInProgressError,
     NotABankError,
     ReadOnlyError,
@@ -294,7 +295,10 @@ class TypedFile:
             ) from None
 
     def __len__(self) -> int:
-        return len(self.ids)
+        if self._ids is not None:
+            return len(self._ids)
+        table = self._h5.get(layout.IDS)  # its length, without reading millions of ids
+        return 0 if table is None else int(table.shape[0])
 
     def __contains__(self, id_: object) -> bool:
         try:
@@ -695,7 +699,28 @@ class TypedFile:
         if self.mode == "r":
             return readers.open_for_reading(self.path, **self._options)
         readers.release(self.path)  # this process's cached read handles would refuse a writer
-        return h5py.File(self.path, self.mode, **self._options)
+        try:
+            return h5py.File(self.path, self.mode, **self._options)
+        except OSError as error:
+            if "lock" not in str(error):
+                raise
+        # Readers hold it: maybe the workers of the default Dask client, whose cached
+        # handles h5bank can close. Anyone else has to close theirs.
+        from pipeline.cluster import _default_client
+
+        client = _default_client()
+        if client is not None:
+            client.run(readers.release, self.path)
+            try:
+                return h5py.File(self.path, self.mode, **self._options)
+            except OSError as error:
+                if "lock" not in str(error):
+                    raise
+        raise BankBusyError(
+            f"cannot open {self.path} with mode {self.mode!r}: another process has it open. Dask "
+            "workers that computed arrays of it keep it open until "
+            "client.run(pipeline.readers.release, path); other programs must close it"
+        ) from None
 
     # -- display ----------------------------------------------------------------------
 
@@ -727,8 +752,10 @@ class TypedFile:
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
         if self._h5:
             self._h5.close()
+        readers.release(self.path)
 
     def __enter__(self: T) -> T:
         return self

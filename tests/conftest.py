@@ -1,12 +1,18 @@
-"""Shared fixtures: a real two-process Dask cluster, and generated sources.
+"""Shared fixtures: real Dask clusters, and generated sources.
 
-Builds in tests run on real worker processes (``client``), except where a
-test is about the in-process schedulers.
+Builds in tests run on real worker processes (``client``, a two-process
+``LocalCluster``), except where a test is about the in-process schedulers.
+``cli_client`` is a cluster started as separate ``dask scheduler`` /
+``dask worker`` processes, for tests that must hold on any cluster.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -29,6 +35,67 @@ def client(cluster):
     # Not the default client: tests of the embedded default must not find it.
     with Client(cluster, set_as_default=False) as client:
         yield client
+
+
+def _stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process this session started, by its PID: SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cli_client(tmp_path_factory):
+    """A client of a cluster started as separate processes with the ``dask`` command line.
+
+    ``dask scheduler`` and ``dask worker --nworkers 2 --nthreads 1`` on
+    127.0.0.1, found through a scheduler file. Workers import this directory
+    (``PYTHONPATH``), so functions defined in test modules run on them. Both
+    processes are stopped by PID at the end of the session.
+    """
+    folder = tmp_path_factory.mktemp("dask-cli")
+    scheduler_file = folder / "scheduler.json"
+    dask_cli = str(Path(sys.executable).with_name("dask"))
+    tests = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
+    }
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with open(folder / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [dask_cli, name, *args, "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                cwd=folder,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        return process
+
+    try:
+        scheduler = start("scheduler", "--host", "127.0.0.1", "--port", "0")
+        deadline = time.monotonic() + 60
+        while not (scheduler_file.exists() and scheduler_file.stat().st_size):
+            if scheduler.poll() is not None or time.monotonic() > deadline:
+                log = (folder / "scheduler.log").read_text(errors="replace")
+                pytest.fail(f"dask scheduler did not start:\n{log[-2000:]}")
+            time.sleep(0.05)
+        start("worker", "--host", "127.0.0.1", "--nworkers", "2", "--nthreads", "1",
+              "--local-directory", str(folder / "workers"))  # fmt: skip
+        with Client(scheduler_file=str(scheduler_file), set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client
+    finally:
+        for process in reversed(processes):  # the workers first, then the scheduler
+            _stop(process)
 
 
 def write_images(
