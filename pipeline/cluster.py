@@ -58,10 +58,16 @@ class Runner:
         return workers[0]
 
     def release(self, path: str) -> None:
-        """Close cached read handles on ``path`` here and on every worker: a writer needs it alone."""
+        """Close cached read handles on ``path`` here and on the workers: a writer needs it alone.
+
+        The workers are this runner's cluster's and the default client's (a
+        build on threads after computing on the default cluster).
+        """
         readers.release(path)
-        if self.client is not None:
-            self.client.run(readers.release, path)
+        for client in {
+            id(c): c for c in (self.client, _default_client()) if c is not None
+        }.values():
+            client.run(readers.release, path)
 
     def run(self, build: Build, progress: bool = True) -> BuildSummary:
         """Compute ``build``, showing sources written, rate and ETA while it runs."""

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from features.base import Feature
-from pipeline.errors import FeatureTypeError
-from pipeline.readers import ColumnSpec, LazyFile, read_rows_lazily
+from pipeline.errors import FeatureTypeError, SourceError
+from pipeline.readers import ColumnSpec, LazyFile, RawRows, decode_rows, read_rows_lazily
 from pipeline.schema import feature_for_value, feature_of
 from pipeline.sources import Source, SourceSpec, fetch, route, scrub
 
@@ -142,56 +142,67 @@ def decode_partition(
 
 
 def apply_function(
-    func: Any, records: list[tuple[str, Any]], feature: str = ""
+    func: Any, records: list[tuple[str, Any]], feature: str = "", on_error: str = "skip"
 ) -> tuple[list[tuple[str, Any]], list[Failure]]:
     """``func(data)`` for each ``(id, data)``: the results, and a failure for each call that raised.
 
-    ``feature`` is what failures name (the output of ``bank.map``, if any).
+    ``feature`` is what failures name (the output of ``bank.map``, if any);
+    with ``on_error="raise"`` the first failing call raises ``SourceError``.
     """
-    name = getattr(func, "__qualname__", None) or type(func).__name__
+    name = _name(func)
     results: list[tuple[str, Any]] = []
     failures: list[Failure] = []
     for id_, data in records:
         try:
             results.append((id_, func(data)))
         except Exception as error:
-            failures.append(Failure(id_, feature, f"{type(error).__name__} in {name}(): {error}"))
+            failure = Failure(id_, feature, f"{type(error).__name__} in {name}(): {error}")
+            if on_error == "raise":
+                raise SourceError(failure.id, failure.feature, failure.error) from error
+            failures.append(failure)
     return results, failures
 
 
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or type(func).__name__
+
+
 def map_rows(
-    func: Any, lazy: LazyFile, columns: list[ColumnSpec], rows: Any
+    func: Any, lazy: LazyFile, columns: list[ColumnSpec], rows: Any, on_error: str = "skip"
 ) -> tuple[list[tuple[str, Any]], list[Failure]]:
     """A ``bank.map`` task without an output: read the sources at ``rows`` and call ``func``."""
-    return apply_function(func, read_rows_lazily(lazy, columns, rows))
+    return apply_function(func, read_rows_lazily(lazy, columns, rows), on_error=on_error)
 
 
 def map_partition(
     func: Any,
-    records: list[tuple[str, Any]],
+    columns: list[ColumnSpec],
+    raw: RawRows | None,
     output: str,
     feature: Feature | None,
     index: int,
 ) -> Packed:
-    """A ``bank.map`` task with an output: run ``func`` on each source and pack the results.
+    """A ``bank.map`` task with an output: decode the inputs, run ``func``, pack the results.
 
     Without ``feature``, the first result chooses one (``Array`` for arrays,
-    ``String`` for text, ``Bytes`` for bytes) and the writer registers it. A
+    ``String`` for text, ``Bytes`` for bytes) and the writer registers it (a
+    partition whose results chose another storage fails in the writer). A
     result of ``None`` means no data for that source.
     """
-    results, failures = apply_function(func, records, output)
+    results, failures = apply_function(func, decode_rows(columns, raw), output)
+    producer = f"{_name(func)}()"
     ids: list[str] = []
     values: list[dict[str, Any]] = []
     for id_, result in results:
         if result is None:
             continue
-        if feature is None:
-            feature = feature_for_value(result)
         try:
-            values.append(to_stored(result, feature.storage, output, type(feature).__name__))
-        except FeatureTypeError as error:
+            chosen = feature if feature is not None else feature_for_value(result)
+            values.append(to_stored(result, chosen.storage, output, producer=producer))
+        except (FeatureTypeError, TypeError, ValueError) as error:
             failures.append(Failure(id_, output, f"{type(error).__name__}: {error}"))
             continue
+        feature = chosen
         ids.append(id_)
     features = {output: feature} if feature is not None else {}
     packed = pack(index, ids, values, features, failures)
@@ -237,14 +248,18 @@ def load_source(
     return stored
 
 
-def to_stored(value: Any, storage: str, path: str, feature_name: str = "") -> dict[str, Any]:
+def to_stored(
+    value: Any, storage: str, path: str, feature_name: str = "", producer: str | None = None
+) -> dict[str, Any]:
     """``{column path: entry}`` for one feature output, laid out for ``storage``.
 
     An entry is an array whose axis 0 is what gets concatenated (plus its
     original shape for ``flat``), or a name for ``category``. A dict output
     gets one column per key. Raises :class:`FeatureTypeError` for anything
-    the bank cannot store.
+    the bank cannot store; ``producer`` names what returned ``value`` in that
+    error (default ``"<feature_name>.load()"``).
     """
+    producer = producer or f"{feature_name}.load()"
     if value is None:
         return {}
     if isinstance(value, Mapping):
@@ -255,18 +270,16 @@ def to_stored(value: Any, storage: str, path: str, feature_name: str = "") -> di
                     f"load() returned a dict with key {key!r}; keys must be plain names"
                 )
             if item is not None:
-                out[posixpath.join(path, key)] = _entry(item, storage, feature_name)
+                out[posixpath.join(path, key)] = _entry(item, storage, producer)
         return out
-    return {path: _entry(value, storage, feature_name)}
+    return {path: _entry(value, storage, producer)}
 
 
-def _entry(value: Any, storage: str, feature_name: str) -> Any:
+def _entry(value: Any, storage: str, producer: str) -> Any:
     if storage == "category":
         if isinstance(value, str):
             return value
-        raise FeatureTypeError(
-            f"{feature_name}.load() returned {type(value).__name__}; expected a str label"
-        )
+        raise FeatureTypeError(f"{producer} returned {type(value).__name__}; expected a str label")
     if storage == "bytes":
         if isinstance(value, str):
             value = value.encode("utf-8")
@@ -274,18 +287,16 @@ def _entry(value: Any, storage: str, feature_name: str) -> Any:
             return (np.frombuffer(bytes(value), dtype=np.uint8), None)
         if isinstance(value, np.ndarray) and value.dtype == np.uint8:
             return (value.reshape(-1), None)
-        raise FeatureTypeError(
-            f"{feature_name}.load() returned {type(value).__name__}; expected bytes or str"
-        )
+        raise FeatureTypeError(f"{producer} returned {type(value).__name__}; expected bytes or str")
     if not isinstance(value, (np.ndarray, np.generic, int, float, complex)):
         raise FeatureTypeError(
-            f"{feature_name}.load() returned {type(value).__name__}; "
+            f"{producer} returned {type(value).__name__}; "
             "expected a numpy array, a dict of them, or None"
         )
     array = np.asarray(value)
     if array.dtype.kind in "OUSV":
         raise FeatureTypeError(
-            f"{feature_name}.load() returned an array of dtype {array.dtype}; "
+            f"{producer} returned an array of dtype {array.dtype}; "
             "store numbers in arrays, text with String, bytes with Bytes"
         )
     if storage == "item":

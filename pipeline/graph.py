@@ -380,7 +380,7 @@ def map_graph(
                 plan_task, opened, columns, rows, after, dask_key_name=f"h5bank-read-{k}-{token}"
             )
         results = delayed(map_partition, pure=False)(
-            func_task, records, output, feature, k, dask_key_name=f"h5bank-map-{k}-{token}"
+            func_task, columns, records, output, feature, k, dask_key_name=f"h5bank-map-{k}-{token}"
         )
         with pinned():
             state = delayed(attach_partition, pure=False)(

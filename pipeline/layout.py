@@ -7,7 +7,9 @@ that h5py alone can read:
   ``h5bank_schema`` (JSON: each feature path's class, storage, attrs and
   dataset options), ``h5bank_provenance`` (JSON: library version, builds with
   their times, counts and source specification, credentials removed) and
-  ``h5bank_state`` (``"building"`` or ``"complete"``);
+  ``h5bank_state`` (``"building"`` or ``"complete"``) and ``h5bank_uuid`` (a
+  random id given when the bank is created and kept by appends, so a reader
+  can tell a bank from another one written at the same path);
 - ``__sources__/id``: the committed source ids (UTF-8), in commit order; its
   length is the number of sources in the bank;
 - ``__failures__/id``, ``/feature``, ``/error``: sources that failed, with the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +52,7 @@ ATTR_VERSION = "h5bank_version"
 ATTR_SCHEMA = "h5bank_schema"
 ATTR_PROVENANCE = "h5bank_provenance"
 ATTR_STATE = "h5bank_state"
+ATTR_UUID = "h5bank_uuid"
 ATTR_STORAGE = "h5bank_storage"
 ATTR_FEATURE = "h5bank_feature"
 ATTR_NAMES = "names"  # category labels, code i is names[i]
@@ -99,9 +103,16 @@ def init_bank(f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any]) 
     f.attrs[ATTR_SCHEMA] = json.dumps(schema, sort_keys=True)
     f.attrs[ATTR_PROVENANCE] = json.dumps(provenance, sort_keys=True)
     f.attrs[ATTR_STATE] = BUILDING
+    f.attrs[ATTR_UUID] = uuid.uuid4().hex
     _string_table(f, IDS)
     for field in FAILURE_FIELDS:
         _string_table(f, f"{FAILURES}/{field}")
+
+
+def bank_uuid(f: h5py.File) -> str | None:
+    """The bank's ``h5bank_uuid`` (``None`` for files h5bank did not create, or older banks)."""
+    value = f.attrs.get(ATTR_UUID)
+    return None if value is None else str(value)
 
 
 def _string_table(f: h5py.File, name: str) -> h5py.Dataset:

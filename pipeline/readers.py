@@ -72,6 +72,19 @@ def handle_identity(f: h5py.File) -> tuple[int, int, int] | None:
         return None
 
 
+def bank_identity(f: h5py.File) -> str | None:
+    """Which bank ``f`` is: its ``h5bank_uuid``, else (plain HDF5 files) its inode.
+
+    Filesystems reuse inodes (a bank rebuilt twice can get its first inode
+    back), so banks carry a uuid given at creation and kept by appends.
+    """
+    uuid = layout.bank_uuid(f)
+    if uuid is not None:
+        return uuid
+    identity = handle_identity(f)
+    return None if identity is None else f"inode:{identity[0]}"
+
+
 def open_for_reading(path: str, **options: Any) -> h5py.File:
     """``h5py.File(path, "r")``, with errors that say what is going on with a bank.
 
@@ -140,11 +153,12 @@ def _names(dataset: h5py.Dataset) -> tuple[str, ...] | None:
 
 
 class _Entry:
-    __slots__ = ("datasets", "file", "identity", "stale", "users")
+    __slots__ = ("bank", "datasets", "file", "identity", "stale", "users")
 
     def __init__(self, file: h5py.File, identity: tuple[int, int, int]) -> None:
         self.file = file
-        self.identity = identity
+        self.identity = identity  # the path's stat before opening: when to reopen
+        self.bank = bank_identity(file)  # which bank was opened: what graphs check
         self.datasets: dict[str, tuple[h5py.Dataset, Expect]] = {}
         self.users = 0
         self.stale = False  # closed as soon as its last user is done
@@ -213,9 +227,6 @@ class FileCache:
                 self._drop(key)
         return len(keys)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 CACHE = FileCache()
 # Close the cache when the process ends: atexit in a main process, and
@@ -242,12 +253,16 @@ class LazyFile:
     path
         The file, on a filesystem every worker that reads it can reach.
     identity
-        The inode of the file the graph was made from; a task that finds
-        another file at ``path`` (the bank was rebuilt or replaced) raises
-        :class:`BankChangedError` rather than read rows of a different bank.
-        ``None`` skips the check. Appends keep the inode: what a read then
-        checks is that the dataset still holds the rows it was made with
+        Which bank the graph was made from (:func:`bank_identity`: its uuid);
+        a task that finds another bank at ``path`` (rebuilt or replaced)
+        raises :class:`BankChangedError` rather than read rows of a different
+        bank. ``None`` skips the check. Appends keep the uuid: what a read
+        then checks is that the dataset still holds the rows it was made with
         (:class:`Expect`).
+    version
+        What the file looked like when the graph was made (size, mtime);
+        only part of the Dask token, so graphs made before and after a write
+        get different keys and ``persist()`` never serves stale blocks.
     **options
         ``h5py.File`` options (``rdcc_nbytes``...); ``locking`` defaults to
         ``"best-effort"``.
@@ -258,18 +273,21 @@ class LazyFile:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        identity: int | None = None,
+        identity: str | None = None,
+        version: Any = None,
         **options: Any,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.identity = identity
+        self.version = version
         self.options = options
 
     @classmethod
     def of(cls, f: h5py.File, **options: Any) -> LazyFile:
-        """A recipe for the file ``f`` has open (identified by its inode)."""
-        identity = handle_identity(f)
-        return cls(f.filename, None if identity is None else identity[0], **options)
+        """A recipe for the bank ``f`` has open, as it is now."""
+        f.flush()
+        stat = handle_identity(f)
+        return cls(f.filename, bank_identity(f), stat[1:] if stat else None, **options)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -278,7 +296,7 @@ class LazyFile:
     @contextlib.contextmanager
     def _entry(self) -> Iterator[_Entry]:
         with CACHE.acquire(self) as entry:
-            if self.identity is not None and entry.identity[0] != self.identity:
+            if self.identity is not None and entry.bank != self.identity:
                 raise BankChangedError(
                     f"{self.path} is not the file this Dask graph was made from (the bank was "
                     "rebuilt or replaced since): make the arrays again from the bank as it is now"
@@ -308,13 +326,18 @@ class LazyFile:
             return dataset[selection]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "identity": self.identity, "options": self.options}
+        return {
+            "path": self.path,
+            "identity": self.identity,
+            "version": self.version,
+            "options": self.options,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     def __dask_tokenize__(self) -> Any:
-        return (type(self).__name__, self.path, self.identity, self.key)
+        return (type(self).__name__, self.path, self.identity, self.version, self.key)
 
     def __repr__(self) -> str:
         return f"LazyFile({self.path!r})"
@@ -448,12 +471,17 @@ def dask_array(
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """What a task needs to read one column per source: its path, storage and feature."""
+    """What a task needs to read one column per source: its path, storage, feature.
+
+    ``expect`` is what the column's ``data`` held when the task was planned
+    (checked on read, like a dask array's blocks); ``None`` skips the check.
+    """
 
     key: str  # the name the value gets in the dict handed out (the path the caller used)
     path: str
     storage: str
     feature: Feature
+    expect: Expect | None = None
 
 
 def stored_value(
@@ -471,42 +499,51 @@ def stored_value(
     return feature.from_stored(block, id_)
 
 
-def read_rows(
-    f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]
-) -> list[tuple[str, dict[str, Any]]]:
-    """``(id, {key: value})`` of the sources at ``rows`` (sorted) that have data in every column.
+@dataclass
+class RawRows:
+    """Sources' data as stored, read for :func:`decode_rows`: ids, and per column each
+    source's rows and shape (``None`` where it has no data)."""
+
+    ids: list[str]
+    columns: list[list[tuple[np.ndarray, tuple[int, ...] | None] | None]]
+
+
+def read_raw(f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]) -> RawRows:
+    """The stored data of the sources at ``rows`` (sorted) that have data in every column.
 
     Each column is read in one request spanning the rows' data when their
-    data is about contiguous (a built bank), else source by source.
+    data is about contiguous (a built bank), else source by source. Nothing
+    is decoded: :func:`decode_rows` does that, wherever it runs.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
-        return []
+        return RawRows([], [[] for _ in columns])
     first, last = int(rows[0]), int(rows[-1]) + 1
     ids = layout.read_strings(layout.ids_table(f), first, last)
     offsets = rows - first
-    values: list[list[Any]] = []
+    blocks: list[list[Any]] = []
     keep = np.ones(len(rows), dtype=bool)
     for spec in columns:
         column = layout.Column.open(f, spec.path)
+        problem = spec.expect.problem(Expect.of(column.data)) if spec.expect else None
+        if problem:
+            raise BankChangedError(
+                f"{f.filename}: {spec.path} no longer holds what this Dask graph was made from "
+                f"({problem}): make it again from the bank as it is now"
+            )
         refs = column.refs[first:last][offsets]
         keep &= refs[:, 0] >= 0
         shapes = column.shape[first:last][offsets] if column.shape is not None else None
-        values.append(_read_column(column, spec, refs, shapes, ids, offsets))
-    out: list[tuple[str, dict[str, Any]]] = []
-    for i in np.flatnonzero(keep):
-        out.append((ids[offsets[i]], {spec.key: values[c][i] for c, spec in enumerate(columns)}))
-    return out
+        blocks.append(_read_column(column, refs, shapes))
+    chosen = np.flatnonzero(keep)
+    return RawRows(
+        [ids[offsets[i]] for i in chosen], [[column[i] for i in chosen] for column in blocks]
+    )
 
 
 def _read_column(
-    column: layout.Column,
-    spec: ColumnSpec,
-    refs: np.ndarray,
-    shapes: np.ndarray | None,
-    ids: list[str],
-    offsets: np.ndarray,
-) -> list[Any]:
+    column: layout.Column, refs: np.ndarray, shapes: np.ndarray | None
+) -> list[tuple[np.ndarray, tuple[int, ...] | None] | None]:
     have = refs[:, 0] >= 0
     out: list[Any] = [None] * len(refs)
     if not have.any():
@@ -518,11 +555,32 @@ def _read_column(
     for i in np.flatnonzero(have):
         start, stop = int(refs[i, 0]), int(refs[i, 1])
         rows = block[start - low : stop - low] if block is not None else column.data[start:stop]
-        shape = None
-        if shapes is not None:
-            shape = tuple(int(s) for s in shapes[i] if s >= 0)
-        out[i] = stored_value(spec.feature, spec.storage, rows, shape, ids[offsets[i]])
+        shape = None if shapes is None else tuple(int(s) for s in shapes[i] if s >= 0)
+        out[i] = (rows, shape)
     return out
+
+
+def decode_rows(
+    columns: Sequence[ColumnSpec], raw: RawRows | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(id, {key: value})`` for each source of ``raw``, values as ``proxy.get`` returns them."""
+    if raw is None:
+        return []
+    out = []
+    for i, id_ in enumerate(raw.ids):
+        values = {}
+        for spec, column in zip(columns, raw.columns, strict=True):
+            block, shape = column[i]
+            values[spec.key] = stored_value(spec.feature, spec.storage, block, shape, id_)
+        out.append((id_, values))
+    return out
+
+
+def read_rows(
+    f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(id, {key: value})`` of the sources at ``rows`` (sorted) with data in every column."""
+    return decode_rows(columns, read_raw(f, columns, rows))
 
 
 def read_rows_lazily(
@@ -591,7 +649,7 @@ def columns_for(
 
     specs = []
     for key, path in paths.items():
-        group = f[path]
+        column = layout.Column.open(f, path)
         owner = feature_of(path, features)
-        specs.append(ColumnSpec(key, path, str(group.attrs[layout.ATTR_STORAGE]), features[owner]))
+        specs.append(ColumnSpec(key, path, column.storage, features[owner], Expect.of(column.data)))
     return specs

@@ -25,12 +25,14 @@ see :mod:`pipeline.readers`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import posixpath
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -46,7 +48,6 @@ from pipeline.errors import (
     NotABankError,
     ReadOnlyError,
     SchemaError,
-    SourceError,
     UnknownIdError,
 )
 from pipeline.schema import Group, Schema, feature_for_column, feature_of
@@ -469,13 +470,10 @@ class TypedFile:
     def lazy_file(self) -> readers.LazyFile:
         """The picklable recipe Dask tasks open this bank with, once per worker process.
 
-        For a bank opened read-only it records the file as it is now, so a task
-        that finds the bank rebuilt or appended to raises ``BankChangedError``.
+        It names this bank (its uuid), so a task that finds another bank at
+        the path (rebuilt, replaced) raises ``BankChangedError``.
         """
-        if self.mode == "r":
-            return readers.LazyFile.of(self._h5)
-        self._h5.flush()
-        return readers.LazyFile(self.path)  # written through this handle: no fixed identity
+        return readers.LazyFile.of(self._h5)
 
     def to_dask(self, chunks: Any = None) -> dict[str, Any]:
         """Every feature column as a ``dask.array.Array``, by path (see :meth:`FeatureProxy.to_dask`).
@@ -576,13 +574,24 @@ class TypedFile:
             self.close()
             try:
                 if output is None:
-                    return self._map_collect(runner, func, lazy, columns, parts, on_error, progress)
-                summary = self._map_write(
-                    runner, func, columns, parts, output, feature, on_error, skipped, max_pending,
-                    progress,
-                )  # fmt: skip
-            finally:
-                self._reopen()
+                    result = self._map_collect(
+                        runner, func, lazy, columns, parts, on_error, progress
+                    )
+                else:
+                    result = self._map_write(
+                        runner, func, columns, parts, output, feature, on_error, skipped,
+                        max_pending, progress,
+                    )  # fmt: skip
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    runner.release(self.path)
+                    self._reopen()
+                raise
+            runner.release(self.path)  # the workers' read handles would refuse a writable reopen
+            self._reopen()
+        if output is None:
+            return result
+        summary = result
         summary.seconds = time.perf_counter() - started
         if progress:
             print(summary, file=sys.stderr)
@@ -622,6 +631,17 @@ class TypedFile:
                 f"map output {output!r} is already a group or dataset of {self.path} that is not "
                 "a feature column; choose another path"
             )
+        parts = path.split("/")
+        inside = [
+            p
+            for i in range(1, len(parts))
+            if layout.is_column(self._h5.get(p := "/".join(parts[:i])))
+        ]
+        if inside:
+            raise ValueError(
+                f"map output {output!r} would be inside the column {inside[0]!r}; choose a path "
+                "beside it (e.g. 'derived/...')"
+            )
         return path
 
     def _map_collect(
@@ -639,7 +659,10 @@ class TypedFile:
         from pipeline.decode import map_rows
 
         func_task = delayed(func, traverse=False)
-        tasks = [delayed(map_rows, pure=False)(func_task, lazy, columns, rows) for rows in parts]
+        tasks = [
+            delayed(map_rows, pure=False)(func_task, lazy, columns, rows, on_error)
+            for rows in parts
+        ]
         done = runner.gather(
             tasks, [len(p) for p in parts], f"h5bank map {os.path.basename(self.path)}", progress
         )
@@ -647,9 +670,6 @@ class TypedFile:
         for pairs, failures in done:
             result.update(pairs)
             result.failures.extend(failures)
-        if on_error == "raise" and result.failures:
-            first = result.failures[0]
-            raise SourceError(first.id, first.feature, first.error)
         return result
 
     def _map_write(
@@ -857,6 +877,17 @@ class GroupProxy(_Proxy):
                 out.update({f"{name}/{k}": v for k, v in child.to_dask(chunks).items()})
             elif child.shape is not None:
                 out[name] = child.to_dask(chunks)
+                if (
+                    isinstance(child, FeatureProxy)
+                    and child.storage in ("item", "category")
+                    and child.shape[0] != len(self.bank)
+                ):
+                    warnings.warn(
+                        f"{child.path!r} has data for {child.shape[0]} of the bank's "
+                        f"{len(self.bank)} sources, so its rows are not the bank's sources "
+                        "and do not line up with other features' (use to_dask_sources())",
+                        stacklevel=2,
+                    )
         return out
 
     def add(self, id_: str, data: Mapping[str, Any]) -> None:
@@ -1019,11 +1050,11 @@ class FeatureProxy(_Proxy):
         millions of sources makes hundreds of tasks, not millions. Making it
         reads metadata only.
         """
-        column = self._require()
+        self._require()
         n = len(self.bank)
         size = partition_size or readers.rows_per_partition(self.bank._h5, [self.path], n)
-        spec = readers.ColumnSpec(self.path, self.path, column.storage, self.feature)
-        return readers.source_bag(self.bank.lazy_file(), [spec], range(n), size, single=True)
+        specs = readers.columns_for(self.bank._features, self.bank._h5, {self.path: self.path})
+        return readers.source_bag(self.bank.lazy_file(), specs, range(n), size, single=True)
 
     def add(self, id_: str, value: Any) -> None:
         """Add this feature's data for ``id_`` (which has none yet)."""

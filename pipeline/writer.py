@@ -37,7 +37,7 @@ from features.base import Feature
 from pipeline import layout
 from pipeline.decode import Failure, Packed, PackedColumn
 from pipeline.errors import SchemaError, SourceError, WriterError
-from pipeline.readers import ColumnSpec, read_rows
+from pipeline.readers import ColumnSpec, RawRows, read_raw
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
 # Writers open in this process, by build token.
@@ -167,9 +167,15 @@ class BankWriter:
 
     def _check(self, key: str, packed: PackedColumn, skip: set[int]) -> dict[int, str]:
         """Rows (positions) whose entry cannot go into column ``key``, with the reason."""
+        column = self.column(key)
+        if column is not None and column.storage != packed.storage:
+            reason = (
+                f"stored as {packed.storage!r} but the column stores {column.storage!r} (its "
+                "feature is fixed by the first data written; give the feature explicitly)"
+            )
+            return {row: reason for row in packed.rows if row not in skip}
         if packed.storage == "category":
             return {}
-        column = self.column(key)
         target = None if column is None else (column.data.shape[1:], column.data.dtype)
         if isinstance(packed.data, np.ndarray):  # every entry shares one shape and dtype
             reason = _mismatch(packed.data, target)
@@ -438,7 +444,7 @@ class BankWriter:
                     self._codes.pop(column.path, None)
 
     def compact_failures(self) -> list[Failure]:
-        """Keep one failure per id (the latest), none for sources that succeeded since.
+        """Keep the latest failure per id (per id and feature for sources in the bank).
 
         A failure is dropped when its id was committed after the failure was
         recorded (a retry that worked), or when the feature it names has data
@@ -451,15 +457,18 @@ class BankWriter:
         # Sources committed when each failure was recorded: this writer's own failures
         # carry the count; earlier ones happened before it opened the bank.
         marks = [self._opened_n] * (len(rows) - len(self._marks)) + self._marks
-        latest: dict[str, Failure] = {}
+        # A source not in the bank keeps its latest failure; a source in the bank keeps
+        # one per feature (maps into different outputs fail independently).
+        latest: dict[tuple[str, str | None], Failure] = {}
         for (id_, feature, error), mark in zip(rows, marks, strict=True):
-            latest.pop(id_, None)
             row = self.index.get(id_, -1)
+            key = (id_, feature if 0 <= row < mark else None)
+            latest.pop(key, None)
             if row >= mark:
                 continue  # committed since it failed
             if row >= 0 and feature and self._has_data(feature, row):
                 continue  # a map over the bank that failed for it has worked since
-            latest[id_] = Failure(id_, feature, error)
+            latest[key] = Failure(id_, feature, error)
         kept = list(latest.values())
         if len(kept) != len(rows):
             for table in tables:
@@ -749,16 +758,17 @@ def write_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> d
 
 def read_partition(
     plan: BuildPlan, state: dict[str, Any], columns: list[ColumnSpec], rows: Any, after: Any = None
-) -> list[tuple[str, dict[str, Any]]]:
+) -> RawRows | None:
     """A link beside the chain (``bank.map``): read sources' inputs through the writer's handle.
 
     The bank is open for writing in this process only, so its inputs are read
-    here and handed to the tasks that run the function on any worker.
+    here, as stored, and handed to the tasks that run the function on any
+    worker, which also turn them into values (decoders run there, not here).
     ``after`` is only a dependency (back-pressure).
     """
     if plan.token in _ABORTED:
-        return []  # the chain stopped on an error; that error is the one to report
-    return read_rows(_writer_here(plan, state).f, columns, rows)
+        return None  # the chain stopped on an error; that error is the one to report
+    return read_raw(_writer_here(plan, state).f, columns, rows)
 
 
 def attach_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
@@ -844,6 +854,11 @@ def restore_after_failure(path: str, error: BaseException) -> None:
         error.add_note(
             f"h5bank: {path} is left at {partial} ({failure}); resume with "
             "create(path, [], mode='a') once nothing else writes it"
+        )
+    else:
+        error.add_note(
+            f"h5bank: {path} was put back as of its last commit (results written so far are "
+            "kept); nothing needs resuming: run the map again to fill in the rest"
         )
 
 
