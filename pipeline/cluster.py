@@ -145,10 +145,15 @@ class Runner:
                 return done.get(timeout=1.0)
             except queue.Empty:
                 if build.writer is not None and build.writer not in _workers(self.client):
+                    then = (
+                        "bank.map puts the bank back as of its last commit"
+                        if build.plan.provenance.get("mode") == "map"
+                        else f"{layout.partial_path(build.path)} is consistent up to its last "
+                        "commit: resume with mode='a'"
+                    )
                     raise WriterError(
                         f"the writer of {build.path} ran on worker {build.writer}, which left the "
-                        f"cluster (it died or was retired). {layout.partial_path(build.path)} is "
-                        "consistent up to its last commit: resume with mode='a'"
+                        f"cluster (it died or was retired); {then}"
                     ) from None
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import cloudpickle
 import dask
@@ -25,8 +26,9 @@ import h5py
 import numpy as np
 import pytest
 from conftest import write_images, write_sounds
+from distributed import Client, default_client
 
-from features import Array, DirLabels, Feature, Image, Sound
+from features import Array, Bytes, DirLabels, Feature, Image, Sound
 from pipeline import (
     BankBusyError,
     BankChangedError,
@@ -858,3 +860,366 @@ def test_an_append_after_computing_on_the_cluster_works(tmp_path, any_client):
     with pytest.raises(BankChangedError, match="label names changed"):
         x["labels"].compute(scheduler=any_client)
     appended.close()
+
+
+# -- review regressions ---------------------------------------------------------------------------
+
+
+class ProcessDecoder(Image):
+    """Decodes any bytes to the id of the process the decoding ran in."""
+
+    def decode(self, data, name=""):
+        return np.array([os.getpid()], dtype=np.int64)
+
+
+class RawBytes(TypedFile):
+    raw = Bytes(decoder=ProcessDecoder())
+
+
+def decoded_in_and_called_in(data):
+    """Where the input was decoded and where this call runs: two process ids."""
+    return np.array([data["raw"][0], os.getpid()], dtype=np.int64)
+
+
+def label_value(data):
+    return np.float64(data["labels"])
+
+
+def as_list(data):
+    return [1, 2]
+
+
+def uuid_of(bank) -> str:
+    return str(bank.h5.attrs[layout.ATTR_UUID])
+
+
+def test_arrays_made_before_rebuilds_raise_bank_changed_even_if_the_inode_comes_back(
+    pictures, client, tmp_path
+):
+    path, root = pictures.path, tmp_path / "images"
+    x = pictures.images.to_dask()
+    np.testing.assert_array_equal(x.compute(scheduler=client), pictures.images[:])
+    pictures.close()
+    client.run(readers.release, path)  # as a build on the cluster does: the inode is free again
+
+    # Rebuilt twice over the same path, then deleted and created again: the filesystem is
+    # free to hand the first inode back (it often does), yet each is another bank.
+    for seed in (1, 2, 3):
+        write_images(root, classes=CLASSES, per_class=PER_CLASS, seed=seed)
+        if seed == 3:
+            os.remove(path)
+        Pictures.create(path, root, mode="w", scheduler="threads", progress=False).close()
+        with pytest.raises(BankChangedError):
+            x.compute(scheduler="sync")
+        readers.release(path)  # nothing holds this version open when the next one is written
+    with pytest.raises(BankChangedError):
+        dask.compute(x, scheduler=client)
+    with Pictures(path) as bank:  # an array of the bank as it is now reads it
+        np.testing.assert_array_equal(
+            bank.images.to_dask().compute(scheduler="sync"), bank.images[:]
+        )
+
+
+def test_the_bank_uuid_is_kept_by_appends_and_maps_and_new_after_a_rebuild(pictures, tmp_path):
+    path, root = pictures.path, tmp_path / "images"
+    first = uuid_of(pictures)
+    assert len(first) >= 16
+    summary = pictures.map(
+        thumbnail, "images", "thumbs", feature=Array(item=True), scheduler="threads", progress=False
+    )
+    assert summary.ok == len(pictures)
+    assert uuid_of(pictures) == first
+    pictures.close()
+    write_images(root, classes=("zebras",), per_class=2, seed=3)
+    with Pictures.create(path, root, mode="a", scheduler="threads", progress=False) as appended:
+        assert appended.summary.ok == 2 and len(appended) == len(CLASSES) * PER_CLASS + 2
+        assert uuid_of(appended) == first
+    with Pictures.create(path, root, mode="w", scheduler="threads", progress=False) as rebuilt:
+        assert uuid_of(rebuilt) != first and len(uuid_of(rebuilt)) >= 16
+
+
+def test_failures_of_maps_into_different_outputs_are_kept_apart(pictures):
+    cats = pictures.labels.names.index("cats")
+    cat_ids = [id_ for id_ in pictures.ids if pictures.labels.get(id_) == cats]
+
+    def fails_for_cats(data):
+        if data["labels"] == cats:
+            raise ValueError("no cats")
+        return label_value(data)
+
+    def run(func, output):
+        return pictures.map(func, "labels", output, scheduler="threads", progress=False)
+
+    assert run(fails_for_cats, "x").failed == PER_CLASS
+    assert run(fails_for_cats, "y").failed == PER_CLASS
+    both = sorted((id_, output) for id_ in cat_ids for output in ("x", "y"))
+    assert sorted((f.id, f.feature) for f in pictures.failures()) == both
+    assert all("no cats" in f.error for f in pictures.failures())
+    # Failing again keeps one failure per (id, feature), not one per run.
+    assert run(fails_for_cats, "y").failed == PER_CLASS
+    assert sorted((f.id, f.feature) for f in pictures.failures()) == both
+    # A re-run of "y" that works drops the failures of "y" only.
+    again = run(label_value, "y")
+    assert (again.ok, again.failed, again.skipped) == (PER_CLASS, 0, 2 * PER_CLASS)
+    assert sorted((f.id, f.feature) for f in pictures.failures()) == [
+        (i, "x") for i in sorted(cat_ids)
+    ]
+    with Pictures(pictures.path) as reopened:
+        assert sorted(f.feature for f in reopened.failures()) == ["x"] * PER_CLASS
+
+
+def test_results_stored_differently_from_the_column_are_failures(pictures):
+    cats = pictures.labels.names.index("cats")
+
+    def scalar_for_cats(data):
+        return np.float64(data["labels"]) if data["labels"] == cats else np.arange(3.0)
+
+    # One partition per class: the cats' (first committed) chooses the column's storage.
+    summary = pictures.map(
+        scalar_for_cats,
+        "labels",
+        "out",
+        scheduler="threads",
+        partition_size=PER_CLASS,
+        progress=False,
+    )
+    assert (summary.ok, summary.failed) == (PER_CLASS, 2 * PER_CLASS)
+    storage = pictures.out.storage
+    failed = {f.id: f.error for f in pictures.failures()}
+    assert len(failed) == 2 * PER_CLASS
+    for id_ in pictures.ids:
+        value = pictures.out.get(id_)  # every stored value reads back
+        if pictures.labels.get(id_) == cats:
+            assert id_ not in failed
+            np.testing.assert_array_equal(value, scalar_for_cats({"labels": cats}))
+        else:
+            assert value is None
+            assert "stor" in failed[id_] and repr(storage) in failed[id_]
+    np.testing.assert_array_equal(
+        pictures.out.to_dask().compute(scheduler="sync").ravel(), [cats] * PER_CLASS
+    )
+
+
+def test_map_without_output_on_a_non_default_client_leaves_a_writable_bank_usable(pictures, client):
+    path = pictures.path
+    images = pictures.images[:]
+    pictures.close()
+    bank = Pictures(path, "r+")
+    try:
+        result = bank.map(channel_means, "images", scheduler=client, progress=False)
+        assert list(result) == bank.ids and result.failures == []
+        for i, id_ in enumerate(bank.ids):
+            np.testing.assert_allclose(result[id_], images[i].reshape(-1, 3).mean(axis=0))
+        # The workers read the bank: the map released their handles, so it is writable again.
+        assert len(bank) == len(images)
+        np.testing.assert_array_equal(bank.images[:], images)
+        bank.add("extra", {"images": np.zeros((H, W, 3), np.uint8)})
+        assert len(bank) == len(images) + 1 and bank.images.get("extra").shape == (H, W, 3)
+    finally:
+        bank.close()
+
+
+def test_persisted_blocks_are_not_served_for_an_array_made_after_a_set(pictures, client):
+    path, first = pictures.path, pictures.ids[0]
+    old = pictures.images[:]
+    x1 = client.persist(pictures.images.to_dask())
+    np.testing.assert_array_equal(x1.compute(scheduler=client), old)
+    pictures.close()
+    client.run(readers.release, path)  # the workers' cached handles would refuse the writer
+    with Pictures(path, "r+") as bank:
+        bank.images.set(first, 255 - old[0])  # same size: rewritten in place
+    with Pictures(path) as bank:
+        new = bank.images[:]
+        x2 = bank.images.to_dask()
+    assert not np.array_equal(new[0], old[0]) and np.array_equal(new[1:], old[1:])
+    assert x1.name != x2.name
+    np.testing.assert_array_equal(client.persist(x2).compute(scheduler=client), new)
+
+
+def test_bags_made_before_an_append_that_renumbers_labels(pictures, tmp_path):
+    path, ids = pictures.path, pictures.ids
+    images = pictures.images[:]
+    labels_bag = pictures.labels.to_dask_sources()
+    images_bag = pictures.images.to_dask_sources()
+    pictures.close()
+    write_images(tmp_path / "images", classes=("aardvarks",), per_class=2, seed=5)
+    with Pictures.create(
+        path, tmp_path / "images", mode="a", scheduler="threads", progress=False
+    ) as appended:
+        assert appended.labels.names == ["aardvarks", *CLASSES]  # every earlier code moved up
+    with pytest.raises(BankChangedError, match="label names changed"):
+        labels_bag.compute(scheduler="sync")
+    old_rows = dict(images_bag.compute(scheduler="sync"))
+    assert list(old_rows) == ids
+    for i, id_ in enumerate(ids):
+        np.testing.assert_array_equal(old_rows[id_], images[i])
+
+
+def test_map_inputs_are_decoded_where_the_function_runs(pictures, client, tmp_path):
+    bank = RawBytes.create(
+        tmp_path / "raw.h5", tmp_path / "images", scheduler="threads", progress=False
+    )
+    workers = client.run(os.getpid)
+    # The writer is pinned to the first worker (address order); keeping the function's
+    # tasks on the other one makes sure the writer is not where the function runs.
+    other = sorted(workers)[-1]
+    try:
+        with dask.annotate(workers=[other], allow_other_workers=False):
+            summary = bank.map(
+                decoded_in_and_called_in,
+                "raw",
+                "pids",
+                scheduler=client,
+                partition_size=2,
+                progress=False,
+            )
+        assert summary.ok == len(bank) == len(CLASSES) * PER_CLASS
+        assert summary.writer_pid in workers.values() and summary.writer_pid != workers[other]
+        for id_ in bank.ids:
+            decoded_in, called_in = (int(v) for v in bank.pids.get(id_))
+            assert called_in == workers[other]
+            assert decoded_in == called_in, (id_, decoded_in, called_in, summary.writer_pid)
+    finally:
+        bank.close()
+
+
+def test_to_dask_warns_when_item_or_category_rows_are_not_the_sources(pictures):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pictures.to_dask()  # every source has data in every column: no warning
+    dogs = pictures.labels.names.index("dogs")
+
+    def thumbs_but_not_dogs(data):
+        return None if data["labels"] == dogs else thumbnail(data)
+
+    pictures.map(
+        thumbs_but_not_dogs,
+        ["images", "labels"],
+        "thumbs",
+        feature=Array(item=True),
+        scheduler="threads",
+        progress=False,
+    )
+    n = len(pictures)
+    with pytest.warns(UserWarning) as caught:
+        arrays = pictures.to_dask()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages  # the thumbs only: images and labels cover every source
+    assert f"'thumbs' has data for {n - PER_CLASS} of the bank's {n} sources" in messages[0]
+    assert arrays["thumbs"].shape[0] == n - PER_CLASS
+    path = pictures.path
+    pictures.close()
+    with Pictures(path, "r+") as bank:  # a source with an image and no label
+        bank.add("unlabelled", {"images": np.zeros((H, W, 3), np.uint8)})
+        with pytest.warns(UserWarning) as caught:
+            arrays = bank.to_dask()
+    labels = [str(w.message) for w in caught if "'labels'" in str(w.message)]
+    assert len(labels) == 1 and f"data for {n} of the bank's {n + 1} sources" in labels[0]
+    assert arrays["labels"].shape == (n,) and arrays["images"].shape[0] == n + 1
+
+
+def test_an_unstorable_result_is_a_failure_of_its_source_only(pictures):
+    cats = pictures.labels.names.index("cats")
+    cat_ids = [id_ for id_ in pictures.ids if pictures.labels.get(id_) == cats]
+
+    def ragged_for_cats(data):
+        return [[1], [1, 2]] if data["labels"] == cats else np.zeros(2)
+
+    summary = pictures.map(
+        ragged_for_cats, "labels", "r", on_error="skip", scheduler="threads", progress=False
+    )
+    assert (summary.ok, summary.failed) == (2 * PER_CLASS, PER_CLASS)
+    assert sorted(f.id for f in pictures.failures()) == sorted(cat_ids)
+    assert all(f.feature == "r" for f in pictures.failures())
+    for id_ in pictures.ids:
+        value = pictures.r.get(id_)
+        if id_ in cat_ids:
+            assert value is None
+        else:
+            np.testing.assert_array_equal(value, np.zeros(2))
+
+
+def test_threads_after_computing_on_the_default_client(pictures, cluster, tmp_path):
+    path = pictures.path
+    images = pictures.images[:]
+    with Client(cluster) as default:
+        assert default_client() is default
+        before = sum(default.run(cache_opens).values())
+        total = pictures.images.to_dask().sum().compute()  # on the default client's workers
+        assert int(total) == int(images.sum(dtype=np.int64))
+        assert sum(default.run(cache_opens).values()) > before  # they hold the bank open
+        summary = pictures.map(label_value, "labels", "one", scheduler="threads", progress=False)
+        assert summary.ok == len(images)
+        pictures.close()
+        write_images(tmp_path / "images", classes=("zebras",), per_class=2, seed=3)
+        with Pictures.create(
+            path, tmp_path / "images", mode="a", scheduler="threads", progress=False
+        ) as appended:
+            assert (appended.summary.ok, len(appended)) == (2, len(images) + 2)
+            np.testing.assert_array_equal(appended.images[: len(images)], images)
+
+
+def test_on_error_raise_without_output_stops_at_the_first_failure(pictures):
+    calls = []
+
+    def fails(data):
+        calls.append(1)
+        raise ValueError("boom")
+
+    with pytest.raises(SourceError, match="boom"):
+        pictures.map(
+            fails, "images", scheduler="sync", partition_size=1, on_error="raise", progress=False
+        )
+    assert len(calls) == 1 < len(pictures)  # not one call per source before raising
+    assert len(pictures) == len(CLASSES) * PER_CLASS  # reopened
+
+
+def test_a_failed_map_with_output_says_the_bank_was_put_back(pictures):
+    path = pictures.path
+    last = pictures.ids[-1]
+    last_image = pictures.images[-1]
+
+    def fails_on_the_last(data):
+        if np.array_equal(data["images"], last_image):
+            raise ValueError("the last one")
+        return thumbnail(data)
+
+    with pytest.raises(SourceError) as raised:
+        pictures.map(
+            fails_on_the_last,
+            "images",
+            "thumbs",
+            feature=Array(item=True),
+            scheduler="threads",
+            partition_size=1,
+            on_error="raise",
+            progress=False,
+        )
+    assert raised.value.id == last
+    notes = getattr(raised.value, "__notes__", [])
+    assert any(path in note and "put back" in note for note in notes), notes
+    assert os.path.exists(path) and not os.path.exists(layout.partial_path(path))
+
+
+def test_a_map_result_of_the_wrong_kind_names_the_function(pictures):
+    summary = pictures.map(
+        as_list, "labels", "lst", feature=Array(), scheduler="threads", progress=False
+    )
+    assert summary.failed == len(pictures) and summary.ok == 0
+    errors = [f.error for f in pictures.failures()]
+    assert len(errors) == len(pictures)
+    assert all("as_list() returned list" in e and "load()" not in e for e in errors), errors[0]
+
+
+def test_a_map_output_inside_a_column_is_refused_before_writing(pictures):
+    path = pictures.path
+    columns = list(layout.iter_columns(pictures.h5))
+    attrs = dict(pictures.h5.attrs)
+    mtime = os.stat(path).st_mtime_ns
+    with pytest.raises(ValueError, match="inside the column 'images'"):
+        pictures.map(channel_means, "images", "images/mean", scheduler="threads", progress=False)
+    assert os.stat(path).st_mtime_ns == mtime and not os.path.exists(layout.partial_path(path))
+    with Pictures(path) as bank:
+        assert list(layout.iter_columns(bank.h5)) == columns
+        assert bank.h5.attrs[layout.ATTR_SCHEMA] == attrs[layout.ATTR_SCHEMA]
+        assert bank.failures() == []
