@@ -24,6 +24,7 @@ import glob as globlib
 import io
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,16 @@ from fsspec.core import url_to_fs
 from features.base import Feature
 from features.errors import SourceReadError
 
-__all__ = ["Source", "SourceSpec", "expand", "fetch", "is_url", "redact", "route"]
+__all__ = [
+    "Source",
+    "SourceSpec",
+    "expand",
+    "fetch",
+    "is_url",
+    "options_for",
+    "redact",
+    "route",
+]
 
 _MAGIC = re.compile(r"[*?\[]")
 
@@ -49,6 +59,38 @@ class SourceSpec:
 
     id: str
     url: str | None = None
+
+
+def options_for(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fsspec keyword arguments for ``url``, from options given flat or per protocol.
+
+    ``storage_options`` is passed through untouched, as fsspec takes it:
+    flat (``{"key": ..., "endpoint_url": ...}``) for one protocol, or per
+    protocol (``{"s3": {...}, "https": {...}}``), which fsspec reads for
+    chained URLs. A plain URL whose protocol has its own entry gets that
+    entry, so one build can mix sources of several protocols.
+    """
+    options = dict(storage_options or {})
+    if not options or "::" in url:
+        return options
+    protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    for name in _ALIASES.get(protocol, (protocol,)):
+        entry = options.get(name)
+        if isinstance(entry, Mapping):
+            return dict(entry)
+    if all(isinstance(v, Mapping) for v in options.values()):
+        return {}  # per-protocol options, none for this protocol
+    return options
+
+
+_ALIASES = {
+    "s3": ("s3", "s3a"),
+    "s3a": ("s3a", "s3"),
+    "gs": ("gs", "gcs"),
+    "gcs": ("gcs", "gs"),
+    "http": ("http", "https"),
+    "https": ("https", "http"),
+}
 
 
 def is_url(text: str) -> bool:
@@ -155,7 +197,7 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
     # "?" starts a query string in a URL, not a wildcard.
     magic = _MAGIC.search(split.netloc + split.path) is not None and not split.query
     if magic or url.endswith("/"):
-        fs, root_path = url_to_fs(url, **options)
+        fs, root_path = url_to_fs(url, **options_for(url, options))
         if magic:
             given_root = _glob_root(url)
             stripped_root = _glob_root(root_path)
@@ -240,7 +282,7 @@ def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = Non
             continue
         try:
             # fsspec caches filesystem instances: one per protocol, host and options.
-            fs, path = url_to_fs(source.url, **options)
+            fs, path = url_to_fs(source.url, **options_for(source.url, options))
         except Exception as error:  # bad options, a missing driver
             source._error = SourceReadError(f"cannot open {redact(source.url)}: {_reason(error)}")
             continue
@@ -250,6 +292,35 @@ def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = Non
 
 
 def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
+    """Fetch a group's bytes, retrying transient failures with exponential back-off.
+
+    Settings: ``h5bank.fetch.retries`` (attempts after the first),
+    ``h5bank.fetch.backoff`` (seconds before the first retry, doubled each
+    time, at most ``h5bank.fetch.max-backoff``). Permanent failures (no such
+    file, access denied) fail their source at once.
+    """
+    from pipeline import config
+
+    retries = int(config.get("fetch.retries"))
+    delay = float(config.get("fetch.backoff"))
+    pending = members
+    for attempt in range(retries + 1):
+        errors = _fetch_once(fs, pending)
+        pending = [(s, p) for s, p in pending if s in errors and transient(errors[s])]
+        final = attempt == retries or not pending
+        for source, path in [(s, p) for s, p in members if s in errors]:
+            if final or (source, path) not in pending:
+                error = errors.pop(source)
+                tries = f" (after {attempt + 1} attempts)" if transient(error) and attempt else ""
+                source._error = SourceReadError(
+                    f"cannot read {redact(source.url)}: {_reason(error, fs, path)}{tries}"
+                )
+        if final:
+            return
+        time.sleep(min(delay * 2**attempt, float(config.get("fetch.max-backoff"))))
+
+
+def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:
     # One call for the whole group (remote filesystems fetch concurrently), except for
     # names holding wildcards, which fs.cat would expand as globs.
     plain = [path for _, path in members if not _MAGIC.search(path)]
@@ -257,6 +328,7 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
         found = fs.cat(plain, on_error="return") if len(plain) > 1 else {}
     except Exception:
         found = {}  # fall back to one request per source, each with its own error
+    errors: dict[Source, BaseException] = {}
     for source, path in members:
         try:
             data = found[path] if path in found else fs.cat_file(path)
@@ -264,9 +336,32 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
                 raise data
             source._data = bytes(data)
         except Exception as error:
-            source._error = SourceReadError(
-                f"cannot read {redact(source.url)}: {_reason(error, fs, path)}"
-            )
+            errors[source] = error
+    return errors
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a failed request is worth retrying: connection trouble, timeouts, 5xx, 429.
+
+    Missing files, denied access and bad requests are permanent. Errors are
+    classified by type and HTTP status, walking their causes (fsspec and
+    botocore wrap the network library's errors).
+    """
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            return False
+        status = getattr(error, "status", None) or getattr(error, "status_code", None)
+        if isinstance(status, int):
+            return status >= 500 or status == 429
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        name = type(error).__name__
+        if any(word in name for word in ("Timeout", "Connection", "Connector", "Disconnected")):
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
 
 
 def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> str:

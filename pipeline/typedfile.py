@@ -51,6 +51,7 @@ from pipeline.errors import (
     UnknownIdError,
 )
 from pipeline.schema import Group, Schema, feature_for_column, feature_of
+from pipeline.sources import is_url, redact
 from pipeline.writer import BankWriter, BuildSummary, check_schema, human_bytes, library_version
 
 T = TypeVar("T", bound="TypedFile")
@@ -70,6 +71,10 @@ class TypedFile:
         ``"r"`` (read only, the default), ``"r+"`` (read and write an existing
         bank) or ``"a"`` (read and write, creating an empty bank if the file is
         missing). Use :meth:`create` to build a bank from sources.
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://...``, ``https://...``):
+        the bank then opens read-only through fsspec, reading its metadata in
+        a few requests and each chunk in about one.
     **h5py_options
         Passed to ``h5py.File`` (``rdcc_nbytes``, ``locking``...).
     """
@@ -87,7 +92,14 @@ class TypedFile:
                 "attributes; rename them (e.g. 'labels' rather than 'index')"
             )
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "r", **h5py_options: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mode: str = "r",
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        **h5py_options: Any,
+    ) -> None:
         if mode not in ("r", "r+", "a"):
             raise ValueError(
                 f"mode must be 'r', 'r+' or 'a', got {mode!r}; build a new bank with "
@@ -96,13 +108,24 @@ class TypedFile:
         self.path = os.fspath(path)
         self.mode = mode
         self.summary: BuildSummary | None = None
-        if not os.path.exists(self.path) and os.path.exists(layout.partial_path(self.path)):
+        self.remote = is_url(self.path)
+        self._storage_options = dict(storage_options or {})
+        if self.remote and mode != "r":
+            raise ReadOnlyError(
+                f"{redact(self.path)} is a remote bank: it opens read-only. Build or change it "
+                "locally (create() to a URL builds locally and uploads it when complete)"
+            )
+        if (
+            not self.remote
+            and not os.path.exists(self.path)
+            and os.path.exists(layout.partial_path(self.path))
+        ):
             raise BuildInProgressError(
                 f"{self.path} is being built, or its build stopped: only "
                 f"{layout.partial_path(self.path)} exists. Wait for the build, or resume it "
                 "with create(..., mode='a')"
             )
-        new = mode == "a" and not os.path.exists(self.path)
+        new = mode == "a" and not self.remote and not os.path.exists(self.path)
         self._options = {**readers.READ_OPTIONS, **h5py_options}
         self._h5 = self._open()
         try:
@@ -115,7 +138,7 @@ class TypedFile:
                 self._h5.attrs[layout.ATTR_STATE] = layout.COMPLETE
             self._check_file()
         except BaseException:
-            self._h5.close()
+            readers.close_file(self._h5)
             raise
         self._forget()
 
@@ -205,6 +228,11 @@ class TypedFile:
         """
         from pipeline.cluster import runner_for
 
+        if is_url(os.fspath(path)):
+            return cls._create_remote(
+                os.fspath(path), sources, mode, scheduler, partition_size, on_error, progress,
+                storage_options, max_pending,
+            )  # fmt: skip
         progress = config.get("build.progress", progress)
         started = time.perf_counter()
         with runner_for(scheduler) as runner:
@@ -223,6 +251,43 @@ class TypedFile:
         if progress:
             print(summary, file=sys.stderr)
         bank = cls(path, "r")
+        bank.summary = summary
+        return bank
+
+    @classmethod
+    def _create_remote(
+        cls: type[T],
+        url: str,
+        sources: Any,
+        mode: str,
+        scheduler: Any,
+        partition_size: int | None,
+        on_error: str | None,
+        progress: bool | None,
+        storage_options: Mapping[str, Any] | None,
+        max_pending: int | None,
+    ) -> T:
+        """Build a bank into a local temporary file, then upload it to ``url`` whole."""
+        import tempfile
+
+        from pipeline.writer import upload_bank
+
+        if mode != "w":
+            raise ValueError(
+                f"cannot append to the remote bank {redact(url)}: copy it to a local path, "
+                "create(local, sources, mode='a'), and create or upload it again"
+            )
+        name = posixpath.basename(url.split("::")[0].split("?")[0]) or "bank.h5"
+        with tempfile.TemporaryDirectory(prefix="h5bank-") as scratch:
+            local = os.path.join(scratch, name)
+            built = cls.create(
+                local, sources, "w", scheduler, partition_size, on_error, progress,
+                storage_options=storage_options, max_pending=max_pending,
+            )  # fmt: skip
+            summary = built.summary
+            built.close()
+            upload_bank(local, url, storage_options)
+        bank = cls(url, storage_options=storage_options)
         bank.summary = summary
         return bank
 
@@ -249,6 +314,11 @@ class TypedFile:
         from pipeline.cluster import placement
         from pipeline.graph import build_graph
 
+        if is_url(os.fspath(path)):
+            raise ValueError(
+                f"a build graph writes a local file; build {redact(os.fspath(path))} with "
+                "create(), which builds locally and uploads the bank when it is complete"
+            )
         writer, threads = placement(scheduler)
         return build_graph(
             cls.__schema__,
@@ -473,6 +543,13 @@ class TypedFile:
         It names this bank (its uuid), so a task that finds another bank at
         the path (rebuilt, replaced) raises ``BankChangedError``.
         """
+        if self.remote:
+            return readers.LazyFile(
+                self.path,
+                readers.bank_identity(self._h5),
+                readers.remote_identity(self.path, self._storage_options),
+                self._storage_options,
+            )
         return readers.LazyFile.of(self._h5)
 
     def to_dask(self, chunks: Any = None) -> dict[str, Any]:
@@ -560,6 +637,11 @@ class TypedFile:
                 have &= ~done
             if feature is None and (existing is not None or output in self._features):
                 feature = self.feature_of(output)
+        if output is not None and self.remote:
+            raise ReadOnlyError(
+                f"{redact(self.path)} is a remote bank: map its sources without output=, or "
+                "copy it to a local path to write a feature into it"
+            )
         rows = np.flatnonzero(have)
         per_partition = partition_size or readers.rows_per_partition(
             self._h5, list(keys.values()), len(self)
@@ -709,13 +791,16 @@ class TypedFile:
 
     def _reopen(self) -> None:
         """Open the file again in this bank's mode (after ``map`` closed it), if it is there."""
-        if not os.path.exists(self.path):
+        if not self.remote and not os.path.exists(self.path):
             return
         self._h5 = self._open()
         self._check_file()
         self._forget()
 
     def _open(self) -> h5py.File:
+        if self.remote:
+            options = {k: v for k, v in self._options.items() if k != "locking"}
+            return readers.open_for_reading(self.path, self._storage_options, **options)
         if self.mode == "r":
             return readers.open_for_reading(self.path, **self._options)
         readers.release(self.path)  # this process's cached read handles would refuse a writer
@@ -748,17 +833,23 @@ class TypedFile:
         """The bank as a tree: groups, features, shapes, dtypes, compression, bytes, sources."""
         out = io.StringIO()
         n_failed = len(self._h5[f"{layout.FAILURES}/id"]) if layout.FAILURES in self._h5 else 0
-        size = os.path.getsize(self.path)
+        size = self._size()
         if layout.is_bank(self._h5):
             head = (
-                f"<{type(self).__name__} {self.path!r}: {len(self)} sources, {n_failed} failed, "
+                f"<{type(self).__name__} {redact(self.path)!r}: {len(self)} sources, {n_failed} failed, "
                 f"{human_bytes(size)}, format v{int(self._h5.attrs[layout.ATTR_VERSION])}>"
             )
         else:
-            head = f"<{type(self).__name__} {self.path!r}: plain HDF5, {human_bytes(size)}>"
+            head = f"<{type(self).__name__} {redact(self.path)!r}: plain HDF5, {human_bytes(size)}>"
         print(head, file=out)
         self.root._print_tree(out, "")
         return out.getvalue().rstrip("\n")
+
+    def _size(self) -> int:
+        if self.remote:
+            fs, path = readers.remote_fs(self.path, self._storage_options)
+            return int(fs.size(path) or 0)
+        return os.path.getsize(self.path)
 
     def info(self, file: Any = None) -> None:
         """Print :meth:`tree`."""
@@ -774,7 +865,7 @@ class TypedFile:
     def close(self) -> None:
         """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
         if self._h5:
-            self._h5.close()
+            readers.close_file(self._h5)
         readers.release(self.path)
 
     def __enter__(self: T) -> T:

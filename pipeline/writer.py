@@ -827,6 +827,32 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
     return summary
 
 
+def upload_bank(local: str, url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Copy a finished bank to ``url``; never a partially written object at ``url``.
+
+    Object stores (S3, GCS, Azure) show an object only once its upload has
+    completed, so the bank is put there directly. Elsewhere it is uploaded
+    under a temporary name and moved onto ``url``.
+    """
+    from pipeline.readers import remote_fs
+    from pipeline.sources import redact, scrub
+
+    fs, path = remote_fs(url, storage_options)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    try:
+        if protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}:
+            fs.put_file(local, path)
+        else:
+            staging = path + layout.PARTIAL_SUFFIX
+            fs.put_file(local, staging)
+            fs.mv(staging, path)
+    except Exception as error:
+        raise WriterError(
+            f"the bank was built but could not be uploaded to {redact(url)}: "
+            f"{type(error).__name__}: {scrub(str(error))}"
+        ) from None
+
+
 def restore_after_failure(path: str, error: BaseException) -> None:
     """Put back a complete bank whose ``bank.map`` failed, as of its last commit.
 
