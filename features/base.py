@@ -135,9 +135,17 @@ class Feature(BankMember):
     # -- the three things a feature decides ------------------------------
 
     def accepts(self, source_id: str) -> bool:
-        """Whether this feature loads the source with this id (``__re__`` searched in it)."""
+        """Whether this feature loads the source with this id (``__re__`` searched in it).
+
+        A URL id is also tried without its query string, so a presigned
+        ``https://host/cat.png?X-Amz-Expires=...`` is still a ``.png``.
+        """
         pattern = self.__re__
-        return not pattern or re.search(pattern, source_id) is not None
+        if not pattern or re.search(pattern, source_id) is not None:
+            return True
+        if "://" in source_id and "?" in source_id:
+            return re.search(pattern, source_id.split("?", 1)[0]) is not None
+        return False
 
     def load(self, source: Any) -> np.ndarray | dict[str, np.ndarray] | Any | None:
         """Turn one source into this feature's data; ``None`` means no data for it.

@@ -106,12 +106,15 @@ def decode_partition(
     bases: Mapping[str, str],
     storage_options: Mapping[str, Any] | None = None,
     after: Any = None,
+    fetch_settings: Mapping[str, Any] | None = None,
 ) -> Packed:
     """Decode every source of ``partition`` with ``features`` (ordered, bases first).
 
     ``bases`` maps each derived feature's path to the path it derives from.
     ``after`` is only a dependency: the writer task this decode must wait for
-    (back-pressure); its value is ignored.
+    (back-pressure); its value is ignored. ``fetch_settings`` are the
+    ``h5bank.fetch`` settings where the build was made (workers of a running
+    cluster do not see the client's ``dask.config.set``).
     """
     ids: list[str] = []
     values: list[dict[str, Any]] = []
@@ -127,7 +130,7 @@ def decode_partition(
             and isinstance(paths, list)
             and any(features[p].reads_bytes for p in paths)
         ]
-        fetch(wanted, storage_options)
+        fetch(wanted, storage_options, fetch_settings)
         for source, paths in zip(batch, routes, strict=True):
             outcome = (
                 paths if isinstance(paths, Failure) else load_source(source, features, bases, paths)

@@ -294,13 +294,14 @@ def build_graph(
     plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
     options = dict(storage_options or {})
+    fetch_settings = dict(config.get("fetch"))
     with pinned():
         state = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
     writes: list[Delayed] = []
     for k, partition in enumerate(partitions):
         after = writes[k - window] if k >= window else None
         decoded = delayed(decode_partition, pure=False)(
-            partition, features_task, dict(bases), options, after,
+            partition, features_task, dict(bases), options, after, fetch_settings,
             dask_key_name=f"h5bank-decode-{k}-{token}",
         )  # fmt: skip
         with pinned():

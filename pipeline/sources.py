@@ -264,10 +264,16 @@ class Source:
         return f"Source(id={self.id!r}, url={redact(self.url) if self.url else None!r})"
 
 
-def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = None) -> None:
+def fetch(
+    sources: list[Source],
+    storage_options: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
     """Fetch the bytes of ``sources`` that have none yet, one batched ``fs.cat`` per filesystem.
 
     Failures are kept per source (raised by its ``read()``), never raised here.
+    ``settings`` are the retry settings (``h5bank.fetch``), read where the
+    build was made and shipped with its tasks; ``None`` reads them here.
     """
     options = dict(storage_options or {})
     groups: dict[int, tuple[Any, list[tuple[Source, str]]]] = {}
@@ -287,22 +293,23 @@ def fetch(sources: list[Source], storage_options: Mapping[str, Any] | None = Non
             source._error = SourceReadError(f"cannot open {redact(source.url)}: {_reason(error)}")
             continue
         groups.setdefault(id(fs), (fs, []))[1].append((source, path))
+    if settings is None:
+        from pipeline import config
+
+        settings = config.get("fetch")
     for fs, members in groups.values():
-        _fetch_group(fs, members)
+        _fetch_group(fs, members, settings)
 
 
-def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
+def _fetch_group(fs: Any, members: list[tuple[Source, str]], settings: Mapping[str, Any]) -> None:
     """Fetch a group's bytes, retrying transient failures with exponential back-off.
 
-    Settings: ``h5bank.fetch.retries`` (attempts after the first),
-    ``h5bank.fetch.backoff`` (seconds before the first retry, doubled each
-    time, at most ``h5bank.fetch.max-backoff``). Permanent failures (no such
-    file, access denied) fail their source at once.
+    Settings: ``retries`` (attempts after the first), ``backoff`` (seconds
+    before the first retry, doubled each time, at most ``max-backoff``).
+    Permanent failures (no such file, access denied) fail their source at once.
     """
-    from pipeline import config
-
-    retries = int(config.get("fetch.retries"))
-    delay = float(config.get("fetch.backoff"))
+    retries = int(settings["retries"])
+    delay = float(settings["backoff"])
     pending = members
     for attempt in range(retries + 1):
         errors = _fetch_once(fs, pending)
@@ -317,7 +324,7 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]]) -> None:
                 )
         if final:
             return
-        time.sleep(min(delay * 2**attempt, float(config.get("fetch.max-backoff"))))
+        time.sleep(min(delay * 2**attempt, float(settings["max-backoff"])))
 
 
 def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:

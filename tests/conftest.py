@@ -4,11 +4,20 @@ Builds in tests run on real worker processes (``client``, a two-process
 ``LocalCluster``), except where a test is about the in-process schedulers.
 ``cli_client`` is a cluster started as separate ``dask scheduler`` /
 ``dask worker`` processes, for tests that must hold on any cluster.
+
+Cloud servers (``moto``: S3, ``gcs``: the GCS emulator, ``http_server``:
+``rangeserver.py``) are separate processes started once per session and
+stopped by PID at its end; see ``servers.py``.
 """
 
 from __future__ import annotations
 
 import os
+
+# gcsfs looks up each bucket's type over gRPC/TLS unless told not to (60 s per bucket
+# against an emulator); it reads this when it is imported, so set it before anything can.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 import signal
 import subprocess
 import sys
@@ -20,6 +29,7 @@ import numpy as np
 import pytest
 import soundfile
 from distributed import Client, LocalCluster
+from servers import RangeServer, start_gcs, start_moto
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +188,39 @@ def chdir(tmp_path):
     os.chdir(tmp_path)
     yield tmp_path
     os.chdir(old)
+
+
+# -- cloud servers (separate processes on 127.0.0.1, stopped by PID) ------------------------
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """A moto S3 server for the session; tests use buckets of their own."""
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """The GCS emulator for the session, with the bucket ``gbucket``."""
+    server = start_gcs(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """``rangeserver.py`` serving a session folder (``http_server.root``)."""
+    folder = tmp_path_factory.mktemp("http")
+    root = folder / "root"
+    root.mkdir()
+    server = RangeServer(root, folder)
+    try:
+        yield server
+    finally:
+        server.stop()

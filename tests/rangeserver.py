@@ -7,7 +7,7 @@ and listens with a backlog of 5 (concurrent fetches stall on dropped SYNs);
 this one keeps connections alive, answers ``bytes=a-b`` with 206, listens
 with a backlog of 256 and disables Nagle. It writes the port it bound to
 ``--port-file`` once it is ready, and logs one line per request (method,
-path, status, bytes) to stderr.
+path, status) to stderr.
 """
 
 from __future__ import annotations

@@ -1,0 +1,565 @@
+"""Cloud sources and remote banks, against real servers on 127.0.0.1.
+
+S3 is a moto server, HTTP is ``rangeserver.py`` (Range requests, keep-alive),
+GCS is ``gcp-storage-emulator``: each a separate process (``conftest.py``,
+``servers.py``). Builds that involve workers run on the session's 2-process
+``LocalCluster`` (``client``). Every comparison is against the same build from
+local files; no test depends on timing.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import time
+import uuid
+from urllib.parse import parse_qs, quote, urlsplit
+
+import dask
+import fsspec
+import numpy as np
+import pytest
+from conftest import write_images
+from fsspec.core import url_to_fs
+from servers import free_port, refuses, start_moto
+
+from features import Array, DirLabels, Feature, Image
+from pipeline import ReadOnlyError, SourceError, TypedFile
+
+N_IMAGES = 500
+CLASSES = ("c0", "c1", "c2", "c3", "c4")
+
+
+class Pictures(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+
+
+class Thumbs(TypedFile):
+    """Fixed-size images, larger than a remote bank's first cached block (2 MiB) in all."""
+
+    images = Image(size=(48, 48), mode="RGB", chunks=(64, 48, 48, 3))
+    labels = DirLabels()
+
+
+# -- features that report from the workers (module level: workers import this module) ------
+
+
+class WorkerPid(Array):
+    """The process that loaded the source, after reading its bytes."""
+
+    def load(self, source):
+        source.read()
+        return np.array([os.getpid()], dtype=np.int64)
+
+
+class Sourced(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+    pid = WorkerPid(item=True, pattern=r"\.png$")
+
+
+class NotUploaded(Feature):
+    """Records, for each source, whether ``url`` already exists while the build runs (0: no)."""
+
+    storage = "item"
+    reads_bytes = False
+    url: str | None = None
+    storage_options: dict | None = None
+
+    def load(self, source):
+        if self.url is None:
+            return None
+        fs, path = url_to_fs(self.url, skip_instance_cache=True, **self.storage_options)
+        return np.array([int(fs.exists(path))], dtype=np.int8)
+
+
+class Watched(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+    uploaded = NotUploaded()
+
+
+class Tripwire(Feature):
+    """Stops a server by its PID while loading one source, and waits until its port refuses.
+
+    ``armed`` is ``(source id, pid, port)``, or ``None``. Loads nothing.
+    """
+
+    reads_bytes = False
+    armed: tuple[str, int, int] | None = None
+
+    def load(self, source):
+        if self.armed is not None and source.id == self.armed[0]:
+            _, pid, port = self.armed
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60  # a bound on waiting, not a measurement
+            while not refuses(port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server on port {port} did not stop")
+                time.sleep(0.02)
+        return None
+
+
+class Outage(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+    trip = Tripwire()
+
+
+# -- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Collect cycles on the main thread after each test (h5py objects must not be freed on
+    fsspec's IO thread, see ``readers.gc_paused``)."""
+    yield
+    gc.collect()
+
+
+def s3_options(endpoint, **extra):
+    """Options for moto: dummy credentials, and retries left to h5bank (as the README advises)."""
+    return {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"total_max_attempts": 1}},
+        **extra,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3(moto):
+    return s3_options(moto.url)
+
+
+@pytest.fixture
+def bucket(s3):
+    """A fresh, empty bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", **s3).mkdir(name)
+    return name
+
+
+def upload(fs, root, destination):
+    """Copy the files under ``root`` to ``destination/<relative path>`` with ``fs``."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        fs.put_file(str(path), f"{destination}/{path.relative_to(root).as_posix()}")
+    return files
+
+
+def assert_same_bank(bank, local, prefix=""):
+    """``bank`` holds what ``local`` holds: ids ``prefix + local id`` in the same order, the
+    same pixels for each, the same labels."""
+    assert bank.ids == [prefix + id_ for id_ in local.ids]
+    assert bank.labels.names == local.labels.names
+    np.testing.assert_array_equal(bank.labels[:], local.labels[:])
+    for id_, local_id in zip(bank.ids, local.ids, strict=True):
+        np.testing.assert_array_equal(bank.images.get(id_), local.images.get(local_id))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, moto, s3, http_server):
+    """500 PNGs (5 classes, mixed sizes and modes): locally, in S3 (``s3://data500/imgs/``)
+    and over HTTP (``<server>/data500/imgs/``), with the bank built from the local files."""
+    folder = tmp_path_factory.mktemp("data500")
+    root = folder / "imgs"
+    write_images(root, classes=CLASSES, per_class=N_IMAGES // len(CLASSES))
+    fs = fsspec.filesystem("s3", **s3)
+    fs.mkdir("data500")
+    fs.put(f"{root}/", "data500/imgs/", recursive=True)
+    shutil.copytree(root, http_server.root / "data500" / "imgs")
+    local = folder / "local.h5"
+    Pictures.create(local, root, scheduler="threads", progress=False).close()
+    return {"root": root, "local": local, "http": f"{http_server.url}/data500/imgs/"}
+
+
+@pytest.fixture
+def local_bank(dataset):
+    with Pictures(dataset["local"]) as bank:
+        yield bank
+
+
+@pytest.fixture
+def small(images, tmp_path):
+    """The 12 PNGs of ``images`` and their bank built from the local files."""
+    with Pictures.create(tmp_path / "local.h5", images, scheduler="threads", progress=False) as b:
+        yield images, b
+
+
+# -- 1. builds from S3, HTTP, chained URLs and GCS equal the local build ---------------------
+
+
+def test_a_500_image_s3_prefix_walk_on_the_workers_equals_the_local_build(
+    dataset, local_bank, s3, client, tmp_path
+):
+    bank = Pictures.create(
+        tmp_path / "b.h5", "s3://data500/imgs/", storage_options=s3, scheduler=client, progress=False
+    )  # fmt: skip
+    with bank:
+        assert (bank.summary.ok, bank.summary.failed) == (N_IMAGES, 0)
+        assert bank.failures() == []
+        assert_same_bank(bank, local_bank, "s3://data500/imgs/")
+
+
+def test_an_s3_glob_equals_the_local_build(dataset, local_bank, s3, tmp_path):
+    bank = Pictures.create(
+        tmp_path / "b.h5", "s3://data500/imgs/**/*.png", storage_options=s3,
+        scheduler="threads", progress=False,
+    )  # fmt: skip
+    with bank:
+        assert (bank.summary.ok, bank.summary.failed) == (N_IMAGES, 0)
+        assert_same_bank(bank, local_bank, "s3://data500/imgs/")
+
+
+def test_a_500_image_http_directory_url_equals_the_local_build(
+    dataset, local_bank, client, tmp_path
+):
+    url = dataset["http"]
+    with Pictures.create(tmp_path / "b.h5", url, scheduler=client, progress=False) as bank:
+        assert (bank.summary.ok, bank.summary.failed) == (N_IMAGES, 0)
+        assert_same_bank(bank, local_bank, url)
+
+
+def test_an_explicit_list_of_http_urls_equals_the_local_build(dataset, local_bank, tmp_path):
+    urls = [dataset["http"] + id_ for id_ in local_bank.ids]
+    with Pictures.create(tmp_path / "b.h5", urls, scheduler="threads", progress=False) as bank:
+        assert (bank.summary.ok, bank.summary.failed) == (N_IMAGES, 0)
+        assert bank.ids == urls  # explicit URLs are their own ids
+        assert_same_bank(bank, local_bank, dataset["http"])
+
+
+def test_chained_simplecache_urls_take_per_protocol_options_on_the_workers(
+    small, s3, bucket, client, tmp_path
+):
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    prefix = f"simplecache::s3://{bucket}/imgs/"
+    cache = tmp_path / "cache"
+    options = {"s3": s3, "simplecache": {"cache_storage": str(cache)}}
+    with Pictures.create(
+        tmp_path / "b.h5", [prefix + id_ for id_ in local.ids], storage_options=options,
+        scheduler=client, progress=False,
+    ) as bank:  # fmt: skip
+        assert (bank.summary.ok, bank.summary.failed) == (12, 0)
+        assert_same_bank(bank, local, prefix)
+    # The workers fetched through the cache the options named.
+    assert len([p for p in cache.iterdir() if p.is_file() and not p.name.startswith("cache")]) == 12
+
+
+def test_a_gcs_build_equals_the_local_build(small, gcs, tmp_path):
+    root, local = small
+    # The emulator listens with a backlog of 5: fetch in batches of 4 (a storage option of
+    # every async fsspec filesystem), or concurrent connections stall on dropped SYNs.
+    options = {"endpoint_url": gcs.url, "token": "anon", "batch_size": 4}
+    prefix = f"gs://gbucket/{uuid.uuid4().hex[:8]}/imgs/"
+    upload(fsspec.filesystem("gs", **options), root, prefix[len("gs://") :].rstrip("/"))
+    with Pictures.create(
+        tmp_path / "b.h5", prefix, storage_options=options, scheduler="threads", progress=False
+    ) as bank:  # fmt: skip
+        assert (bank.summary.ok, bank.summary.failed) == (12, 0)
+        assert_same_bank(bank, local, prefix)
+
+
+# -- 2. storage_options reach the workers -----------------------------------------------------
+
+
+def test_storage_options_reach_the_worker_processes_that_fetch(small, s3, bucket, client, tmp_path):
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    # Nothing in the workers' environment points s3fs at the moto server: only the options can.
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL")
+    environments = client.run(lambda: {n: os.environ.get(n) for n in names})
+    assert all(v is None for env in environments.values() for v in env.values())
+    with Sourced.create(
+        tmp_path / "b.h5", f"s3://{bucket}/imgs/", storage_options=s3, scheduler=client,
+        progress=False,
+    ) as bank:  # fmt: skip
+        assert (bank.summary.ok, bank.summary.failed) == (12, 0)
+        assert_same_bank(bank, local, f"s3://{bucket}/imgs/")
+        loaded_by = set(bank.pid[:].ravel().tolist())
+    assert loaded_by <= set(client.run(os.getpid).values())
+    assert os.getpid() not in loaded_by
+
+
+# -- 3. faults ----------------------------------------------------------------------------
+
+
+def test_a_missing_key_bucket_or_http_file_fails_that_source_at_once(
+    small, s3, bucket, http_server, client, tmp_path
+):
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    good = f"s3://{bucket}/imgs/{local.ids[0]}"
+    missing = [
+        f"s3://{bucket}/imgs/cats/missing.png",
+        f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/cats/a.png",
+        f"{http_server.url}/no/such/cats/file.png",
+    ]
+    with Pictures.create(
+        tmp_path / "b.h5", [good, *missing], storage_options={"s3": s3}, scheduler=client,
+        progress=False,
+    ) as bank:  # fmt: skip
+        assert bank.ids == [good]
+        failures = {f.id: f for f in bank.failures()}
+    assert sorted(failures) == sorted(missing)
+    for url, failure in failures.items():
+        assert failure.feature == "images"
+        assert f"cannot read {url}: no such file" in failure.error
+        assert "attempt" not in failure.error  # permanent: never retried
+
+
+@pytest.mark.parametrize("protocol", ["s3", "http"])
+def test_a_refused_connection_is_retried_as_configured_then_fails(protocol, tmp_path):
+    port = free_port()
+    url = f"{protocol}://bkt/cats/a.png" if protocol == "s3" else f"http://127.0.0.1:{port}/a.png"
+    options = s3_options(f"http://127.0.0.1:{port}")  # nothing listens there
+    with dask.config.set({"h5bank.fetch.retries": 1, "h5bank.fetch.backoff": 0.05}):
+        bank = Pictures.create(
+            tmp_path / "b.h5", [url], storage_options={"s3": options}, scheduler="threads",
+            progress=False,
+        )  # fmt: skip
+    with bank:
+        (failure,) = bank.failures()
+        assert len(bank) == 0
+    assert failure.id == url
+    assert f"cannot read {url}: " in failure.error
+    assert failure.error.endswith("(after 2 attempts)")
+
+
+def test_fetch_retry_settings_apply_on_the_workers_of_a_running_cluster(client, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/cats/a.png"
+    with dask.config.set({"h5bank.fetch.retries": 1, "h5bank.fetch.backoff": 0.05}):
+        bank = Pictures.create(tmp_path / "b.h5", [url], scheduler=client, progress=False)
+    with bank:
+        (failure,) = bank.failures()
+    assert failure.error.endswith("(after 2 attempts)"), failure.error
+
+
+def test_an_s3_server_stopped_mid_build_fails_its_sources_and_an_append_finishes_the_bank(
+    small, client, tmp_path
+):
+    root, local = small
+    server = start_moto(tmp_path, port=free_port())  # its own: this test stops it
+    settings = dask.config.set({"h5bank.fetch.retries": 1, "h5bank.fetch.backoff": 0.05})
+    options = s3_options(server.url)
+    fs = fsspec.filesystem("s3", **options)
+    prefix = "s3://bkt/imgs/"
+    urls = [prefix + id_ for id_ in local.ids]
+    path = tmp_path / "b.h5"
+    try:
+        fs.mkdir("bkt")
+        upload(fs, root, "bkt/imgs")
+        # Partitions of 3; decode k + 1 waits for write k (max_pending=1). The server is
+        # stopped while partition 0 loads (its bytes already fetched): it alone gets in.
+        Outage.trip.armed = (urls[2], server.pid, server.port)
+        with Outage.create(
+            path, prefix, storage_options=options, scheduler=client, partition_size=3,
+            max_pending=1, progress=False,
+        ) as bank:  # fmt: skip
+            Outage.trip.armed = None
+            server.wait_gone()
+            assert bank.ids == urls[:3]
+            assert (bank.summary.ok, bank.summary.failed) == (3, 9)
+            failures = {f.id: f.error for f in bank.failures()}
+            for id_, local_id in zip(bank.ids, local.ids, strict=False):
+                np.testing.assert_array_equal(bank.images.get(id_), local.images.get(local_id))
+        assert sorted(failures) == urls[3:]
+        for url, error in failures.items():
+            assert f"cannot read {url}: " in error
+            assert "Could not connect to the endpoint URL" in error
+            assert error.endswith("(after 2 attempts)")
+
+        server.start()  # the same port; moto starts empty
+        fs.invalidate_cache()
+        fs.mkdir("bkt")
+        upload(fs, root, "bkt/imgs")
+        with Outage.create(
+            path, prefix, mode="a", storage_options=options, scheduler=client, progress=False
+        ) as bank:  # fmt: skip
+            assert (bank.summary.ok, bank.summary.failed, bank.summary.skipped) == (9, 0, 3)
+            assert len(set(bank.ids)) == len(bank) == 12
+            assert bank.failures() == []
+            assert_same_bank(bank, local, prefix)
+    finally:
+        Outage.trip.armed = None
+        settings.__exit__(None, None, None)
+        server.stop()
+
+
+# -- 4. no secrets on disk or in output -------------------------------------------------------
+
+
+class SignedPictures(TypedFile):
+    # A presigned URL keeps its non-secret query parameters (``?Expires=...``) in its id;
+    # features match URL ids without the query string too.
+    images = Image(mode="RGB")
+    labels = DirLabels()
+
+
+def test_secrets_in_options_and_signed_urls_are_never_written_or_printed(
+    small, moto, bucket, http_server, client, tmp_path, capfd
+):
+    root, local = small
+    key = f"AKIA{uuid.uuid4().hex[:16].upper()}"
+    secret = f"h5bank-secret-{uuid.uuid4().hex}"
+    other = f"h5bank-signature-{uuid.uuid4().hex}"
+    options = s3_options(moto.url, key=key, secret=secret)
+    fs = fsspec.filesystem("s3", **options)
+    upload(fs, root, f"{bucket}/imgs")
+    # Credentials in a URL's query string: a real presigned URL, fetched over plain HTTP.
+    presigned = fs.sign(f"{bucket}/imgs/{local.ids[0]}", expiration=600)
+    query = parse_qs(urlsplit(presigned).query)
+    assert query["AWSAccessKeyId"] == [key]
+    signature = query["Signature"][0]
+    missing = f"{http_server.url}/{bucket}/cats/missing.png?X-Amz-Signature={other}"
+    sources = [f"s3://{bucket}/imgs/", f"s3://{bucket}/imgs/cats/missing.png", presigned, missing]
+    path = tmp_path / "b.h5"
+    bank = SignedPictures.create(
+        path, sources, storage_options={"s3": options}, scheduler=client, progress=True
+    )
+    with bank:
+        assert (bank.summary.ok, bank.summary.failed) == (13, 2)
+        clean = presigned.split("?")[0] + f"?Expires={query['Expires'][0]}"
+        assert bank.ids[-1] == clean
+        np.testing.assert_array_equal(bank.images.get(clean), local.images.get(local.ids[0]))
+        texts = [str(f) for f in bank.failures()] + [str(bank.summary), repr(bank), *bank.ids]
+    assert len(texts) == 2 + 2 + 13
+    out, err = capfd.readouterr()
+    assert "h5bank b.h5" in err and "2 failed" in err  # the progress bar and summary ran
+    logs = str(client.get_worker_logs()) + str(client.get_scheduler_logs())
+    on_disk = path.read_bytes()
+    for text in (key, secret, signature, quote(signature, safe=""), other):
+        assert text not in out and text not in err and text not in logs
+        assert not any(text in t for t in texts)
+        assert text.encode() not in on_disk
+
+
+def test_a_presigned_url_is_read_by_the_feature_matching_its_extension(small, s3, bucket, tmp_path):
+    root, local = small
+    fs = fsspec.filesystem("s3", **s3)
+    upload(fs, root, f"{bucket}/imgs")
+    presigned = fs.sign(f"{bucket}/imgs/{local.ids[0]}", expiration=600)
+    with Pictures.create(tmp_path / "b.h5", [presigned], scheduler="threads", progress=False) as b:
+        assert b.summary.ok == 1
+        np.testing.assert_array_equal(b.images.get(b.ids[0]), local.images.get(local.ids[0]))
+
+
+# -- 5. remote banks --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thumbs(dataset, tmp_path_factory):
+    """A local bank of 500 48x48 RGB images (3.5 MB of pixels: beyond the first 2 MiB block)."""
+    path = tmp_path_factory.mktemp("thumbs") / "thumbs.h5"
+    Thumbs.create(path, dataset["root"], scheduler="threads", progress=False).close()
+    return path
+
+
+@pytest.fixture(params=["s3", "http", "gcs"])
+def remote_thumbs(request, thumbs, http_server):
+    """``thumbs`` uploaded to S3 / served over HTTP / uploaded to GCS: ``(url, options)``."""
+    name = f"{uuid.uuid4().hex[:8]}/thumbs.h5"
+    if request.param == "http":
+        (http_server.root / name).parent.mkdir()
+        shutil.copy(thumbs, http_server.root / name)
+        return f"{http_server.url}/{name}", None
+    if request.param == "s3":
+        options = request.getfixturevalue("s3")
+        fs = fsspec.filesystem("s3", **options)
+        fs.makedirs("banks", exist_ok=True)
+        url = f"s3://banks/{name}"
+    else:
+        options = {"endpoint_url": request.getfixturevalue("gcs").url, "token": "anon"}
+        fs = fsspec.filesystem("gs", **options)
+        url = f"gs://gbucket/{name}"
+    fs.put_file(str(thumbs), url.split("://", 1)[1])
+    return url, options
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_remote_bank_opens_read_only_and_reads_like_the_local_one(remote_thumbs, thumbs, client):
+    url, options = remote_thumbs
+    with pytest.raises(ReadOnlyError):
+        Thumbs(url, "r+", storage_options=options)
+    with Thumbs(thumbs) as local, Thumbs(url, storage_options=options) as bank:
+        assert bank.ids == local.ids and len(bank) == N_IMAGES
+        for id_ in (local.ids[0], local.ids[250], local.ids[-1]):
+            got, want = bank.get(id_), local.get(id_)
+            assert got.keys() == want.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+        np.testing.assert_array_equal(bank.images[100:164], local.images[100:164])
+        np.testing.assert_array_equal(bank.labels[:], local.labels[:])
+        assert bank.labels.names == local.labels.names
+        pixels = local.images[:]
+        arrays = bank.to_dask()
+        total = arrays["images"].sum(axis=0, dtype=np.int64)
+        np.testing.assert_array_equal(
+            total.compute(scheduler=client), pixels.sum(axis=0, dtype=np.int64)
+        )
+        with pytest.raises(ReadOnlyError):
+            bank.map(np.mean, "images", output="means", scheduler=client, progress=False)
+    with TypedFile(url, storage_options=options) as generic:  # any HDF5 file, without its type
+        assert generic.ids == bank.ids
+        np.testing.assert_array_equal(generic.images[-64:], pixels[-64:])
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_opening_a_remote_bank_and_reading_one_source_over_http_takes_few_requests(
+    thumbs, http_server
+):
+    name = f"{uuid.uuid4().hex[:8]}.h5"
+    shutil.copy(thumbs, http_server.root / name)
+    with Thumbs(thumbs) as local:
+        last = local.ids[-1]  # its pixels lie beyond the first 2 MiB
+        want = local.images.get(last)
+    mark = http_server.mark()
+    with Thumbs(f"{http_server.url}/{name}") as bank:
+        np.testing.assert_array_equal(bank.images.get(last), want)
+    requests = http_server.requests_since(mark)
+    assert all(f"/{name} " in line for line in requests)
+    assert 0 < len(requests) < 20, requests
+
+
+# -- 6. create() to a URL uploads only a complete bank ---------------------------------------
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_create_to_s3_uploads_the_bank_only_once_it_is_complete(
+    small, s3, bucket, client, tmp_path
+):
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    url = f"s3://{bucket}/banks/b.h5"
+    Watched.uploaded.url, Watched.uploaded.storage_options = url, s3
+    try:
+        bank = Watched.create(
+            url, f"s3://{bucket}/imgs/", storage_options=s3, scheduler=client, progress=False
+        )
+    finally:
+        Watched.uploaded.url = Watched.uploaded.storage_options = None
+    with bank:
+        assert bank.remote and bank.summary.ok == 12
+        # Every source, while it was built on a worker, found no object at the URL yet.
+        np.testing.assert_array_equal(bank.uploaded[:], np.zeros((12, 1)))
+        assert_same_bank(bank, local, f"s3://{bucket}/imgs/")
+    assert fsspec.filesystem("s3", skip_instance_cache=True, **s3).exists(url)
+
+
+def test_a_build_to_s3_that_fails_uploads_nothing(small, s3, bucket, client, tmp_path):
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    url = f"s3://{bucket}/banks/b.h5"
+    sources = [f"s3://{bucket}/imgs/{id_}" for id_ in local.ids] + [f"s3://{bucket}/x/gone.png"]
+    with pytest.raises(SourceError, match=r"gone\.png"):
+        Pictures.create(
+            url, sources, storage_options=s3, scheduler=client, on_error="raise", progress=False
+        )
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3)
+    assert not fs.exists(url)
+    assert fs.find(f"{bucket}/banks") == []
