@@ -9,6 +9,7 @@ in ``~/.config/dask``, which beat the packaged defaults.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def _load_defaults() -> None:
 def get(key: str, override: Any = None) -> Any:
     """The setting ``h5bank.<key>``, or ``override`` when it is not ``None``."""
     return override if override is not None else dask.config.get(f"h5bank.{key}")
+
+
+def storage_options(given: Any = None) -> dict[str, Any]:
+    """``given`` fsspec options, else ``h5bank.storage-options`` from the config (YAML, env)."""
+    if given is not None:
+        return dict(given)
+    value = dask.config.get("h5bank.storage-options", None) or {}
+    if isinstance(value, str):  # from the environment, where Dask keeps what is not a Python literal
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise TypeError(f"h5bank.storage-options must be a mapping, got {value!r}")
+    return dict(value)
 
 
 _load_defaults()

@@ -109,7 +109,7 @@ class TypedFile:
         self.mode = mode
         self.summary: BuildSummary | None = None
         self.remote = is_url(self.path)
-        self._storage_options = dict(storage_options or {})
+        self._storage_options = config.storage_options(storage_options)
         if self.remote and mode != "r":
             raise ReadOnlyError(
                 f"{redact(self.path)} is a remote bank: it opens read-only. Build or change it "
@@ -222,12 +222,14 @@ class TypedFile:
         progress
             Show a progress bar and print the summary (to stderr).
         storage_options
-            fsspec options for URL sources, passed through untouched.
+            fsspec options for URL sources (flat, or per protocol), passed
+            through untouched; default ``h5bank.storage-options`` (config).
         max_pending
             Decoded partitions allowed to wait for the writer.
         """
         from pipeline.cluster import runner_for
 
+        storage_options = config.storage_options(storage_options)
         if is_url(os.fspath(path)):
             return cls._create_remote(
                 os.fspath(path), sources, mode, scheduler, partition_size, on_error, progress,
@@ -320,6 +322,7 @@ class TypedFile:
                 "create(), which builds locally and uploads the bank when it is complete"
             )
         writer, threads = placement(scheduler)
+        storage_options = config.storage_options(storage_options)
         return build_graph(
             cls.__schema__,
             cls.__schema__.bases,

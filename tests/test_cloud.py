@@ -563,3 +563,27 @@ def test_a_build_to_s3_that_fails_uploads_nothing(small, s3, bucket, client, tmp
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3)
     assert not fs.exists(url)
     assert fs.find(f"{bucket}/banks") == []
+
+
+# -- 5. where endpoints and credentials come from ---------------------------------------------
+
+
+def test_storage_options_from_the_dask_config_per_protocol(small, s3, bucket, tmp_path):
+    """No storage_options argument: ``h5bank.storage-options`` (as a YAML file or the
+    environment would set it) gives the S3 endpoint and keys, for the build and for
+    reading the bank back from S3."""
+    root, local = small
+    upload(fsspec.filesystem("s3", **s3), root, f"{bucket}/imgs")
+    prefix = f"s3://{bucket}/imgs/"
+    with dask.config.set({"h5bank.storage-options": {"s3": s3}}):
+        with Pictures.create(tmp_path / "b.h5", prefix, scheduler="threads", progress=False) as b:
+            assert b.failures() == []
+            assert_same_bank(b, local, prefix)
+        remote = f"s3://{bucket}/banks/b.h5"
+        Pictures.create(remote, prefix, scheduler="threads", progress=False).close()
+        with Pictures(remote) as bank:
+            assert_same_bank(bank, local, prefix)
+    with pytest.raises(Exception):  # noqa: B017 - without the endpoint: some AWS error
+        Pictures(
+            remote, storage_options={"s3": {"anon": True, "endpoint_url": "http://127.0.0.1:1"}}
+        )
