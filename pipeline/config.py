@@ -49,7 +49,9 @@ def storage_options(given: Any = None) -> dict[str, Any]:
     if given is not None:
         return dict(given)
     value = dask.config.get("h5bank.storage-options", None) or {}
-    if isinstance(value, str):  # from the environment, where Dask keeps what is not a Python literal
+    if isinstance(
+        value, str
+    ):  # from the environment, where Dask keeps what is not a Python literal
         value = json.loads(value)
     if not isinstance(value, dict):
         raise TypeError(f"h5bank.storage-options must be a mapping, got {value!r}")

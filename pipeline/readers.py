@@ -35,6 +35,7 @@ import multiprocessing.util
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ READ_OPTIONS: dict[str, Any] = {"locking": "best-effort"}
 # Sources per partition of a per-source bag at most: each becomes a Python
 # object in the partition's list, so bytes alone would make label bags huge.
 MAX_PARTITION_SOURCES = 10_000
+
+
+def _shown(path: str) -> str:
+    """``path`` as messages show it: a URL without its credentials."""
+    from pipeline.sources import redact
+
+    return redact(path)
 
 
 def _normal(path: str | os.PathLike[str]) -> str:
@@ -104,6 +112,9 @@ def bank_identity(f: h5py.File) -> str | None:
 # the bytes random reads need.
 REMOTE_BLOCK = 2 << 20
 REMOTE_BLOCKS = 32
+# A remote bank's version (size, ETag) is checked at most this often per
+# process: each check is a HEAD request; local files are checked on every read.
+REMOTE_REVALIDATE = 5.0
 # HDF5's chunk cache for remote banks: partial-chunk reads without it become
 # thousands of small requests.
 REMOTE_CHUNK_CACHE = 32 << 20
@@ -121,7 +132,9 @@ def gc_paused() -> Iterator[None]:
     an async fsspec filesystem does the read on its IO thread. If a collection
     starts on that thread and frees an h5py object, the free waits for the
     lock the reading thread holds: both wait for ever (h5py #2019, measured
-    here). Collections are paused only for the duration of each read.
+    here). Collections are paused only for the duration of each read; a
+    ``gc.disable()`` made by other code while a read is in flight is undone
+    when the last read ends.
     """
     global _gc_paused, _gc_restore
     with _gc_lock:
@@ -182,15 +195,28 @@ def remote_identity(url: str, storage_options: Mapping[str, Any] | None) -> tupl
     fs, path = remote_fs(url, storage_options)
     with contextlib.suppress(Exception):
         fs.invalidate_cache(path)
-    info = fs.info(path)
-    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
-    return (info.get("size"), str(tag))
+    try:
+        info = fs.info(path)
+    except Exception as error:
+        raise _remote_error(url, error) from None
+    tags = ("ETag", "etag", "LastModified", "Last-Modified", "last_modified", "mtime", "updated")
+    return (info.get("size"), *(str(info[k]) for k in tags if info.get(k) is not None))
+
+
+def _remote_error(url: str, error: BaseException) -> OSError:
+    """An error about the remote bank ``url`` that tells a missing bank from an outage."""
+    from pipeline.sources import redact, scrub, transient
+
+    if isinstance(error, FileNotFoundError) and not transient(error):
+        return FileNotFoundError(f"no bank at {redact(url)} (no such object)")
+    cause = error.__cause__ or error
+    return OSError(
+        f"cannot reach the bank at {redact(url)}: {type(cause).__name__}: {scrub(str(cause))}"
+    )
 
 
 def open_remote(url: str, storage_options: Mapping[str, Any] | None, **options: Any) -> h5py.File:
     """A remote bank (any fsspec URL) opened read-only, tuned for HDF5's access pattern."""
-    from pipeline.sources import redact
-
     fs, path = remote_fs(url, storage_options)
     try:
         raw = fs.open(
@@ -200,8 +226,8 @@ def open_remote(url: str, storage_options: Mapping[str, Any] | None, **options: 
             block_size=REMOTE_BLOCK,
             cache_options={"maxblocks": REMOTE_BLOCKS},
         )
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no bank at {redact(url)} (no such object)") from None
+    except Exception as error:
+        raise _remote_error(url, error) from None
     handle = RemoteFile(raw)
     try:
         with gc_paused():
@@ -296,11 +322,12 @@ def _names(dataset: h5py.Dataset) -> tuple[str, ...] | None:
 
 
 class _Entry:
-    __slots__ = ("bank", "datasets", "file", "identity", "stale", "users")
+    __slots__ = ("bank", "checked", "datasets", "file", "identity", "stale", "users")
 
     def __init__(self, file: h5py.File, identity: tuple[Any, ...]) -> None:
         self.file = file
         self.identity = identity  # the file's stat before opening: when to reopen
+        self.checked = time.monotonic()  # when identity was last compared with the file
         self.bank = bank_identity(file)  # which bank was opened: what graphs check
         self.datasets: dict[str, tuple[h5py.Dataset, Expect]] = {}
         self.users = 0
@@ -325,13 +352,21 @@ class FileCache:
     @contextlib.contextmanager
     def acquire(self, lazy: LazyFile) -> Iterator[_Entry]:
         key = lazy.key
-        try:
-            identity = lazy.stat()
-        except FileNotFoundError:
-            lazy.open()  # raises the error that explains why
-            raise
         with self._lock:
             entry = self._entries.get(key)
+            fresh = entry is not None and time.monotonic() - entry.checked < lazy.revalidate
+        if fresh:
+            identity = entry.identity  # a remote file checked moments ago: no request
+        else:
+            try:
+                identity = lazy.stat()
+            except FileNotFoundError:
+                lazy.open()  # raises the error that explains why
+                raise
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.checked = time.monotonic()
             if entry is not None and entry.identity != identity:
                 self._drop(key)
                 entry = None
@@ -431,6 +466,13 @@ class LazyFile:
         """Open the file (uncached): a local path, or any fsspec URL with ``storage_options``."""
         return open_for_reading(self.path, self.storage_options, **self.options)
 
+    @property
+    def revalidate(self) -> float:
+        """Seconds a remote file's version check is trusted (each check is a request)."""
+        from pipeline.sources import is_url
+
+        return REMOTE_REVALIDATE if is_url(self.path) else 0.0
+
     def stat(self) -> tuple[Any, ...]:
         """The file's current version: local stat, or a remote object's size and ETag."""
         from pipeline.sources import is_url
@@ -456,10 +498,15 @@ class LazyFile:
 
     @contextlib.contextmanager
     def _entry(self) -> Iterator[_Entry]:
+        if self.revalidate:  # a remote handle trusted for a while may be of an older bank
+            with CACHE.acquire(self) as entry:
+                stale = self.identity is not None and entry.bank != self.identity
+            if stale:
+                CACHE.release(self.path)  # check the file itself, not the cached handle
         with CACHE.acquire(self) as entry:
             if self.identity is not None and entry.bank != self.identity:
                 raise BankChangedError(
-                    f"{self.path} is not the file this Dask graph was made from (the bank was "
+                    f"{_shown(self.path)} is not the file this Dask graph was made from (the bank was "
                     "rebuilt or replaced since): make the arrays again from the bank as it is now"
                 )
             yield entry
@@ -481,7 +528,7 @@ class LazyFile:
             problem = expect.problem(now) if expect is not None else None
             if problem:
                 raise BankChangedError(
-                    f"{self.path}: {name} no longer holds what this Dask graph was made from "
+                    f"{_shown(self.path)}: {name} no longer holds what this Dask graph was made from "
                     f"({problem}): make the arrays again from the bank as it is now"
                 )
             return dataset[selection]
@@ -559,7 +606,7 @@ class LazySourceRows(LazyDataset):
         if (starts < 0).any():
             row = start + int(np.flatnonzero(starts < 0)[0])
             raise ValueError(
-                f"{self.file.path}: source row {row} has no data in {self.name}; read this "
+                f"{_shown(self.file.path)}: source row {row} has no data in {self.name}; read this "
                 "feature with to_dask_sources(), which skips such sources"
             )
         # Read each run of consecutive rows once, then put the rows in source order.
@@ -692,7 +739,7 @@ def read_raw(f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]) -
         problem = spec.expect.problem(Expect.of(column.data)) if spec.expect else None
         if problem:
             raise BankChangedError(
-                f"{f.filename}: {spec.path} no longer holds what this Dask graph was made from "
+                f"{_shown(f.filename)}: {spec.path} no longer holds what this Dask graph was made from "
                 f"({problem}): make it again from the bank as it is now"
             )
         refs = column.refs[first:last][offsets]

@@ -20,10 +20,12 @@ Nothing here special-cases a protocol: every URL goes through fsspec, with
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob as globlib
 import io
 import os
 import re
+import ssl
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 _MAGIC = re.compile(r"[*?\[]")
+_URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,18 @@ def options_for(url: str, storage_options: Mapping[str, Any] | None) -> dict[str
         entry = options.get(name)
         if isinstance(entry, Mapping):
             return dict(entry)
-    if all(isinstance(v, Mapping) for v in options.values()):
+    if _per_protocol(options):
         return {}  # per-protocol options, none for this protocol
     return options
+
+
+def _per_protocol(options: Mapping[str, Any]) -> bool:
+    """Whether ``options`` are keyed by protocol (``{"s3": {...}}``), not flat options whose
+    values happen to be mappings (``{"client_kwargs": {...}}``)."""
+    from fsspec.registry import known_implementations, registry
+
+    names = set(known_implementations) | set(registry)
+    return all(isinstance(v, Mapping) and k in names for k, v in options.items())
 
 
 _ALIASES = {
@@ -95,7 +107,11 @@ _ALIASES = {
 
 def is_url(text: str) -> bool:
     """Whether ``text`` names an fsspec URL (``proto://...`` or a ``::`` chain)."""
-    return "::" in text or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", text) is not None
+    if _URL_START.match(text):
+        return True
+    # A chain (simplecache::s3://..., zip://a.png::s3://...) has a URL in it; a local name
+    # such as "run::2.h5" does not.
+    return "::" in text and any(_URL_START.match(part) for part in text.split("::"))
 
 
 def expand(
@@ -198,6 +214,14 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
     magic = _MAGIC.search(split.netloc + split.path) is not None and not split.query
     if magic or url.endswith("/"):
         fs, root_path = url_to_fs(url, **options_for(url, options))
+        try:
+            fs.info(_glob_root(root_path) if magic else root_path)
+        except Exception as error:  # a missing root is an empty source; an outage is not
+            if transient(error):
+                cause = error.__cause__ or error
+                raise SourceReadError(
+                    f"cannot list {redact(url)}: {type(cause).__name__}: {scrub(str(cause))}"
+                ) from None
         if magic:
             given_root = _glob_root(url)
             stripped_root = _glob_root(root_path)
@@ -348,30 +372,66 @@ def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, Base
 
 
 def transient(error: BaseException) -> bool:
-    """Whether a failed request is worth retrying: connection trouble, timeouts, 5xx, 429.
+    """Whether a failed request is worth retrying: connection trouble, timeouts, 5xx, 408, 429.
 
-    Missing files, denied access and bad requests are permanent. Errors are
-    classified by type and HTTP status, walking their causes (fsspec and
-    botocore wrap the network library's errors).
+    Missing files, denied access, bad requests and certificate errors are
+    permanent. The whole cause chain is searched (fsspec, s3fs and botocore
+    wrap the network library's errors; fsspec's http ``open`` even reports a
+    refused connection or a 503 as ``FileNotFoundError``).
     """
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            return False
-        status = getattr(error, "status", None) or getattr(error, "status_code", None)
-        if isinstance(status, int):
-            return status >= 500 or status == 429
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return True
-        name = type(error).__name__
-        if any(word in name for word in ("Timeout", "Connection", "Connector", "Disconnected")):
-            return True
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 10 and error not in chain:
+        chain.append(error)
         error = error.__cause__ or error.__context__  # type: ignore[assignment]
-        seen += 1
+    for link in chain:
+        name = type(link).__name__
+        if isinstance(link, ssl.SSLError) or "Certificate" in name or "SSL" in name:
+            return False
+        status = _status(link)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if isinstance(link, OSError) and link.errno in _TRANSIENT_ERRNOS:
+            return True
+        if isinstance(link, (ConnectionError, TimeoutError)):
+            return True
+        if any(word in name for word in _TRANSIENT_NAMES):
+            return True
     return False
 
 
+# s3fs reports S3 503 / 500 as OSError(EBUSY / EREMOTEIO); the others are the network's.
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,
+    errno.EREMOTEIO,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+}
+_TRANSIENT_NAMES = ("Timeout", "Connection", "Connector", "Disconnected", "Payload")
+
+
+def _status(error: BaseException) -> int | None:
+    """The HTTP status an error carries: aiohttp ``status``, gcsfs ``code``, botocore metadata."""
+    for attribute in ("status", "status_code", "code"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    response = getattr(error, "response", None)
+    if isinstance(response, Mapping):
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> str:
+    if isinstance(error, FileNotFoundError) and transient(error):
+        cause = error.__cause__ or error.__context__ or error  # an outage, not a missing file
+        return f"{type(cause).__name__}: {scrub(str(cause))}"
     directory = isinstance(error, IsADirectoryError)
     if not directory and isinstance(error, FileNotFoundError) and fs is not None and path:
         with contextlib.suppress(Exception):  # only asked to explain a failure

@@ -30,6 +30,7 @@ import io
 import math
 import os
 import posixpath
+import shutil
 import sys
 import time
 import warnings
@@ -112,7 +113,7 @@ class TypedFile:
         self._storage_options = config.storage_options(storage_options)
         if self.remote and mode != "r":
             raise ReadOnlyError(
-                f"{redact(self.path)} is a remote bank: it opens read-only. Build or change it "
+                f"{self._shown} is a remote bank: it opens read-only. Build or change it "
                 "locally (create() to a URL builds locally and uploads it when complete)"
             )
         if (
@@ -121,7 +122,7 @@ class TypedFile:
             and os.path.exists(layout.partial_path(self.path))
         ):
             raise BuildInProgressError(
-                f"{self.path} is being built, or its build stopped: only "
+                f"{self._shown} is being built, or its build stopped: only "
                 f"{layout.partial_path(self.path)} exists. Wait for the build, or resume it "
                 "with create(..., mode='a')"
             )
@@ -156,12 +157,12 @@ class TypedFile:
             layout.check_format(self._h5)
             if self._h5.attrs.get(layout.ATTR_STATE) != layout.COMPLETE:
                 raise BuildInProgressError(
-                    f"{self.path} is a bank whose build has not finished; resume the build "
+                    f"{self._shown} is a bank whose build has not finished; resume the build "
                     "with create(..., mode='a') on its final path"
                 )
         elif type(self) is not TypedFile:
             raise NotABankError(
-                f"{self.path} is not an h5bank bank, so it cannot open as {type(self).__name__}; "
+                f"{self._shown} is not an h5bank bank, so it cannot open as {type(self).__name__}; "
                 "pipeline.TypedFile(path) opens any HDF5 file"
             )
 
@@ -272,24 +273,36 @@ class TypedFile:
         """Build a bank into a local temporary file, then upload it to ``url`` whole."""
         import tempfile
 
-        from pipeline.writer import upload_bank
+        from pipeline.writer import check_upload_target, upload_bank
 
         if mode != "w":
             raise ValueError(
                 f"cannot append to the remote bank {redact(url)}: copy it to a local path, "
                 "create(local, sources, mode='a'), and create or upload it again"
             )
+        check_upload_target(url, storage_options)  # before hours of building, not after
         name = posixpath.basename(url.split("::")[0].split("?")[0]) or "bank.h5"
-        with tempfile.TemporaryDirectory(prefix="h5bank-") as scratch:
-            local = os.path.join(scratch, name)
+        scratch = tempfile.mkdtemp(prefix="h5bank-", dir=config.get("build.scratch"))
+        local = os.path.join(scratch, name)
+        try:
             built = cls.create(
                 local, sources, "w", scheduler, partition_size, on_error, progress,
                 storage_options=storage_options, max_pending=max_pending,
             )  # fmt: skip
-            summary = built.summary
-            built.close()
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        summary = built.summary
+        built.close()
+        try:
             upload_bank(local, url, storage_options)
+        except BaseException as error:
+            error.add_note(f"h5bank: the built bank is kept at {local}; upload it, or delete it")
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
         bank = cls(url, storage_options=storage_options)
+        if summary is not None:
+            summary.path = redact(url)
         bank.summary = summary
         return bank
 
@@ -337,6 +350,11 @@ class TypedFile:
             threads=threads,
         )
 
+    @property
+    def _shown(self) -> str:
+        """The path as messages show it: a URL without its credentials."""
+        return redact(self.path)
+
     # -- ids -----------------------------------------------------------------
 
     @property
@@ -363,7 +381,7 @@ class TypedFile:
         except KeyError:
             sample = ", ".join(repr(i) for i in self.ids[:3])
             raise UnknownIdError(
-                f"no source {id_!r} in {self.path} ({len(self)} sources"
+                f"no source {id_!r} in {self._shown} ({len(self)} sources"
                 + (f"; ids look like {sample}" if sample else "")
                 + ")"
             ) from None
@@ -407,7 +425,7 @@ class TypedFile:
         if name in self.root.children():
             return self._node(name)
         raise AttributeError(
-            f"{type(self).__name__} {self.path!r} has no feature or group {name!r}"
+            f"{type(self).__name__} {self._shown!r} has no feature or group {name!r}"
         )
 
     def __dir__(self) -> list[str]:
@@ -425,7 +443,7 @@ class TypedFile:
             return GroupProxy(self, path)
         if isinstance(node, h5py.Dataset):
             return DatasetProxy(self, path)
-        raise AttributeError(f"{self.path} has no feature or group {path!r}")
+        raise AttributeError(f"{self._shown} has no feature or group {path!r}")
 
     def _refs_index(self, column: layout.Column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A column's refs sorted by start (starts, source rows, stops), read once and cached."""
@@ -445,7 +463,7 @@ class TypedFile:
     def _require_column(self, path: str) -> layout.Column:
         column = self._column(path)
         if column is None:
-            raise ValueError(f"{path!r} is not a feature column of {self.path}")
+            raise ValueError(f"{path!r} is not a feature column of {self._shown}")
         return column
 
     def feature_of(self, path: str) -> Feature:
@@ -474,7 +492,7 @@ class TypedFile:
     def _require_writable(self) -> None:
         if self.mode == "r":
             raise ReadOnlyError(
-                f"{self.path} is open read-only; open it with mode='r+' or 'a' to write"
+                f"{self._shown} is open read-only; open it with mode='r+' or 'a' to write"
             )
 
     def _write(self, id_: str, data: Mapping[str, Any], replace: bool, prefix: str = "") -> None:
@@ -512,7 +530,7 @@ class TypedFile:
         if self._writer is None:
             if not layout.is_bank(self._h5):
                 raise NotABankError(
-                    f"{self.path} is a plain HDF5 file; h5bank writes sources only to banks "
+                    f"{self._shown} is a plain HDF5 file; h5bank writes sources only to banks "
                     f"(build one with {type(self).__name__}.create, or open a new path with mode='a')"
                 )
             check_schema(self._h5, type(self).__schema__)
@@ -642,7 +660,7 @@ class TypedFile:
                 feature = self.feature_of(output)
         if output is not None and self.remote:
             raise ReadOnlyError(
-                f"{redact(self.path)} is a remote bank: map its sources without output=, or "
+                f"{self._shown} is a remote bank: map its sources without output=, or "
                 "copy it to a local path to write a feature into it"
             )
         rows = np.flatnonzero(have)
@@ -688,7 +706,7 @@ class TypedFile:
         available = list(layout.iter_columns(self._h5)) if layout.is_bank(self._h5) else []
         if inputs is None:
             if not available:
-                raise ValueError(f"{self.path} has no feature columns to map over")
+                raise ValueError(f"{self._shown} has no feature columns to map over")
             return {path: path for path in available}
         names = [inputs] if isinstance(inputs, str) else list(inputs)
         out: dict[str, str] = {}
@@ -696,7 +714,7 @@ class TypedFile:
             path = str(name).strip("/")
             if path not in available:
                 raise ValueError(
-                    f"map input {name!r} is not a feature column of {self.path}; "
+                    f"map input {name!r} is not a feature column of {self._shown}; "
                     f"its columns are {available}"
                 )
             out[str(name)] = path
@@ -713,7 +731,7 @@ class TypedFile:
         node = self._h5.get(path)
         if node is not None and not layout.is_column(node):
             raise ValueError(
-                f"map output {output!r} is already a group or dataset of {self.path} that is not "
+                f"map output {output!r} is already a group or dataset of {self._shown} that is not "
                 "a feature column; choose another path"
             )
         parts = path.split("/")
@@ -749,7 +767,10 @@ class TypedFile:
             for rows in parts
         ]
         done = runner.gather(
-            tasks, [len(p) for p in parts], f"h5bank map {os.path.basename(self.path)}", progress
+            tasks,
+            [len(p) for p in parts],
+            f"h5bank map {posixpath.basename(self._shown)}",
+            progress,
         )
         result = MapResult()
         for pairs, failures in done:
@@ -825,7 +846,7 @@ class TypedFile:
                 if "lock" not in str(error):
                     raise
         raise BankBusyError(
-            f"cannot open {self.path} with mode {self.mode!r}: another process has it open. Dask "
+            f"cannot open {self._shown} with mode {self.mode!r}: another process has it open. Dask "
             "workers that computed arrays of it keep it open until "
             "client.run(pipeline.readers.release, path); other programs must close it"
         ) from None
@@ -839,19 +860,18 @@ class TypedFile:
         size = self._size()
         if layout.is_bank(self._h5):
             head = (
-                f"<{type(self).__name__} {redact(self.path)!r}: {len(self)} sources, {n_failed} failed, "
+                f"<{type(self).__name__} {self._shown!r}: {len(self)} sources, {n_failed} failed, "
                 f"{human_bytes(size)}, format v{int(self._h5.attrs[layout.ATTR_VERSION])}>"
             )
         else:
-            head = f"<{type(self).__name__} {redact(self.path)!r}: plain HDF5, {human_bytes(size)}>"
+            head = f"<{type(self).__name__} {self._shown!r}: plain HDF5, {human_bytes(size)}>"
         print(head, file=out)
         self.root._print_tree(out, "")
         return out.getvalue().rstrip("\n")
 
     def _size(self) -> int:
         if self.remote:
-            fs, path = readers.remote_fs(self.path, self._storage_options)
-            return int(fs.size(path) or 0)
+            return int(readers.remote_identity(self.path, self._storage_options)[0] or 0)
         return os.path.getsize(self.path)
 
     def info(self, file: Any = None) -> None:
@@ -860,7 +880,7 @@ class TypedFile:
 
     def __repr__(self) -> str:
         if not self._h5:
-            return f"<{type(self).__name__} {self.path!r} (closed)>"
+            return f"<{type(self).__name__} {self._shown!r} (closed)>"
         return self.tree()
 
     # -- lifetime ----------------------------------------------------------------------
@@ -937,7 +957,7 @@ class GroupProxy(_Proxy):
         if self._feature is not None:
             return getattr(self._feature, name)
         raise AttributeError(
-            f"group {self.path or '/'!r} of {self.bank.path} has no member {name!r}"
+            f"group {self.path or '/'!r} of {self.bank._shown} has no member {name!r}"
         )
 
     def __dir__(self) -> list[str]:
@@ -1003,7 +1023,7 @@ class GroupProxy(_Proxy):
 
     def __repr__(self) -> str:
         out = io.StringIO()
-        print(f"<group {self.path or '/'!r} of {self.bank.path!r}>", file=out)
+        print(f"<group {self.path or '/'!r} of {self.bank._shown!r}>", file=out)
         self._print_tree(out, "  ")
         return out.getvalue().rstrip("\n")
 
@@ -1028,7 +1048,7 @@ class FeatureProxy(_Proxy):
     def _require(self) -> layout.Column:
         column = self.column
         if column is None:
-            raise IndexError(f"feature {self.path!r} of {self.bank.path} has no data yet")
+            raise IndexError(f"feature {self.path!r} of {self.bank._shown} has no data yet")
         return column
 
     @property
@@ -1185,7 +1205,7 @@ class FeatureProxy(_Proxy):
         ).rstrip()
 
     def __repr__(self) -> str:
-        return f"<feature {self.path!r} of {self.bank.path!r}: {self._describe().strip()}>"
+        return f"<feature {self.path!r} of {self.bank._shown!r}: {self._describe().strip()}>"
 
 
 class RefsView:
@@ -1269,7 +1289,7 @@ class DatasetProxy(_Proxy):
         )
 
     def __repr__(self) -> str:
-        return f"<dataset {self.path!r} of {self.bank.path!r}: {self._describe().strip()}>"
+        return f"<dataset {self.path!r} of {self.bank._shown!r}: {self._describe().strip()}>"
 
 
 __all__ = [

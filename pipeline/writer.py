@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import itertools
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -840,7 +841,7 @@ def upload_bank(local: str, url: str, storage_options: Mapping[str, Any] | None)
     fs, path = remote_fs(url, storage_options)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     try:
-        if protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}:
+        if protocols & _OBJECT_STORES:
             fs.put_file(local, path)
         else:
             staging = path + layout.PARTIAL_SUFFIX
@@ -851,6 +852,31 @@ def upload_bank(local: str, url: str, storage_options: Mapping[str, Any] | None)
             f"the bank was built but could not be uploaded to {redact(url)}: "
             f"{type(error).__name__}: {scrub(str(error))}"
         ) from None
+
+
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+
+
+def check_upload_target(url: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Fail now, not after the build, when ``url``'s bucket (or folder) cannot be reached."""
+    from pipeline.readers import remote_fs
+    from pipeline.sources import redact, scrub
+
+    fs, path = remote_fs(url, storage_options)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    parent = path.split("/")[0] if protocols & _OBJECT_STORES else posixpath.dirname(path)
+    try:
+        found = not parent or fs.exists(parent)
+    except Exception as error:
+        raise WriterError(
+            f"cannot reach {redact(url)} to upload the bank to: {type(error).__name__}: "
+            f"{scrub(str(error))}; nothing was built"
+        ) from None
+    if not found:
+        raise WriterError(
+            f"{redact(url)}: {parent!r} does not exist, so the bank could not be uploaded there; "
+            "create it first. Nothing was built"
+        )
 
 
 def restore_after_failure(path: str, error: BaseException) -> None:

@@ -57,6 +57,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         else:
             self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Last-Modified", self.date_time_string(int(os.fstat(f.fileno()).st_mtime)))
         self.send_header("Content-Length", str(stop - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
