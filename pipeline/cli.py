@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from pipeline.errors import H5BankError
+from pipeline.sources import scrub
 
 
 class _Command(click.Group):
@@ -22,8 +23,27 @@ class _Command(click.Group):
         try:
             return super().invoke(ctx)
         except (H5BankError, OSError, ValueError) as error:
-            click.echo(f"h5bank: error: {type(error).__name__}: {error}", err=True)
+            message = scrub(str(error))  # errors may quote URLs with credentials
+            click.echo(f"h5bank: error: {type(error).__name__}: {message}", err=True)
             sys.exit(1)
+
+
+class _Bank(click.ParamType):
+    """A bank: an existing local file, or an fsspec URL (credentials from the environment
+    or the ``h5bank.storage-options`` setting)."""
+
+    name = "bank"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from pipeline.sources import is_url
+
+        text = str(value)
+        if is_url(text):
+            return text
+        return click.Path(exists=True, dir_okay=False).convert(text, param, ctx)
+
+
+BANK = _Bank()
 
 
 @click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +74,7 @@ def demo(out: str, scheduler: str | None, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("bank", type=click.Path(exists=True, dir_okay=False))
+@click.argument("bank", type=BANK)
 def info(bank: str) -> None:
     """Print BANK's tree: groups, features, shapes, dtypes, compression, sizes, sources."""
     from pipeline.typedfile import TypedFile
@@ -69,7 +89,7 @@ def info(bank: str) -> None:
 
 
 @main.command(name="ls")
-@click.argument("bank", type=click.Path(exists=True, dir_okay=False))
+@click.argument("bank", type=BANK)
 @click.argument("pattern", required=False)
 def ls(bank: str, pattern: str | None) -> None:
     """List BANK's source ids (those matching the glob PATTERN), in commit order."""
