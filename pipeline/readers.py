@@ -22,6 +22,12 @@ HDF5's SWMR mode; see the README's section on reading while a bank changes.
   source, however many millions there are.
 - :func:`read_rows`: what both the bag and ``bank.map`` use to read sources'
   data by row, through any open ``h5py.File``.
+
+A bank at a URL (``s3://``, ``https://``, any fsspec protocol) opens through
+:func:`open_remote`: an fsspec file with a block cache, garbage collection
+paused during each read (the h5py / async-fsspec deadlock), read-only. A
+``LazyFile`` carries the URL and its ``storage_options`` to the workers, each
+of which opens its own handle.
 """
 
 from __future__ import annotations

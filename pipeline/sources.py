@@ -14,7 +14,10 @@ deterministic order, lazily:
   may generate its data from the id itself); only reading its bytes fails.
 
 Nothing here special-cases a protocol: every URL goes through fsspec, with
-``storage_options`` passed on untouched.
+``storage_options`` passed on untouched (flat, or per protocol:
+:func:`options_for`). Fetching batches a partition's requests per filesystem
+and retries transient failures with back-off (:func:`transient` tells them
+from permanent ones); credentials never leave memory (:func:`redact`).
 """
 
 from __future__ import annotations
