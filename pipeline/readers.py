@@ -211,8 +211,19 @@ def remote_identity(url: str, storage_options: Mapping[str, Any] | None) -> tupl
 
 def _remote_error(url: str, error: BaseException) -> OSError:
     """An error about the remote bank ``url`` that tells a missing bank from an outage."""
-    from pipeline.sources import redact, scrub, transient
+    from pipeline.sources import http_status, redact, scrub, transient
 
+    chain, link = [], error
+    while link is not None and len(chain) < 10:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    status = next((s for s in map(http_status, chain) if s is not None), None)
+    if status in (401, 403) or any(isinstance(e, PermissionError) for e in chain):
+        return PermissionError(
+            f"access to the bank at {redact(url)} was denied"
+            + (f" (HTTP {status})" if status else "")
+            + ": check the credentials; a presigned URL's signature may have expired"
+        )
     if isinstance(error, FileNotFoundError) and not transient(error):
         return FileNotFoundError(f"no bank at {redact(url)} (no such object)")
     cause = error.__cause__ or error

@@ -390,7 +390,7 @@ def transient(error: BaseException) -> bool:
         name = type(link).__name__
         if isinstance(link, ssl.SSLError) or "Certificate" in name or "SSL" in name:
             return False
-        status = _status(link)
+        status = http_status(link)
         if status is not None:
             return status >= 500 or status in (408, 429)
         if isinstance(link, OSError) and link.errno in _TRANSIENT_ERRNOS:
@@ -417,7 +417,7 @@ _TRANSIENT_ERRNOS = {
 _TRANSIENT_NAMES = ("Timeout", "Connection", "Connector", "Disconnected", "Payload")
 
 
-def _status(error: BaseException) -> int | None:
+def http_status(error: BaseException) -> int | None:
     """The HTTP status an error carries: aiohttp ``status``, gcsfs ``code``, botocore metadata."""
     for attribute in ("status", "status_code", "code"):
         value = getattr(error, attribute, None)

@@ -860,23 +860,36 @@ _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 def check_upload_target(url: str, storage_options: Mapping[str, Any] | None) -> None:
     """Fail now, not after the build, when ``url``'s bucket (or folder) cannot be reached."""
     from pipeline.readers import remote_fs
-    from pipeline.sources import redact, scrub
+    from pipeline.sources import redact, scrub, transient
 
     fs, path = remote_fs(url, storage_options)
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     parent = path.split("/")[0] if protocols & _OBJECT_STORES else posixpath.dirname(path)
+    if not parent:
+        return
     try:
-        found = not parent or fs.exists(parent)
-    except Exception as error:
-        raise WriterError(
-            f"cannot reach {redact(url)} to upload the bank to: {type(error).__name__}: "
-            f"{scrub(str(error))}; nothing was built"
-        ) from None
-    if not found:
+        # Listing tells a missing bucket (FileNotFoundError) from one these credentials may
+        # not list but may write to (PermissionError: a least-privilege put-only policy).
+        fs.ls(parent, detail=False)
+    except PermissionError:
+        return
+    except FileNotFoundError as error:
+        if transient(error):
+            raise WriterError(
+                f"cannot reach {redact(url)} to upload the bank to ({scrub(str(error))}); "
+                "nothing was built"
+            ) from None
         raise WriterError(
             f"{redact(url)}: {parent!r} does not exist, so the bank could not be uploaded there; "
             "create it first. Nothing was built"
-        )
+        ) from None
+    except Exception as error:
+        if transient(error):
+            raise WriterError(
+                f"cannot reach {redact(url)} to upload the bank to: {type(error).__name__}: "
+                f"{scrub(str(error))}; nothing was built"
+            ) from None
+        # Anything else (an odd filesystem that cannot list) is left to the upload itself.
 
 
 def restore_after_failure(path: str, error: BaseException) -> None:

@@ -6,8 +6,9 @@ Builds in tests run on real worker processes (``client``, a two-process
 ``dask worker`` processes, for tests that must hold on any cluster.
 
 Cloud servers (``moto``: S3, ``gcs``: the GCS emulator, ``http_server``:
-``rangeserver.py``) are separate processes started once per session and
-stopped by PID at its end; see ``servers.py``.
+``rangeserver.py``, ``fault_server``: ``faultserver.py``) are separate
+processes started once per session and stopped by PID at its end; see
+``servers.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 import soundfile
 from distributed import Client, LocalCluster
-from servers import RangeServer, start_gcs, start_moto
+from servers import FaultServer, RangeServer, start_gcs, start_moto
 
 
 @pytest.fixture(scope="session")
@@ -220,6 +221,16 @@ def http_server(tmp_path_factory):
     root = folder / "root"
     root.mkdir()
     server = RangeServer(root, folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_server(tmp_path_factory):
+    """``faultserver.py``: S3 error XML, bare HTTP statuses and truncated bodies, by path."""
+    server = FaultServer(tmp_path_factory.mktemp("faults"))
     try:
         yield server
     finally:

@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 for the cloud tests: moto (S3), the GCS emulator, ``rangeserver.py``.
+"""Real servers on 127.0.0.1 for the cloud tests: moto (S3), the GCS emulator,
+``rangeserver.py`` (files with Range requests) and ``faultserver.py`` (faults).
 
 Each server is a separate process this session starts and stops by its PID
 (SIGTERM, then SIGKILL if it lingers); :func:`stop_all` at the end of the
@@ -9,8 +10,8 @@ pass by skipping what it is meant to test.
 Facts these follow (measured, see the project's notes on cloud sources):
 moto is ready when ``GET /moto-api/`` answers; the GCS emulator when
 ``GET /storage/v1/b`` answers, and it listens with a backlog of 5, so clients
-must fetch in small batches; ``rangeserver.py`` writes its port to a file when
-it is ready and logs one line per request.
+must fetch in small batches; ``rangeserver.py`` and ``faultserver.py`` write
+their port to a file when they are ready and log one line per request.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pytest
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 _RUNNING: list[subprocess.Popen] = []
-_REQUEST = re.compile(r"^[A-Z]+ \S+ \d{3} ")  # rangeserver.py's "METHOD PATH STATUS SIZE"
+_REQUEST = re.compile(r"^[A-Z]+ \S+ \d{3} ")  # the scripts' "METHOD PATH STATUS SIZE"
 
 
 # Linux: servers get SIGTERM when this process dies, even by os._exit (pytest-timeout's
@@ -203,23 +204,25 @@ def start_gcs(folder: Path) -> Server:
         raise
 
 
-class RangeServer:
-    """``tests/rangeserver.py`` serving ``root``; its log counts the requests it answered."""
+class ScriptServer:
+    """A test server script of this folder, started on a free port it writes to a file.
 
-    def __init__(self, root: Path, folder: Path) -> None:
-        self.root = root
-        self.log = folder / "rangeserver.log"
-        port_file = folder / "rangeserver.port"
-        script = Path(__file__).resolve().with_name("rangeserver.py")
-        argv = [sys.executable, str(script), "--port", "0", "--directory", str(root),
-                "--port-file", str(port_file)]  # fmt: skip
+    Its log counts the requests it answered (one ``METHOD PATH STATUS ...`` line each).
+    """
+
+    def __init__(self, script: str, args: list[str], folder: Path, name: str) -> None:
+        self.log = folder / f"{name}.log"
+        port_file = folder / f"{name}.port"
+        port_file.unlink(missing_ok=True)
+        path = Path(__file__).resolve().with_name(script)
+        argv = [sys.executable, str(path), "--port", "0", "--port-file", str(port_file), *args]
         with open(self.log, "ab") as log:
             self.process = popen(argv, log)
         deadline = time.monotonic() + START_TIMEOUT
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 stop(self.process)
-                unavailable(f"rangeserver.py did not start:\n{self.log.read_text()[-2000:]}")
+                unavailable(f"{script} did not start:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.02)
         self.port = int(port_file.read_text())
         self.url = f"http://{HOST}:{self.port}"
@@ -237,3 +240,18 @@ class RangeServer:
 
     def stop(self) -> None:
         stop(self.process)
+
+
+class RangeServer(ScriptServer):
+    """``tests/rangeserver.py`` serving ``root``; its log counts the requests it answered."""
+
+    def __init__(self, root: Path, folder: Path) -> None:
+        self.root = root
+        super().__init__("rangeserver.py", ["--directory", str(root)], folder, "rangeserver")
+
+
+class FaultServer(ScriptServer):
+    """``tests/faultserver.py``: S3 error XML, bare statuses and truncated bodies by path."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__("faultserver.py", [], folder, "faultserver")
