@@ -290,30 +290,52 @@ def build_graph(
         pinned=writer is not None,
     )
 
-    pinned = functools.partial(_pinned, writer)
-    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
     options = dict(storage_options or {})
     fetch_settings = dict(config.get("fetch"))
-    with pinned():
-        state = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
-    writes: list[Delayed] = []
-    for k, partition in enumerate(partitions):
-        after = writes[k - window] if k >= window else None
-        decoded = delayed(decode_partition, pure=False)(
-            partition, features_task, dict(bases), options, after, fetch_settings,
+
+    def decode(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
+        return delayed(decode_partition, pure=False)(
+            partitions[k], features_task, dict(bases), options, after, fetch_settings,
             dask_key_name=f"h5bank-decode-{k}-{token}",
         )  # fmt: skip
+
+    return writer_chain(plan, writer, [len(p) for p in partitions], window, decode, write_partition)
+
+
+def writer_chain(
+    plan: BuildPlan,
+    writer: str | None,
+    sizes: list[int],
+    window: int,
+    produce: Any,
+    link: Any,
+) -> Build:
+    """``open ─▶ link(produce(0)) ─▶ ... ─▶ link(produce(N-1)) ─▶ finalize``, as a :class:`Build`.
+
+    ``produce(k, plan_task, opened, after)`` makes the task whose result the
+    ``k``-th link writes (it runs anywhere; ``after`` is link ``k - window``,
+    for back-pressure). Open, the links and finalize are pinned to ``writer``.
+    """
+    pinned = functools.partial(_pinned, writer)
+    token = plan.token
+    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
+    with pinned():
+        opened = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
+    state = opened
+    writes: list[Delayed] = []
+    for k in range(len(sizes)):
+        result = produce(k, plan_task, opened, writes[k - window] if k >= window else None)
         with pinned():
-            state = delayed(write_partition, pure=False)(
-                plan_task, decoded, state, dask_key_name=f"h5bank-write-{k}-{token}"
+            state = delayed(link, pure=False)(
+                plan_task, result, state, dask_key_name=f"h5bank-write-{k}-{token}"
             )
         writes.append(state)
     with pinned():
         final = delayed(finalize_build, pure=False)(
             plan_task, state, dask_key_name=f"h5bank-finalize-{token}"
         )
-    return Build(final, [w.key for w in writes], [len(p) for p in partitions], plan, writer)
+    return Build(final, [w.key for w in writes], sizes, plan, writer)
 
 
 def map_graph(
@@ -367,29 +389,18 @@ def map_graph(
         skipped=skipped,
         pinned=writer is not None,
     )
-    pinned = functools.partial(_pinned, writer)
-    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
     func_task = delayed(func, name=f"h5bank-function-{token}", traverse=False)
-    with pinned():
-        opened = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
-    state = opened
-    writes: list[Delayed] = []
-    for k, rows in enumerate(partitions):
-        after = writes[k - window] if k >= window else None
+    pinned = functools.partial(_pinned, writer)
+
+    def read_and_map(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
         with pinned():
             records = delayed(read_partition, pure=False)(
-                plan_task, opened, columns, rows, after, dask_key_name=f"h5bank-read-{k}-{token}"
-            )
-        results = delayed(map_partition, pure=False)(
+                plan_task, opened, columns, partitions[k], after,
+                dask_key_name=f"h5bank-read-{k}-{token}",
+            )  # fmt: skip
+        return delayed(map_partition, pure=False)(
             func_task, columns, records, output, feature, k, dask_key_name=f"h5bank-map-{k}-{token}"
         )
-        with pinned():
-            state = delayed(attach_partition, pure=False)(
-                plan_task, results, state, dask_key_name=f"h5bank-write-{k}-{token}"
-            )
-        writes.append(state)
-    with pinned():
-        final = delayed(finalize_build, pure=False)(
-            plan_task, state, dask_key_name=f"h5bank-finalize-{token}"
-        )
-    return Build(final, [w.key for w in writes], [len(p) for p in partitions], plan, writer)
+
+    sizes = [len(p) for p in partitions]
+    return writer_chain(plan, writer, sizes, window, read_and_map, attach_partition)

@@ -211,12 +211,9 @@ def remote_identity(url: str, storage_options: Mapping[str, Any] | None) -> tupl
 
 def _remote_error(url: str, error: BaseException) -> OSError:
     """An error about the remote bank ``url`` that tells a missing bank from an outage."""
-    from pipeline.sources import http_status, redact, scrub, transient
+    from pipeline.sources import error_chain, http_status, redact, scrub, transient
 
-    chain, link = [], error
-    while link is not None and len(chain) < 10:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
+    chain = error_chain(error)
     status = next((s for s in map(http_status, chain) if s is not None), None)
     if status in (401, 403) or any(isinstance(e, PermissionError) for e in chain):
         return PermissionError(

@@ -382,11 +382,7 @@ def transient(error: BaseException) -> bool:
     wrap the network library's errors; fsspec's http ``open`` even reports a
     refused connection or a 503 as ``FileNotFoundError``).
     """
-    chain: list[BaseException] = []
-    while error is not None and len(chain) < 10 and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    for link in chain:
+    for link in error_chain(error):
         name = type(link).__name__
         if isinstance(link, ssl.SSLError) or "Certificate" in name or "SSL" in name:
             return False
@@ -400,6 +396,15 @@ def transient(error: BaseException) -> bool:
         if any(word in name for word in _TRANSIENT_NAMES):
             return True
     return False
+
+
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and what caused it, outermost first (at most 10; cycles cut)."""
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 10 and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 # s3fs reports S3 503 / 500 as OSError(EBUSY / EREMOTEIO); the others are the network's.

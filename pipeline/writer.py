@@ -204,16 +204,7 @@ class BankWriter:
         started = time.perf_counter()
         skip = {row for row, id_ in enumerate(packed.ids) if id_ in self.index}
         failures = list(packed.failures)
-        rejected: dict[int, Failure] = {}
-        for key, column in packed.columns.items():
-            for row, reason in self._check(key, column, skip).items():
-                rejected.setdefault(
-                    row, Failure(packed.ids[row], column.feature, f"ValueError: {reason}")
-                )
-        failures.extend(rejected[row] for row in sorted(rejected))
-        if on_error == "raise" and failures:
-            first = failures[0]
-            raise SourceError(first.id, first.feature, first.error)
+        rejected = self._screen(packed, skip, failures, on_error)
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
         bank_row = {row: self.n + k for k, row in enumerate(keep)}
         n_new = self.n + len(keep)
@@ -237,6 +228,26 @@ class BankWriter:
             self.f.flush()
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
+
+    def _screen(
+        self, packed: Packed, skip: set[int], failures: list[Failure], on_error: str
+    ) -> dict[int, Failure]:
+        """The entries (positions) the columns cannot take, added to ``failures``.
+
+        With ``on_error="raise"``, the first failure raises :class:`SourceError`
+        before anything is written.
+        """
+        rejected: dict[int, Failure] = {}
+        for key, column in packed.columns.items():
+            for row, reason in self._check(key, column, skip).items():
+                rejected.setdefault(
+                    row, Failure(packed.ids[row], column.feature, f"ValueError: {reason}")
+                )
+        failures.extend(rejected[row] for row in sorted(rejected))
+        if on_error == "raise" and failures:
+            first = failures[0]
+            raise SourceError(first.id, first.feature, first.error)
+        return rejected
 
     @contextlib.contextmanager
     def _rollback_on_error(self) -> Any:
@@ -384,16 +395,7 @@ class BankWriter:
         skip = set(unknown)
         for key, column in packed.columns.items():
             skip |= self._rows_with_data(key, column, packed.ids)
-        rejected: dict[int, Failure] = {}
-        for key, column in packed.columns.items():
-            for row, reason in self._check(key, column, skip).items():
-                rejected.setdefault(
-                    row, Failure(packed.ids[row], column.feature, f"ValueError: {reason}")
-                )
-        failures.extend(rejected[row] for row in sorted(rejected))
-        if on_error == "raise" and failures:
-            first = failures[0]
-            raise SourceError(first.id, first.feature, first.error)
+        rejected = self._screen(packed, skip, failures, on_error)
         keep = {
             position: self.index[id_]
             for position, id_ in enumerate(packed.ids)

@@ -19,7 +19,6 @@ import os
 # against an emulator); it reads this when it is imported, so set it before anything can.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile
 from distributed import Client, LocalCluster
-from servers import FaultServer, RangeServer, start_gcs, start_moto
+from servers import FaultServer, RangeServer, start_gcs, start_moto, stop
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +45,6 @@ def client(cluster):
     # Not the default client: tests of the embedded default must not find it.
     with Client(cluster, set_as_default=False) as client:
         yield client
-
-
-def _stop(process: subprocess.Popen, timeout: float = 20) -> None:
-    """Stop a process this session started, by its PID: SIGTERM, then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +93,7 @@ def cli_client(tmp_path_factory):
             yield client
     finally:
         for process in reversed(processes):  # the workers first, then the scheduler
-            _stop(process)
+            stop(process)
 
 
 def write_images(
@@ -197,7 +184,11 @@ def chdir(tmp_path):
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory):
     """A moto S3 server for the session; tests use buckets of their own."""
-    server = start_moto(tmp_path_factory.mktemp("moto"))
+    yield from _serving(start_moto(tmp_path_factory.mktemp("moto")))
+
+
+def _serving(server):
+    """Yield a started server to the session, and stop it (by PID) when the session ends."""
     try:
         yield server
     finally:
@@ -207,11 +198,7 @@ def moto(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """The GCS emulator for the session, with the bucket ``gbucket``."""
-    server = start_gcs(tmp_path_factory.mktemp("gcs"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(start_gcs(tmp_path_factory.mktemp("gcs")))
 
 
 @pytest.fixture(scope="session")
@@ -220,18 +207,10 @@ def http_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("http")
     root = folder / "root"
     root.mkdir()
-    server = RangeServer(root, folder)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(RangeServer(root, folder))
 
 
 @pytest.fixture(scope="session")
 def fault_server(tmp_path_factory):
     """``faultserver.py``: S3 error XML, bare HTTP statuses and truncated bodies, by path."""
-    server = FaultServer(tmp_path_factory.mktemp("faults"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _serving(FaultServer(tmp_path_factory.mktemp("faults")))
