@@ -750,9 +750,18 @@ def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:
 
 def write_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
     """One link of the chain: commit one decoded partition."""
+    return _link(plan, state, lambda writer: writer.commit(packed, plan.on_error))
+
+
+def _link(plan: BuildPlan, state: dict[str, Any], write: Any) -> dict[str, Any]:
+    """Run ``write(writer)`` in this build's writer; add its counts to ``state``.
+
+    A failing write closes the writer (the partial bank stays, consistent up
+    to its last commit) before the error goes on.
+    """
     writer = _writer_here(plan, state)
     try:
-        counts = writer.commit(packed, plan.on_error)
+        counts = write(writer)
     except BaseException:
         abort_build(plan.token)
         raise
@@ -776,13 +785,7 @@ def read_partition(
 
 def attach_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
     """One link of a ``bank.map`` chain: write a partition's results to existing sources."""
-    writer = _writer_here(plan, state)
-    try:
-        counts = writer.attach(packed, plan.on_error)
-    except BaseException:
-        abort_build(plan.token)
-        raise
-    return {**state, **{k: state[k] + v for k, v in counts.items()}}
+    return _link(plan, state, lambda writer: writer.attach(packed, plan.on_error))
 
 
 def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
