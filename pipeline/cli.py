@@ -88,6 +88,31 @@ def info(bank: str) -> None:
             click.echo(f"... and {len(failures) - 20} more failed sources")
 
 
+@main.command()
+@click.argument("bank", type=BANK)
+@click.option("--data", is_flag=True, help="Also read every chunk back (fletcher32 checksums).")
+def verify(bank: str, data: bool) -> None:
+    """Check BANK's structure; exit 1 with the first problem found.
+
+    Refs inside data and not overlapping, one refs / shape row per committed
+    id, shape tables matching refs, failure tables agreeing, format version
+    known, build finished. BANK may be a PATH.partial file of a stopped build.
+    """
+    from pipeline import layout, readers
+
+    f = readers.open_for_reading(bank)
+    try:
+        problem = next(layout.verify(f, data), None)
+        if problem is not None:
+            click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)
+            sys.exit(1)
+        n, columns = len(f[layout.IDS]), len(list(layout.iter_columns(f)))
+    finally:
+        readers.close_file(f)
+    checked = "structure and every chunk" if data else "structure"
+    click.echo(f"ok: {bank}: {n} sources, {columns} columns ({checked} checked)")
+
+
 @main.command(name="ls")
 @click.argument("bank", type=BANK)
 @click.argument("pattern", required=False)
