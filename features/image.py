@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import warnings
 from typing import Any
 
 import imageio.v3 as iio
@@ -13,6 +14,10 @@ from features.errors import DecodeError
 
 _MODES = (None, "L", "LA", "RGB", "RGBA")
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+# Pixels above which an image is refused unless Image(max_pixels=...) says otherwise.
+MAX_PIXELS = 100_000_000
 
 
 class Image(Feature):
@@ -31,6 +36,12 @@ class Image(Feature):
         Set it when a folder mixes RGB, RGBA and grayscale files.
     resample
         Resampling filter used with ``size`` (a Pillow filter name).
+    max_pixels
+        Largest image, in pixels, that is decoded (default 100 million, about
+        a 10,000 x 10,000 image; ``None`` for no limit beyond Pillow's own).
+        A file declaring more is refused from its header, before any pixel is
+        decoded: a decompression bomb (a tiny file that declares a huge image)
+        fails as a source instead of exhausting a worker's memory.
     **options
         See :class:`features.base.Feature` (pattern, compression, ...).
     """
@@ -42,9 +53,11 @@ class Image(Feature):
         size: tuple[int, int] | None = None,
         mode: str | None = None,
         resample: str = "bilinear",
+        max_pixels: int | None = MAX_PIXELS,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         if mode not in _MODES:
             raise ValueError(f"Image mode must be one of {_MODES}, got {mode!r}")
         if resample not in _RESAMPLE:
@@ -75,22 +88,47 @@ class Image(Feature):
         if not data:
             raise DecodeError("empty file (0 bytes)")
         extension = posixpath.splitext(name)[1].lower() or None
-        kwargs: dict[str, Any] = {"plugin": "pillow", "index": 0}
-        if self.mode:
-            kwargs["mode"] = self.mode
         try:
             try:
-                array = iio.imread(data, extension=extension, **kwargs)
+                array = self._read(data, extension)
+            except DecodeError:
+                raise
             except Exception:
                 if extension is None:
                     raise
                 # The name's extension may lie (a JPEG saved as .png); let Pillow sniff.
-                array = iio.imread(data, **kwargs)
+                array = self._read(data, None)
+        except DecodeError:
+            raise
         except Exception as error:
             raise DecodeError(
                 f"{_diagnose(data, error)} (first bytes: {data[:8].hex(' ')})"
             ) from None
         return self._resize(array) if self.size else array
+
+    def _read(self, data: bytes, extension: str | None) -> np.ndarray:
+        """Decode the first frame with imageio's Pillow plugin, refusing huge images first."""
+        from PIL.Image import DecompressionBombWarning
+
+        with warnings.catch_warnings():
+            # Pillow warns from 89 M pixels; this feature has its own limit.
+            warnings.simplefilter("ignore", DecompressionBombWarning)
+            file = iio.imopen(data, "r", extension=extension, plugin="pillow")
+        with file:
+            if self.max_pixels is not None:
+                # The plugin's Pillow image has read the header only: its size costs nothing.
+                image = getattr(file, "_image", None)
+                if image is not None:
+                    width, height = image.size
+                else:
+                    height, width = file.properties(index=0).shape[:2]
+                if width * height > self.max_pixels:
+                    raise DecodeError(
+                        f"declares {width} x {height} = {width * height:,} pixels, past the "
+                        f"limit of {self.max_pixels:,} (Image(max_pixels=...)); refused before "
+                        "decoding (a decompression bomb, or an image larger than this bank takes)"
+                    )
+            return file.read(index=0, mode=self.mode) if self.mode else file.read(index=0)
 
     def convert(self, array: np.ndarray) -> np.ndarray:
         """Apply this feature's mode and size to an already decoded image array."""
