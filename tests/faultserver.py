@@ -26,7 +26,9 @@ import os
 import re
 import socket
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from rangeserver import serve
 
 _S3_ERRORS = {
     503: ("ServiceUnavailable", "Please reduce the load on this server."),
@@ -102,21 +104,12 @@ class FaultHandler(BaseHTTPRequestHandler):
         pass  # only the request lines above
 
 
-class Server(ThreadingHTTPServer):
-    request_queue_size = 256
-    daemon_threads = True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", required=True)
     args = parser.parse_args()
-    with Server(("127.0.0.1", args.port), FaultHandler) as server:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(str(server.server_address[1]))
-        os.replace(args.port_file + ".tmp", args.port_file)
-        server.serve_forever()
+    serve(FaultHandler, args.port, args.port_file)
 
 
 if __name__ == "__main__":

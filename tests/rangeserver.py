@@ -86,18 +86,22 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def serve(handler, port: int, port_file: str) -> None:
+    """Serve ``handler`` on 127.0.0.1; write the bound port to ``port_file`` once listening."""
+    with Server(("127.0.0.1", port), handler) as server:
+        with open(port_file + ".tmp", "w") as f:
+            f.write(str(server.server_address[1]))
+        os.replace(port_file + ".tmp", port_file)  # readers never see a half-written port
+        server.serve_forever()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--directory", default=".")
     parser.add_argument("--port-file", required=True)
     args = parser.parse_args()
-    handler = partial(RangeHandler, directory=args.directory)
-    with Server(("127.0.0.1", args.port), handler) as server:
-        with open(args.port_file + ".tmp", "w") as f:
-            f.write(str(server.server_address[1]))
-        os.replace(args.port_file + ".tmp", args.port_file)
-        server.serve_forever()
+    serve(partial(RangeHandler, directory=args.directory), args.port, args.port_file)
 
 
 if __name__ == "__main__":

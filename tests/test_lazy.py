@@ -604,15 +604,21 @@ def test_item_rows_written_out_of_order_come_out_by_source(pictures, client):
     np.testing.assert_array_equal(pictures.to_dask()["thumbs"].compute(), expected)
 
 
+def thumbnail_failing_on(image):
+    """``thumbnail``, raising ``ValueError("the last one")`` for the source whose image is ``image``."""
+
+    def thumbnail_or_fail(data):
+        if np.array_equal(data["images"], image):
+            raise ValueError("the last one")
+        return thumbnail(data)
+
+    return thumbnail_or_fail
+
+
 def test_on_error_raise_stops_the_map_and_puts_the_bank_back(pictures, client):
     path, ids = pictures.path, list(pictures.ids)
     images, labels = pictures.images[:], pictures.labels[:]
-    last = images[-1]
-
-    def thumbs_until_the_last(data):
-        if np.array_equal(data["images"], last):
-            raise ValueError("the last one")
-        return thumbnail(data)
+    thumbs_until_the_last = thumbnail_failing_on(images[-1])
 
     with pytest.raises(SourceError) as raised:
         pictures.map(
@@ -1177,12 +1183,7 @@ def test_on_error_raise_without_output_stops_at_the_first_failure(pictures):
 def test_a_failed_map_with_output_says_the_bank_was_put_back(pictures):
     path = pictures.path
     last = pictures.ids[-1]
-    last_image = pictures.images[-1]
-
-    def fails_on_the_last(data):
-        if np.array_equal(data["images"], last_image):
-            raise ValueError("the last one")
-        return thumbnail(data)
+    fails_on_the_last = thumbnail_failing_on(pictures.images[-1])
 
     with pytest.raises(SourceError) as raised:
         pictures.map(
