@@ -292,7 +292,7 @@ def build_graph(
 
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
     options = dict(storage_options or {})
-    fetch_settings = dict(config.get("fetch"))
+    fetch_settings = config.section("fetch")
 
     def decode(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
         return delayed(decode_partition, pure=False)(

@@ -323,7 +323,7 @@ def fetch(
     if settings is None:
         from pipeline import config
 
-        settings = config.get("fetch")
+        settings = config.section("fetch")
     for fs, members in groups.values():
         _fetch_group(fs, members, settings)
 

@@ -34,13 +34,19 @@ def test_wheel_contents_and_packaged_config(tmp_path):
         "pipeline/__init__.py",
         "features/__init__.py",
         "pipeline/configs/h5bank.yaml",
+        "pipeline/configs/local-cluster.yaml",
+        "pipeline/configs/jobqueue.yaml",
     ):
         assert required in names, required
     assert not any(n.startswith("tests/") for n in names)
     # Imported from the unpacked wheel (not the source tree), the defaults still load.
     code = (
         "import pipeline, dask.config; from pipeline import config; "
-        "print(config.defaults_file()); print(dask.config.get('h5bank.build.chunk-bytes'))"
+        "print(config.defaults_file()); print(dask.config.get('h5bank.build.chunk-bytes')); "
+        "print(config.defaults_file('jobqueue.yaml')); "
+        "print(dask.config.get('jobqueue.slurm.cores')); "
+        "print(config.defaults_file('local-cluster.yaml')); "
+        "print(dask.config.get('h5bank.local-cluster.threads-per-worker'))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -50,6 +56,11 @@ def test_wheel_contents_and_packaged_config(tmp_path):
         env={"PYTHONPATH": str(tmp_path / "unpacked"), "PATH": "/usr/bin:/bin"},
         check=True,
     )
-    where, chunk = result.stdout.split()
-    assert where == str(tmp_path / "unpacked" / "pipeline" / "configs" / "h5bank.yaml")
+    where, chunk, jobqueue, cores, local, threads = result.stdout.split()
+    configs = tmp_path / "unpacked" / "pipeline" / "configs"
+    assert where == str(configs / "h5bank.yaml")
     assert chunk == "1048576"
+    assert jobqueue == str(configs / "jobqueue.yaml")
+    assert cores == "1"  # h5bank's default, over dask-jobqueue's unset cores
+    assert local == str(configs / "local-cluster.yaml")
+    assert threads == "1"
