@@ -2,11 +2,13 @@
 
 | ``scheduler=`` | what runs the build |
 | --- | --- |
-| ``None`` (default) | the current default ``distributed.Client`` if there is one, else an embedded ``LocalCluster`` sized to the machine (settings under ``h5bank.local-cluster``), closed after the build |
+| ``None`` (default) | the current default ``distributed.Client`` if there is one, else the setting ``h5bank.build.scheduler`` (default ``"local"``) |
+| ``"local"`` | an embedded ``LocalCluster`` sized to the machine, or inside a Slurm job to its allocation (settings under ``h5bank.local-cluster``), closed after the build |
 | ``"threads"`` / ``"sync"`` | Dask's threaded or synchronous scheduler, in this process |
 | a ``distributed.Client`` | that client's cluster (left open) |
 | ``"tcp://host:port"`` (any scheduler address) | a client to that scheduler, closed after the build (the cluster stays) |
 | a cluster object (``LocalCluster``, dask-jobqueue's ``SLURMCluster``...) | a client to it, closed after |
+| ``"slurm"`` | a dask-jobqueue ``SLURMCluster`` made from ``jobqueue.slurm`` (``configs/jobqueue.yaml``), scaled to ``h5bank.slurm.jobs`` jobs or adaptive between ``minimum-jobs`` and ``maximum-jobs``; its jobs are cancelled when the build ends or fails |
 
 Dask's multiprocessing scheduler (``"processes"``) is refused: it runs each
 task in whichever process is free, and a bank has exactly one writer process.
@@ -18,8 +20,12 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,16 +42,22 @@ LOCAL = {"threads": "threads", "threading": "threads", "sync": "sync", "synchron
 
 @dataclass
 class Runner:
-    """A resolved place to run builds: a distributed client, or a local scheduler name."""
+    """A resolved place to run builds: a distributed client, or a local scheduler name.
+
+    ``expected_threads`` is what a cluster still starting (Slurm jobs
+    submitted, not all running) will have: partitions are sized for it.
+    """
 
     client: Any = None
     local: str | None = None
+    expected_threads: int = 0
 
     @property
     def threads(self) -> int:
         if self.client is None:
             return 1 if self.local == "sync" else (os.cpu_count() or 1)
-        return sum(w.get("nthreads", 1) for w in _workers(self.client).values()) or 1
+        present = sum(w.get("nthreads", 1) for w in _workers(self.client).values())
+        return max(present, self.expected_threads) or 1
 
     def writer_worker(self) -> str | None:
         """The worker the writer chain is pinned to: the first, in address order."""
@@ -72,12 +84,30 @@ class Runner:
     def run(self, build: Build, progress: bool = True) -> BuildSummary:
         """Compute ``build``, showing sources written, rate and ETA while it runs."""
         self.release(build.path)
+        self._check_output(build)
         verb = "map " if build.plan.provenance.get("mode") == "map" else ""
         desc = f"h5bank {verb}{os.path.basename(build.path)}"
         with _bar(build.total, desc, progress) as bar:
             if self.client is None:
                 return self._run_local(build, bar)
             return self._run_distributed(build, bar)
+
+    def _check_output(self, build: Build) -> None:
+        """Fail before any work when the writer's worker cannot write next to the bank.
+
+        Workers of a Slurm or remote cluster may run on machines that do not
+        see this machine's disks: the bank must be on storage they share.
+        """
+        if self.client is None or build.writer is None:
+            return
+        folder = os.path.dirname(build.path)
+        problem = self.client.run(_cannot_write, folder, workers=[build.writer]).get(build.writer)
+        if problem:
+            raise SchedulerError(
+                f"the writer's worker {build.writer} cannot write the bank into {folder}: "
+                f"{problem}. The bank's folder must be on storage that worker reaches (a shared "
+                "filesystem when workers run on other machines)"
+            )
 
     def gather(
         self, parts: list[Any], sizes: list[int], desc: str, progress: bool = True
@@ -157,6 +187,17 @@ class Runner:
                     ) from None
 
 
+def _cannot_write(folder: str) -> str | None:
+    """Why this process cannot create files in ``folder`` (with its host), or ``None``."""
+    import socket
+
+    if not os.path.isdir(folder):
+        return f"on host {socket.gethostname()} there is no folder {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"on host {socket.gethostname()} the folder is not writable by uid {os.getuid()}"
+    return None
+
+
 def _bar(total: int, desc: str, progress: bool) -> Any:
     return tqdm(
         total=total,
@@ -209,8 +250,19 @@ def _delayed_keys(build: Build) -> list[Any]:
 
 
 @contextlib.contextmanager
-def runner_for(scheduler: Any = None) -> Iterator[Runner]:
-    """A :class:`Runner` for ``scheduler`` (see the module table); closes what it opened."""
+def runner_for(scheduler: Any = None, progress: bool = False) -> Iterator[Runner]:
+    """A :class:`Runner` for ``scheduler`` (see the module table); closes what it opened.
+
+    With ``progress``, says on stderr what it starts: the Slurm jobs and when
+    their first worker connected, or the size of a local cluster fitted to a
+    Slurm allocation.
+    """
+    if scheduler is None:
+        current = _default_client()
+        if current is not None:
+            yield Runner(client=current)
+            return
+        scheduler = config.get("build.scheduler") or "local"
     if isinstance(scheduler, str) and scheduler in LOCAL:
         yield Runner(local=LOCAL[scheduler])
         return
@@ -224,13 +276,13 @@ def runner_for(scheduler: Any = None) -> Iterator[Runner]:
     if isinstance(scheduler, Client):
         yield Runner(client=scheduler)
         return
-    if scheduler is None:
-        current = _default_client()
-        if current is not None:
-            yield Runner(client=current)
-            return
-        with _local_cluster() as cluster, Client(cluster) as client:
+    if scheduler == "local":
+        with _local_cluster(progress) as cluster, Client(cluster) as client:
             yield Runner(client=client)
+        return
+    if scheduler == "slurm":
+        with _slurm_cluster(progress) as (client, threads):
+            yield Runner(client=client, expected_threads=threads)
         return
     if (isinstance(scheduler, str) and "://" in scheduler) or hasattr(
         scheduler, "scheduler_address"
@@ -239,8 +291,10 @@ def runner_for(scheduler: Any = None) -> Iterator[Runner]:
             yield Runner(client=client)
         return
     raise SchedulerError(
-        f"unknown scheduler {scheduler!r}: use None (embedded local cluster), 'threads', 'sync', "
-        "a distributed.Client, a cluster object or a scheduler address like 'tcp://host:8786'"
+        f"unknown scheduler {scheduler!r}: use None (the default client, else "
+        "h5bank.build.scheduler), 'local' (embedded local cluster), 'threads', 'sync', "
+        "'slurm' (dask-jobqueue), a distributed.Client, a cluster object or a scheduler "
+        "address like 'tcp://host:8786'"
     )
 
 
@@ -253,19 +307,270 @@ def _default_client() -> Any:
         return None
 
 
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"h5bank: {message}", file=sys.stderr, flush=True)
+
+
+# -- the embedded local cluster, and Slurm allocations -----------------------
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The CPUs and memory of the Slurm job this process runs in."""
+
+    job_id: str
+    cpus: int | None
+    memory: int | None  # bytes
+    basis: str  # the variables the figures come from, for messages
+
+
+def slurm_allocation(env: Mapping[str, str] | None = None) -> Allocation | None:
+    """What this Slurm job was given, from its ``SLURM_*`` variables; ``None`` outside a job.
+
+    CPUs are ``SLURM_CPUS_PER_TASK`` x ``SLURM_NTASKS`` (at most
+    ``SLURM_CPUS_ON_NODE``: a local cluster uses this node only), else
+    ``SLURM_CPUS_ON_NODE``. Memory is ``SLURM_MEM_PER_NODE``, else
+    ``SLURM_MEM_PER_CPU`` x CPUs (Slurm gives both in MiB).
+    """
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job:
+        return None
+
+    def number(name: str) -> int | None:
+        text = env.get(name, "").split("(")[0]  # "2(x3)" in SLURM_TASKS_PER_NODE style
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    basis = []
+    per_task, tasks, on_node = (
+        number("SLURM_CPUS_PER_TASK"),
+        number("SLURM_NTASKS") or number("SLURM_NPROCS"),
+        number("SLURM_CPUS_ON_NODE"),
+    )
+    cpus = None
+    if per_task:
+        cpus = per_task * (tasks or 1)
+        basis.append(f"SLURM_CPUS_PER_TASK={per_task}")
+        if tasks:
+            basis.append(f"SLURM_NTASKS={tasks}")
+    if on_node and (cpus is None or on_node < cpus):
+        cpus = on_node
+        basis.append(f"SLURM_CPUS_ON_NODE={on_node}")
+    memory = None
+    per_node, per_cpu = number("SLURM_MEM_PER_NODE"), number("SLURM_MEM_PER_CPU")
+    if per_node:
+        memory = per_node * 2**20
+        basis.append(f"SLURM_MEM_PER_NODE={per_node}")
+    elif per_cpu:
+        memory = per_cpu * (cpus or 1) * 2**20
+        basis.append(f"SLURM_MEM_PER_CPU={per_cpu}")
+    return Allocation(job, cpus, memory, ", ".join(basis) or "no size variables")
+
+
+@dataclass(frozen=True)
+class LocalSize:
+    """How the embedded local cluster is sized, and why."""
+
+    n_workers: int
+    memory: Any  # bytes per worker, or "auto" / a Dask memory string
+    local_directory: str | None
+    allocation: Allocation | None
+
+    def __str__(self) -> str:
+        each = f", {self.memory / 2**30:.1f} GiB each" if isinstance(self.memory, int) else ""
+        text = f"a local cluster of {self.n_workers} worker processes{each}"
+        if self.allocation is not None:
+            text += f" (inside Slurm job {self.allocation.job_id}: {self.allocation.basis})"
+        return text
+
+
+def local_cluster_size() -> LocalSize:
+    """The embedded cluster's size: ``h5bank.local-cluster``, else this machine or Slurm job.
+
+    Inside a Slurm job it is sized to the job's allocation: Slurm may not
+    confine the job to it, and a cluster the size of the whole node would
+    take CPUs and memory other jobs were given. 90 % of the allocated memory
+    is split between the workers (the rest is for this process).
+    """
+    settings = config.section("local-cluster")
+    allocation = slurm_allocation()
+    n_workers = int(
+        settings.get("n-workers") or (allocation and allocation.cpus) or os.cpu_count() or 1
+    )
+    memory = settings.get("memory-limit", "auto")
+    local_directory = settings.get("local-directory")
+    if allocation is not None:
+        if memory == "auto" and allocation.memory:
+            memory = int(allocation.memory * 0.9 / n_workers)
+        local_directory = local_directory or os.environ.get("TMPDIR")
+    return LocalSize(n_workers, memory, local_directory, allocation)
+
+
 @contextlib.contextmanager
-def _local_cluster() -> Iterator[Any]:
-    """The embedded default: a ``LocalCluster`` of worker processes sized to the machine."""
+def _local_cluster(progress: bool = False) -> Iterator[Any]:
+    """The embedded default: a ``LocalCluster`` of worker processes (:func:`local_cluster_size`)."""
     from distributed import LocalCluster
 
-    settings = config.get("local-cluster")
-    n_workers = settings.get("n-workers") or os.cpu_count() or 1
+    settings = config.section("local-cluster")
+    size = local_cluster_size()
+    if size.allocation is not None:
+        _say(progress, f"starting {size}")
     with LocalCluster(
-        n_workers=n_workers,
+        n_workers=size.n_workers,
         threads_per_worker=settings.get("threads-per-worker") or 1,
         processes=True,
-        memory_limit=settings.get("memory-limit", "auto"),
+        memory_limit=size.memory,
         dashboard_address=settings.get("dashboard-address", ":0"),
+        local_directory=size.local_directory,
         silence_logs=logging.ERROR,
     ) as cluster:
         yield cluster
+
+
+# -- Slurm through dask-jobqueue ----------------------------------------------
+
+
+def slurm_job_script() -> str:
+    """The worker job script ``scheduler="slurm"`` would submit, from ``jobqueue.slurm``.
+
+    Rendered without starting a scheduler (its address is a placeholder), so
+    it works on a machine without Slurm: ``--dry-run`` prints it.
+    """
+    from dask_jobqueue.slurm import SLURMJob
+
+    return SLURMJob(
+        "tcp://<scheduler-address>:8786",
+        name="<worker-name>",
+        interface=dask.config.get("jobqueue.slurm.interface", None),
+    ).job_script()
+
+
+def slurm_plan() -> tuple[str, int]:
+    """How ``scheduler="slurm"`` scales (for messages), and the threads it will have."""
+    settings = config.section("slurm")
+    cores = int(dask.config.get("jobqueue.slurm.cores") or 1)
+    low, high = settings.get("minimum-jobs"), settings.get("maximum-jobs")
+    if low is not None and high is not None:
+        return f"adaptive, {low} to {high} Slurm jobs of {_cores(cores)}", int(high) * cores
+    jobs = int(settings.get("jobs") or 1)
+    return f"{jobs} Slurm job{'s' if jobs != 1 else ''} of {_cores(cores)}", jobs * cores
+
+
+def _cores(n: int) -> str:
+    return f"{n} core{'s' if n != 1 else ''}"
+
+
+def _test_submit(script: str) -> None:
+    """``sbatch --test-only`` the job script: a wrong partition or size fails now, with Slurm's words."""
+    if shutil.which("sbatch") is None:
+        raise SchedulerError(
+            "scheduler 'slurm' needs Slurm's sbatch on this machine's PATH (run the build on a "
+            "login node of the cluster), or set h5bank.slurm.test-submit: false"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="h5bank-job-") as f:
+        f.write(script)
+        f.flush()
+        result = subprocess.run(
+            ["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=120
+        )
+    if result.returncode != 0:
+        reason = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise SchedulerError(
+            f"Slurm refused the worker job script: {reason or f'sbatch exit {result.returncode}'}. "
+            "Fix jobqueue.slurm (configs/jobqueue.yaml: queue, account, cores, memory, "
+            "walltime); `h5bank build CONFIG --scheduler slurm --dry-run` prints the script"
+        )
+
+
+@contextlib.contextmanager
+def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
+    """A client to a ``SLURMCluster`` with its jobs submitted and one worker connected."""
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    settings = config.section("slurm")
+    plan, threads = slurm_plan()
+    started = time.perf_counter()
+    cluster = SLURMCluster()  # everything from jobqueue.slurm
+    try:
+        if settings.get("test-submit", True):
+            _test_submit(cluster.job_script())
+        if settings.get("minimum-jobs") is not None and settings.get("maximum-jobs") is not None:
+            cluster.adapt(
+                minimum_jobs=int(settings["minimum-jobs"]),
+                maximum_jobs=int(settings["maximum-jobs"]),
+            )
+        else:
+            cluster.scale(jobs=int(settings.get("jobs") or 1))
+        _say(progress, f"submitted {plan}")
+        with Client(cluster) as client:
+            _wait_for_first_worker(client, cluster, float(settings.get("wait-timeout") or 600))
+            _say(
+                progress,
+                f"first Slurm worker connected {time.perf_counter() - started:.1f} s after "
+                f"starting the cluster (jobs {', '.join(_job_ids(cluster)) or '?'})",
+            )
+            yield client, threads
+    finally:
+        cluster.close()
+
+
+def _job_ids(cluster: Any) -> list[str]:
+    return [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+
+
+_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def _wait_for_first_worker(client: Any, cluster: Any, timeout: float) -> None:
+    """Wait until a worker connects; fail with the jobs' Slurm states when none does."""
+    deadline, next_check = time.monotonic() + timeout, time.monotonic() + 5
+    while not _workers(client):
+        now = time.monotonic()
+        if now > deadline:
+            raise SchedulerError(
+                f"no Slurm worker connected within {timeout:g} s (h5bank.slurm.wait-timeout); "
+                f"the jobs: {_shown_states(_job_ids(cluster))}. Their output is in "
+                "jobqueue.slurm.log-directory (default: the working directory)"
+            )
+        if now > next_check:  # every job ended without a worker: no point waiting
+            next_check = now + 5
+            ids = _job_ids(cluster)
+            states = _job_states(ids)
+            if ids and len(states) == len(ids) and not any(s in _LIVE for s, _ in states.values()):
+                raise SchedulerError(
+                    f"every Slurm worker job ended before its worker connected: "
+                    f"{_shown_states(ids)}. Their output is in jobqueue.slurm.log-directory "
+                    "(default: the working directory)"
+                )
+        with contextlib.suppress(Exception):
+            client.wait_for_workers(1, timeout=1)
+
+
+def _job_states(ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Job id -> (state, reason), from ``scontrol show job`` (it also knows finished jobs)."""
+    states: dict[str, tuple[str, str]] = {}
+    if shutil.which("scontrol") is None:
+        return states
+    for job in ids:
+        result = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60
+        )
+        fields = dict(w.split("=", 1) for w in result.stdout.split() if "=" in w)
+        if "JobState" in fields:
+            states[job] = (fields["JobState"], fields.get("Reason", "None"))
+    return states
+
+
+def _shown_states(ids: list[str]) -> str:
+    """``"12 PENDING (Resources), 13 RUNNING"``."""
+    if not ids:
+        return "none submitted"
+    states = _job_states(ids)
+    return ", ".join(
+        f"{job} {states[job][0]}" + (f" ({states[job][1]})" if states[job][1] != "None" else "")
+        if job in states
+        else f"{job} unknown"
+        for job in ids
+    )

@@ -111,3 +111,7 @@ class WriterError(H5BankError, RuntimeError):
 
 class SchedulerError(H5BankError, ValueError):
     """``scheduler=`` is not something a build can run on."""
+
+
+class ConfigError(H5BankError, ValueError):
+    """A build config (``h5bank build CONFIG``) is missing a setting or holds a wrong one."""

@@ -238,7 +238,7 @@ class TypedFile:
             )  # fmt: skip
         progress = config.get("build.progress", progress)
         started = time.perf_counter()
-        with runner_for(scheduler) as runner:
+        with runner_for(scheduler, progress=progress) as runner:
             build = cls.graph(
                 path,
                 sources,
@@ -668,7 +668,7 @@ class TypedFile:
             self._h5, list(keys.values()), len(self)
         )
         started = time.perf_counter()
-        with runner_for(scheduler) as runner:
+        with runner_for(scheduler, progress=progress) as runner:
             if partition_size is None:
                 spread = math.ceil(len(rows) / (4 * runner.threads)) if len(rows) else 1
                 per_partition = max(1, min(per_partition, spread))
