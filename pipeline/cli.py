@@ -7,6 +7,9 @@ on stderr), 2 for a usage error.
 from __future__ import annotations
 
 import fnmatch
+import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -24,6 +27,7 @@ class _Command(click.Group):
             return super().invoke(ctx)
         except (H5BankError, OSError, ValueError) as error:
             message = scrub(str(error))  # errors may quote URLs with credentials
+            message = " ".join(line.strip() for line in message.splitlines() if line.strip())
             click.echo(f"h5bank: error: {type(error).__name__}: {message}", err=True)
             sys.exit(1)
 
@@ -52,25 +56,184 @@ def main() -> None:
     """Build many small raw files into one HDF5 bank, and read it back."""
 
 
+SCHEDULER_HELP = (
+    "Where to build: 'local' (an embedded local cluster, the default), 'threads', 'sync', "
+    "tcp://host:port, or 'slurm' (dask-jobqueue, configs/jobqueue.yaml)."
+)
+
+
 @main.command()
 @click.option(
     "--out", default="h5bank-demo", show_default=True, help="Folder for the samples and the bank."
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    help="Where to build: default an embedded local cluster; 'threads', 'sync' or tcp://host:port.",
-)
+@click.option("--scheduler", default=None, help=SCHEDULER_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(out: str, scheduler: str | None, quiet: bool) -> None:
+@click.option(
+    "--samples-only", is_flag=True, help="Only write the samples (OUT/samples), build nothing."
+)
+def demo(out: str, scheduler: str | None, quiet: bool, samples_only: bool) -> None:
     """Generate sample images and sounds, build them into OUT/demo.h5, print the bank."""
     from pipeline import demo as demo_module
 
+    if samples_only:
+        click.echo(demo_module.make_samples(os.path.join(out, "samples")))
+        return
     bank = demo_module.run(out, scheduler=scheduler, progress=not quiet)
     with bank:
         click.echo(bank.tree())
         if quiet:  # otherwise create() has printed the summary under its progress bar
             click.echo(str(bank.summary))
+
+
+class _Stopped(BaseException):
+    """SIGTERM (Slurm's scancel, a time limit, kill) turned into an exception the build unwinds."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    # The cluster is torn down while the build unwinds; its errors are noise now.
+    for name in ("distributed", "asyncio", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    raise _Stopped(signum)
+
+
+def _jobs(text: str | None) -> dict[str, Any]:
+    """``--jobs 4`` or ``--jobs 2:8`` (adaptive) as settings."""
+    if text is None:
+        return {}
+    low, colon, high = text.partition(":")
+    try:
+        if colon:
+            bounds = int(low), int(high)
+            if not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+                raise ValueError
+            return {"h5bank.slurm.minimum-jobs": bounds[0], "h5bank.slurm.maximum-jobs": bounds[1]}
+        jobs = int(text)
+        if jobs < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give a number of jobs (4) or adaptive bounds (2:8)", param_hint="--jobs"
+        ) from None
+    return {
+        "h5bank.slurm.jobs": jobs,
+        "h5bank.slurm.minimum-jobs": None,
+        "h5bank.slurm.maximum-jobs": None,
+    }
+
+
+@main.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--scheduler", default=None, help=SCHEDULER_HELP + " Default: the config's.")
+@click.option(
+    "--jobs", default=None, help="With --scheduler slurm: N jobs, or MIN:MAX to scale adaptively."
+)
+@click.option("--output", "-o", default=None, help="The bank to write (default: the config's).")
+@click.option("--resume", is_flag=True, help="Continue a stopped build, or add missing sources.")
+@click.option("--overwrite", is_flag=True, help="Build again even if the bank exists.")
+@click.option("--dry-run", is_flag=True, help="Print what would run (the Slurm job script too).")
+@click.option("--quiet", is_flag=True, help="No progress bar; print the summary at the end.")
+def build(
+    config_file: str,
+    scheduler: str | None,
+    jobs: str | None,
+    output: str | None,
+    resume: bool,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
+    """Build the bank a build CONFIG describes (see configs/builds/).
+
+    CONFIG names the bank type (or its features), the sources, the output
+    and where to run; ~/.config/dask and DASK_* variables override it, and
+    these options override both. Inside an sbatch job the local cluster is
+    sized from the job's allocation.
+    """
+    from pipeline import buildconfig, layout
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    overrides: dict[str, Any] = {**_jobs(jobs)}
+    if scheduler is not None:
+        overrides["h5bank.build.scheduler"] = scheduler
+    if output is not None:
+        overrides["h5bank.build.output"] = output
+    plan = buildconfig.load(config_file, overrides)
+    if jobs is not None and plan.scheduler != "slurm":
+        raise click.UsageError(f"--jobs applies to --scheduler slurm, not {plan.scheduler!r}")
+    target = os.path.abspath(plan.output)
+    partial = layout.partial_path(target)
+    if dry_run:
+        click.echo(f"h5bank build {config_file}: dry run, nothing is built or submitted")
+        click.echo(plan.describe())
+        return
+    if not (resume or overwrite):
+        if os.path.exists(partial):
+            raise FileExistsError(
+                f"{partial} holds a build that stopped: --resume continues it, --overwrite "
+                "starts again"
+            )
+        if os.path.exists(target):
+            raise FileExistsError(
+                f"{target} exists: --resume adds the sources it lacks, --overwrite builds it again"
+            )
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        bank = plan.run(mode="a" if resume else "w", progress=not quiet)
+    except (_Stopped, KeyboardInterrupt):
+        where = (
+            f"{partial} keeps every source committed so far"
+            if os.path.exists(partial)
+            else ("nothing was committed")
+        )
+        click.echo(
+            f"h5bank: error: stopped before the build finished; {where}: resume with "
+            f"h5bank build {config_file} --resume",
+            err=True,
+        )
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with bank:
+        if quiet:
+            click.echo(str(bank.summary))
+
+
+@main.command(name="config")
+@click.argument("key", required=False)
+@click.option(
+    "--build",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A build config to show merged in.",
+)
+def show_config(key: str | None, config_file: str | None) -> None:
+    """Print the settings in force (h5bank and jobqueue.slurm), or the one at KEY.
+
+    Packaged defaults (configs/*.yaml), overridden by ~/.config/dask/*.yaml and
+    DASK_* environment variables (and by CONFIG's settings, with --build).
+    """
+    import dask
+    import yaml
+
+    from pipeline import buildconfig, config
+    from pipeline.errors import ConfigError
+
+    settings = buildconfig.settings(config_file) if config_file else {}
+    with dask.config.set(settings):
+        if key is None:
+            click.echo(config.effective(), nl=False)
+            return
+        try:
+            value = dask.config.get(key)
+        except KeyError:
+            raise ConfigError(f"no setting {key!r}; `h5bank config` lists them") from None
+        if isinstance(value, dict):
+            click.echo(config.effective((key,)), nl=False)
+        else:
+            click.echo(
+                yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+            )
 
 
 @main.command()
@@ -96,13 +259,17 @@ def verify(bank: str, data: bool) -> None:
 
     Refs inside data and not overlapping, one refs / shape row per committed
     id, shape tables matching refs, failure tables agreeing, format version
-    known, build finished. BANK may be a PATH.partial file of a stopped build.
+    known, build finished. BANK may be the PATH.partial file a stopped build
+    left: then what it commits is checked, the part a resume keeps.
     """
     from pipeline import layout, readers
 
     f = readers.open_for_reading(bank)
     try:
-        problem = next(layout.verify(f, data), None)
+        stopped = bank.endswith(layout.PARTIAL_SUFFIX) and (
+            f.attrs.get(layout.ATTR_STATE) == layout.BUILDING
+        )
+        problem = next(layout.verify(f, data, stopped=stopped), None)
         if problem is not None:
             click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)
             sys.exit(1)
@@ -110,7 +277,8 @@ def verify(bank: str, data: bool) -> None:
     finally:
         readers.close_file(f)
     checked = "structure and every chunk" if data else "structure"
-    click.echo(f"ok: {bank}: {n} sources, {columns} columns ({checked} checked)")
+    what = f"{n} sources committed by a stopped build (resumable)" if stopped else f"{n} sources"
+    click.echo(f"ok: {bank}: {what}, {columns} columns ({checked} checked)")
 
 
 @main.command(name="ls")

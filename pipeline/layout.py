@@ -433,7 +433,7 @@ def truncate(f: h5py.File) -> int:
     return n
 
 
-def verify(f: h5py.File, data: bool = False) -> Iterator[str]:
+def verify(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[str]:
     """The structural problems of the bank ``f``, first found first (nothing for a sound bank).
 
     Checks the format and version, that the build finished, that every refs
@@ -442,13 +442,20 @@ def verify(f: h5py.File, data: bool = False) -> Iterator[str]:
     and that the failure tables agree. With ``data``, every chunk of every
     dataset is read back (HDF5 checks fletcher32 checksums where enabled) and
     label codes are checked against their names.
+
+    With ``stopped``, ``f`` is the partial file of a build that stopped: what
+    its id table commits must be sound (that is what a resume keeps), and
+    rows a stopped commit wrote past it are allowed (a resume cuts them).
     """
     try:
         check_format(f)
     except (NotABankError, FormatVersionError) as error:
         yield str(error)
         return
-    if f.attrs.get(ATTR_STATE) != COMPLETE:
+    if stopped:
+        if f.attrs.get(ATTR_STATE) != BUILDING:
+            yield f"it is not a stopped build (state {f.attrs.get(ATTR_STATE)!r})"
+    elif f.attrs.get(ATTR_STATE) != COMPLETE:
         yield f"its build has not finished (state {f.attrs.get(ATTR_STATE)!r})"
     n = ids_table(f).shape[0]
     ids = read_strings(ids_table(f))
@@ -457,23 +464,27 @@ def verify(f: h5py.File, data: bool = False) -> Iterator[str]:
         duplicate = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         yield f"{IDS}: the id {duplicate!r} is committed twice"
     lengths = {t.name: t.shape[0] for t in failure_tables(f)}
-    if len(set(lengths.values())) != 1:
+    if len(set(lengths.values())) != 1 and not stopped:
         yield f"{FAILURES}: its tables disagree in length {lengths}"
     for path in iter_columns(f):
-        yield from _verify_column(Column.open(f, path), n, data)
+        yield from _verify_column(Column.open(f, path), n, data, stopped)
     if data:
         yield from _verify_chunks(f)
 
 
-def _verify_column(column: Column, n: int, data: bool) -> Iterator[str]:
+def _verify_column(column: Column, n: int, data: bool, stopped: bool = False) -> Iterator[str]:
     where = column.path
-    if column.refs.shape != (n, 2):
+
+    def wrong(rows: int) -> bool:  # a stopped build may have written rows past its commit
+        return rows < n if stopped else rows != n
+
+    if column.refs.shape[1:] != (2,) or wrong(column.refs.shape[0]):
         yield f"{where}/refs has {column.refs.shape[0]} rows for {n} committed sources"
         return
-    if column.shape is not None and column.shape.shape[0] != n:
+    if column.shape is not None and wrong(column.shape.shape[0]):
         yield f"{where}/shape has {column.shape.shape[0]} rows for {n} committed sources"
         return
-    refs = column.refs[:] if n else np.zeros((0, 2), dtype=np.int64)
+    refs = column.refs[:n] if n else np.zeros((0, 2), dtype=np.int64)
     starts, stops = refs[:, 0], refs[:, 1]
     empty = starts < 0
     if ((stops < 0) != empty).any():
@@ -501,7 +512,7 @@ def _verify_column(column: Column, n: int, data: bool) -> Iterator[str]:
             f"{column.storage} storage has one"
         )
     if column.shape is not None:
-        table = column.shape[:] if n else np.zeros((0, 1), dtype=np.int64)
+        table = column.shape[:n] if n else np.zeros((0, 1), dtype=np.int64)
         sizes = np.where(table >= 0, table, 1).prod(axis=1)
         mismatch = used[sizes[used] != extent]
         if mismatch.size:
@@ -510,8 +521,9 @@ def _verify_column(column: Column, n: int, data: bool) -> Iterator[str]:
                 f"{where}/shape row {row} is {stored_shape(column, row)}, but its refs hold "
                 f"{int(stops[row] - starts[row])} elements"
             )
-    if data and column.storage == "category" and rows:
-        codes = column.data[:]
+    end = int(stops[used].max()) if used.size else 0
+    if data and column.storage == "category" and end:
+        codes = column.data[:end]
         names = category_names(column)
         if codes.min() < 0 or codes.max() >= len(names):
             yield f"{where}/data holds label codes outside its {len(names)} names"
