@@ -214,3 +214,38 @@ def http_server(tmp_path_factory):
 def fault_server(tmp_path_factory):
     """``faultserver.py``: S3 error XML, bare HTTP statuses and truncated bodies, by path."""
     yield from _serving(FaultServer(tmp_path_factory.mktemp("faults")))
+
+
+# -- Slurm (a single-node cluster started by tests/slurm.sh, stopped by PID) -----------------
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node Slurm: the one ``tests/slurm.sh up`` started (``.ci/run`` does
+    before the tests), else started here and stopped at the end of the session. Skips
+    locally, and fails on CI, when it cannot run (not root, no apt, no Slurm)."""
+    from servers import unavailable
+
+    script = Path(__file__).with_name("slurm.sh")
+    conf = (
+        subprocess.run(["bash", script, "env"], capture_output=True, text=True, check=True)
+        .stdout.split("=", 1)[1]
+        .strip()
+    )
+    started = False
+    if subprocess.run(["bash", script, "status"], capture_output=True).returncode != 0:
+        up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=600)
+        if up.returncode != 0:
+            unavailable(f"no Slurm here: tests/slurm.sh up failed: {up.stderr.strip()[-600:]}")
+        started = True
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # for sbatch/scontrol here and in dask-jobqueue
+    try:
+        yield conf
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        if started:
+            subprocess.run(["bash", script, "down"], capture_output=True, timeout=120)
