@@ -27,6 +27,7 @@ from pipeline.errors import (
     SchemaError,
     SourceError,
     UnknownIdError,
+    WorkerDiedError,
     WriterError,
 )
 from pipeline.schema import Group
@@ -54,6 +55,7 @@ __all__ = [
     "SourceError",
     "TypedFile",
     "UnknownIdError",
+    "WorkerDiedError",
     "WriterError",
     "__version__",
     "config",

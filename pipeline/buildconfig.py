@@ -51,6 +51,7 @@ from features.base import Feature
 from pipeline import config
 from pipeline.errors import ConfigError
 from pipeline.schema import Group
+from pipeline.sources import is_url, redact
 from pipeline.typedfile import TypedFile
 
 # The top-level keys a build applies while it runs.
@@ -97,7 +98,7 @@ class BuildConfig:
             f"bank:     {self.bank_name}",
             *(f"          {path}: {feature!r}" for path, feature in self.bank.__schema__.items()),
             f"sources:  {', '.join(self.sources)}",
-            f"output:   {os.path.abspath(self.output)}",
+            f"output:   {redact(self.output) if is_url(self.output) else os.path.abspath(self.output)}",
         ]
         with dask.config.set(self.settings):
             scheduler = self.scheduler
@@ -128,6 +129,7 @@ def settings(
             f"{shown}: unknown top-level keys {unknown}; a build config holds 'h5bank' and "
             "'jobqueue' settings"
         )
+    config.load_jobqueue_defaults()  # the file may set jobqueue.slurm keys over h5bank's defaults
     merged = copy.deepcopy(dict(dask.config.config))
     dask.config.update(merged, given, priority="new")
     dask.config.update(merged, dask.config.collect(), priority="new")  # the user's own

@@ -20,15 +20,25 @@ from pipeline.sources import scrub
 
 
 class _Command(click.Group):
-    """Turns h5bank's errors and OS errors into one line on stderr and exit code 1."""
+    """Turns any error into one line on stderr and exit code 1.
+
+    ``H5BANK_TRACEBACK=1`` shows the traceback of errors h5bank did not
+    expect (those are a bug, or a crash such as a worker killed for memory).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (H5BankError, OSError, ValueError) as error:
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as error:
+            expected = isinstance(error, (H5BankError, OSError, ValueError))
+            if not expected and os.environ.get("H5BANK_TRACEBACK"):
+                raise
             message = scrub(str(error))  # errors may quote URLs with credentials
             message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-            click.echo(f"h5bank: error: {type(error).__name__}: {message}", err=True)
+            hint = "" if expected else " (H5BANK_TRACEBACK=1 shows where)"
+            click.echo(f"h5bank: error: {type(error).__name__}: {message}{hint}", err=True)
             sys.exit(1)
 
 
@@ -91,8 +101,9 @@ class _Stopped(BaseException):
 
 def _stop(signum: int, frame: Any) -> None:
     # The cluster is torn down while the build unwinds; its errors are noise now.
-    for name in ("distributed", "asyncio", "tornado"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in [*logging.root.manager.loggerDict, "asyncio"]:
+        if name.split(".")[0] in ("distributed", "asyncio", "tornado"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     raise _Stopped(signum)
 
 
@@ -104,7 +115,7 @@ def _jobs(text: str | None) -> dict[str, Any]:
     try:
         if colon:
             bounds = int(low), int(high)
-            if not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+            if not 1 <= bounds[0] <= bounds[1]:
                 raise ValueError
             return {"h5bank.slurm.minimum-jobs": bounds[0], "h5bank.slurm.maximum-jobs": bounds[1]}
         jobs = int(text)
@@ -112,7 +123,8 @@ def _jobs(text: str | None) -> dict[str, Any]:
             raise ValueError
     except ValueError:
         raise click.BadParameter(
-            f"{text!r}: give a number of jobs (4) or adaptive bounds (2:8)", param_hint="--jobs"
+            f"{text!r}: give a number of jobs (4) or adaptive bounds (2:8), at least 1",
+            param_hint="--jobs",
         ) from None
     return {
         "h5bank.slurm.jobs": jobs,
@@ -147,10 +159,14 @@ def build(
     CONFIG names the bank type (or its features), the sources, the output
     and where to run; ~/.config/dask and DASK_* variables override it, and
     these options override both. Inside an sbatch job the local cluster is
-    sized from the job's allocation.
+    sized from the job's allocation. SIGTERM (scancel, a time limit) or
+    Ctrl-C stops the build and says what it kept for --resume.
     """
-    from pipeline import buildconfig, layout
+    from pipeline import buildconfig
 
+    # "Task exception was never retrieved" from a cluster torn down after an
+    # error: the error itself is reported in one line below.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
     overrides: dict[str, Any] = {**_jobs(jobs)}
@@ -161,42 +177,71 @@ def build(
     plan = buildconfig.load(config_file, overrides)
     if jobs is not None and plan.scheduler != "slurm":
         raise click.UsageError(f"--jobs applies to --scheduler slurm, not {plan.scheduler!r}")
-    target = os.path.abspath(plan.output)
-    partial = layout.partial_path(target)
     if dry_run:
         click.echo(f"h5bank build {config_file}: dry run, nothing is built or submitted")
         click.echo(plan.describe())
         return
+    partial = _refuse_to_replace(plan, resume, overwrite)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        bank = plan.run(mode="a" if resume else "w", progress=not quiet)
+    except _Stopped as stop:
+        kept = (
+            f"{partial} keeps every source committed so far: resume with "
+            f"`h5bank build {config_file} --resume`"
+            if partial and os.path.exists(partial)
+            else "nothing was committed"
+        )
+        name = signal.Signals(stop.args[0]).name
+        click.echo(f"h5bank: error: stopped by {name} before the build finished; {kept}", err=True)
+        sys.exit(128 + stop.args[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    with bank:
+        if quiet:
+            click.echo(str(bank.summary))
+
+
+def _refuse_to_replace(plan: Any, resume: bool, overwrite: bool) -> str | None:
+    """Refuse to replace the bank or a stopped build unless told to; the partial file's path."""
+    import dask
+
+    from pipeline import config, layout
+    from pipeline.sources import is_url
+
+    with dask.config.set(plan.settings):
+        storage_options = config.storage_options()
+    if is_url(plan.output):
+        from pipeline.readers import remote_fs
+
+        fs, path = remote_fs(plan.output, storage_options)
+        if not overwrite and fs.exists(path):
+            raise FileExistsError(
+                f"{scrub(plan.output)} exists: --overwrite builds it again (a remote bank cannot "
+                "be appended to: copy it here, build with --resume, upload it)"
+            )
+        return None
+    target = os.path.abspath(plan.output)
+    partial = layout.partial_path(target)
+    has_bank, has_partial = os.path.exists(target), os.path.exists(partial)
+    if has_bank and has_partial and not overwrite:
+        raise FileExistsError(
+            f"both {target} and {partial} (a build that stopped) exist: delete the partial file "
+            "to keep the bank (--resume then adds what it lacks), move the bank away to resume "
+            "the stopped build, or --overwrite to build again"
+        )
     if not (resume or overwrite):
-        if os.path.exists(partial):
+        if has_partial:
             raise FileExistsError(
                 f"{partial} holds a build that stopped: --resume continues it, --overwrite "
                 "starts again"
             )
-        if os.path.exists(target):
+        if has_bank:
             raise FileExistsError(
                 f"{target} exists: --resume adds the sources it lacks, --overwrite builds it again"
             )
-    previous = signal.signal(signal.SIGTERM, _stop)
-    try:
-        bank = plan.run(mode="a" if resume else "w", progress=not quiet)
-    except (_Stopped, KeyboardInterrupt):
-        where = (
-            f"{partial} keeps every source committed so far"
-            if os.path.exists(partial)
-            else ("nothing was committed")
-        )
-        click.echo(
-            f"h5bank: error: stopped before the build finished; {where}: resume with "
-            f"h5bank build {config_file} --resume",
-            err=True,
-        )
-        sys.exit(143)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    with bank:
-        if quiet:
-            click.echo(str(bank.summary))
+    return partial
 
 
 @main.command(name="config")
@@ -210,8 +255,9 @@ def build(
 def show_config(key: str | None, config_file: str | None) -> None:
     """Print the settings in force (h5bank and jobqueue.slurm), or the one at KEY.
 
-    Packaged defaults (configs/*.yaml), overridden by ~/.config/dask/*.yaml and
-    DASK_* environment variables (and by CONFIG's settings, with --build).
+    Packaged defaults (configs/*.yaml), then CONFIG's settings (with --build),
+    then ~/.config/dask/*.yaml and DASK_* environment variables: each wins
+    over the ones before. Secret-looking storage options show as ***.
     """
     import dask
     import yaml

@@ -33,7 +33,7 @@ import dask
 from tqdm.auto import tqdm
 
 from pipeline import config, layout, readers
-from pipeline.errors import SchedulerError, WriterError
+from pipeline.errors import SchedulerError, WorkerDiedError, WriterError
 from pipeline.graph import Build
 from pipeline.writer import BuildSummary, abort_build
 
@@ -100,14 +100,20 @@ class Runner:
         """
         if self.client is None or build.writer is None:
             return
+        import socket
+
         folder = os.path.dirname(build.path)
-        problem = self.client.run(_cannot_write, folder, workers=[build.writer]).get(build.writer)
-        if problem:
-            raise SchedulerError(
-                f"the writer's worker {build.writer} cannot write the bank into {folder}: "
-                f"{problem}. The bank's folder must be on storage that worker reaches (a shared "
-                "filesystem when workers run on other machines)"
-            )
+        host, problem = self.client.run(_cannot_write, folder, workers=[build.writer])[build.writer]
+        if problem is None:
+            return
+        if host == socket.gethostname():
+            error = FileNotFoundError if "no folder" in problem else PermissionError
+            raise error(f"cannot write the bank {build.path}: {problem}")
+        raise SchedulerError(
+            f"the writer's worker {build.writer} on host {host} cannot write the bank into "
+            f"{folder}: {problem}. The bank's folder must be on storage that worker reaches (a "
+            "shared filesystem when workers run on other machines)"
+        )
 
     def gather(
         self, parts: list[Any], sizes: list[int], desc: str, progress: bool = True
@@ -158,10 +164,17 @@ class Runner:
                     return final.result()
                 bar.update(sizes.pop(future))
                 future.release()
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(Exception):
                 self.client.cancel([f for f in (final, *writes) if f.status == "pending"])
                 build.abort(self.client)
+            if type(error).__name__ == "KilledWorker":
+                raise WorkerDiedError(
+                    f"{error} Worker processes die like this when they run out of memory (give "
+                    "them more: h5bank.local-cluster.memory-limit, jobqueue.slurm.memory) or when "
+                    f"a decoder crashes on a source. {layout.partial_path(build.path)} keeps what "
+                    "was committed: resume with mode='a' (h5bank build --resume)"
+                ) from error
             raise
 
     def _next(self, build: Build, done: queue.SimpleQueue[Any]) -> Any:
@@ -187,15 +200,16 @@ class Runner:
                     ) from None
 
 
-def _cannot_write(folder: str) -> str | None:
-    """Why this process cannot create files in ``folder`` (with its host), or ``None``."""
+def _cannot_write(folder: str) -> tuple[str, str | None]:
+    """This host, and why this process cannot create files in ``folder`` (``None``: it can)."""
     import socket
 
+    host = socket.gethostname()
     if not os.path.isdir(folder):
-        return f"on host {socket.gethostname()} there is no folder {folder}"
+        return host, f"there is no folder {folder} (create it first)"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return f"on host {socket.gethostname()} the folder is not writable by uid {os.getuid()}"
-    return None
+        return host, f"the folder {folder} is not writable by uid {os.getuid()}"
+    return host, None
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
@@ -233,8 +247,18 @@ def placement(scheduler: Any = None) -> tuple[str | None, int]:
     """Where a build graph made for ``scheduler`` pins its writer, and how many threads run it.
 
     Unlike :func:`runner_for`, ``None`` starts nothing: without a default
-    client the graph is unpinned and runs on the threaded scheduler.
+    client the graph is unpinned and runs on the threaded scheduler. A
+    :class:`Runner` (what ``create`` has) answers for itself. ``"local"`` and
+    ``"slurm"`` are refused: the cluster would be gone before the graph runs.
     """
+    if isinstance(scheduler, Runner):
+        return scheduler.writer_worker(), scheduler.threads
+    if scheduler in ("local", "slurm"):
+        raise SchedulerError(
+            f"a graph cannot be made for scheduler={scheduler!r}: that cluster would be closed "
+            "before the graph runs. Start the cluster yourself (LocalCluster(), "
+            "dask_jobqueue.SLURMCluster()) and pass a Client to it, or use create()"
+        )
     if scheduler is None and _default_client() is None:
         return None, os.cpu_count() or 1
     with runner_for(scheduler) as runner:
@@ -277,7 +301,7 @@ def runner_for(scheduler: Any = None, progress: bool = False) -> Iterator[Runner
         yield Runner(client=scheduler)
         return
     if scheduler == "local":
-        with _local_cluster(progress) as cluster, Client(cluster) as client:
+        with _local_cluster(progress) as cluster, _closing(Client(cluster)) as client:
             yield Runner(client=client)
         return
     if scheduler == "slurm":
@@ -328,10 +352,12 @@ class Allocation:
 def slurm_allocation(env: Mapping[str, str] | None = None) -> Allocation | None:
     """What this Slurm job was given, from its ``SLURM_*`` variables; ``None`` outside a job.
 
-    CPUs are ``SLURM_CPUS_PER_TASK`` x ``SLURM_NTASKS`` (at most
-    ``SLURM_CPUS_ON_NODE``: a local cluster uses this node only), else
-    ``SLURM_CPUS_ON_NODE``. Memory is ``SLURM_MEM_PER_NODE``, else
-    ``SLURM_MEM_PER_CPU`` x CPUs (Slurm gives both in MiB).
+    CPUs are ``SLURM_CPUS_PER_TASK`` x ``SLURM_NTASKS`` (at most this node's
+    CPUs: a local cluster uses this node only), else this node's CPUs:
+    ``SLURM_CPUS_ON_NODE`` (batch jobs), or the first entry of
+    ``SLURM_JOB_CPUS_PER_NODE`` (``"4(x2),2"``; ``salloc`` shells have only
+    this). Memory is ``SLURM_MEM_PER_NODE``, else ``SLURM_MEM_PER_CPU`` x the
+    CPUs (Slurm gives both in MiB).
     """
     env = os.environ if env is None else env
     job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
@@ -339,15 +365,17 @@ def slurm_allocation(env: Mapping[str, str] | None = None) -> Allocation | None:
         return None
 
     def number(name: str) -> int | None:
-        text = env.get(name, "").split("(")[0]  # "2(x3)" in SLURM_TASKS_PER_NODE style
+        # "4(x2),2" style lists: the first entry is the node this runs on
+        text = env.get(name, "").split(",")[0].split("(")[0].strip()
         return int(text) if text.isdigit() and int(text) > 0 else None
 
     basis = []
-    per_task, tasks, on_node = (
-        number("SLURM_CPUS_PER_TASK"),
-        number("SLURM_NTASKS") or number("SLURM_NPROCS"),
-        number("SLURM_CPUS_ON_NODE"),
+    per_task = number("SLURM_CPUS_PER_TASK")
+    tasks = number("SLURM_NTASKS") or number("SLURM_NPROCS")
+    node_variable = next(
+        (v for v in ("SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE") if number(v)), None
     )
+    on_node = number(node_variable) if node_variable else None
     cpus = None
     if per_task:
         cpus = per_task * (tasks or 1)
@@ -356,14 +384,14 @@ def slurm_allocation(env: Mapping[str, str] | None = None) -> Allocation | None:
             basis.append(f"SLURM_NTASKS={tasks}")
     if on_node and (cpus is None or on_node < cpus):
         cpus = on_node
-        basis.append(f"SLURM_CPUS_ON_NODE={on_node}")
+        basis.append(f"{node_variable}={env[node_variable]}")
     memory = None
     per_node, per_cpu = number("SLURM_MEM_PER_NODE"), number("SLURM_MEM_PER_CPU")
     if per_node:
         memory = per_node * 2**20
         basis.append(f"SLURM_MEM_PER_NODE={per_node}")
-    elif per_cpu:
-        memory = per_cpu * (cpus or 1) * 2**20
+    elif per_cpu and cpus:
+        memory = per_cpu * cpus * 2**20
         basis.append(f"SLURM_MEM_PER_CPU={per_cpu}")
     return Allocation(job, cpus, memory, ", ".join(basis) or "no size variables")
 
@@ -395,9 +423,9 @@ def local_cluster_size() -> LocalSize:
     """
     settings = config.section("local-cluster")
     allocation = slurm_allocation()
-    n_workers = int(
-        settings.get("n-workers") or (allocation and allocation.cpus) or os.cpu_count() or 1
-    )
+    threads = int(settings.get("threads-per-worker") or 1)
+    cpus = (allocation and allocation.cpus) or os.cpu_count() or 1
+    n_workers = int(settings.get("n-workers") or max(1, cpus // threads))
     memory = settings.get("memory-limit", "auto")
     local_directory = settings.get("local-directory")
     if allocation is not None:
@@ -416,16 +444,34 @@ def _local_cluster(progress: bool = False) -> Iterator[Any]:
     size = local_cluster_size()
     if size.allocation is not None:
         _say(progress, f"starting {size}")
-    with LocalCluster(
+    cluster = LocalCluster(
         n_workers=size.n_workers,
         threads_per_worker=settings.get("threads-per-worker") or 1,
         processes=True,
         memory_limit=size.memory,
         dashboard_address=settings.get("dashboard-address", ":0"),
         local_directory=size.local_directory,
-        silence_logs=logging.ERROR,
-    ) as cluster:
+        silence_logs=logging.CRITICAL,  # task errors reach the caller as exceptions
+    )
+    with _closing(cluster):
         yield cluster
+
+
+@contextlib.contextmanager
+def _closing(thing: Any) -> Iterator[Any]:
+    """Close a cluster or client at the end; a failure to close never hides the build's error.
+
+    (Closing a cluster whose workers just died can raise, e.g. "can only join
+    a started process"; that error would otherwise replace the one that
+    says why the build stopped.)
+    """
+    try:
+        yield thing
+    except BaseException:
+        with contextlib.suppress(Exception):
+            thing.close()
+        raise
+    thing.close()
 
 
 # -- Slurm through dask-jobqueue ----------------------------------------------
@@ -439,6 +485,7 @@ def slurm_job_script() -> str:
     """
     from dask_jobqueue.slurm import SLURMJob
 
+    config.load_jobqueue_defaults()
     return SLURMJob(
         "tcp://<scheduler-address>:8786",
         name="<worker-name>",
@@ -448,6 +495,7 @@ def slurm_job_script() -> str:
 
 def slurm_plan() -> tuple[str, int]:
     """How ``scheduler="slurm"`` scales (for messages), and the threads it will have."""
+    config.load_jobqueue_defaults()
     settings = config.section("slurm")
     cores = int(dask.config.get("jobqueue.slurm.cores") or 1)
     low, high = settings.get("minimum-jobs"), settings.get("maximum-jobs")
@@ -493,18 +541,18 @@ def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
     plan, threads = slurm_plan()
     started = time.perf_counter()
     cluster = SLURMCluster()  # everything from jobqueue.slurm
-    try:
+    with _closing(cluster):
         if settings.get("test-submit", True):
             _test_submit(cluster.job_script())
         if settings.get("minimum-jobs") is not None and settings.get("maximum-jobs") is not None:
-            cluster.adapt(
-                minimum_jobs=int(settings["minimum-jobs"]),
-                maximum_jobs=int(settings["maximum-jobs"]),
+            cluster.adapt(  # at least one job: the build waits for a worker before it starts
+                minimum_jobs=max(1, int(settings["minimum-jobs"])),
+                maximum_jobs=max(1, int(settings["maximum-jobs"])),
             )
         else:
             cluster.scale(jobs=int(settings.get("jobs") or 1))
         _say(progress, f"submitted {plan}")
-        with Client(cluster) as client:
+        with _closing(Client(cluster)) as client:
             _wait_for_first_worker(client, cluster, float(settings.get("wait-timeout") or 600))
             _say(
                 progress,
@@ -512,15 +560,19 @@ def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
                 f"starting the cluster (jobs {', '.join(_job_ids(cluster)) or '?'})",
             )
             yield client, threads
-    finally:
-        cluster.close()
 
 
 def _job_ids(cluster: Any) -> list[str]:
     return [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
 
 
-_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+# Slurm job states after which a job will not start a worker any more.
+_ENDED = frozenset(
+    {
+        "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+        "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT", "GONE",
+    }
+)  # fmt: skip
 
 
 def _wait_for_first_worker(client: Any, cluster: Any, timeout: float) -> None:
@@ -531,17 +583,16 @@ def _wait_for_first_worker(client: Any, cluster: Any, timeout: float) -> None:
         if now > deadline:
             raise SchedulerError(
                 f"no Slurm worker connected within {timeout:g} s (h5bank.slurm.wait-timeout); "
-                f"the jobs: {_shown_states(_job_ids(cluster))}. Their output is in "
-                "jobqueue.slurm.log-directory (default: the working directory)"
+                f"the jobs: {_shown_states(_job_states(_job_ids(cluster)))}. Their output is "
+                "in jobqueue.slurm.log-directory (default: the working directory)"
             )
         if now > next_check:  # every job ended without a worker: no point waiting
             next_check = now + 5
-            ids = _job_ids(cluster)
-            states = _job_states(ids)
-            if ids and len(states) == len(ids) and not any(s in _LIVE for s, _ in states.values()):
+            states = _job_states(_job_ids(cluster))
+            if states and all(state in _ENDED for state, _ in states.values()):
                 raise SchedulerError(
                     f"every Slurm worker job ended before its worker connected: "
-                    f"{_shown_states(ids)}. Their output is in jobqueue.slurm.log-directory "
+                    f"{_shown_states(states)}. Their output is in jobqueue.slurm.log-directory "
                     "(default: the working directory)"
                 )
         with contextlib.suppress(Exception):
@@ -549,28 +600,29 @@ def _wait_for_first_worker(client: Any, cluster: Any, timeout: float) -> None:
 
 
 def _job_states(ids: list[str]) -> dict[str, tuple[str, str]]:
-    """Job id -> (state, reason), from ``scontrol show job`` (it also knows finished jobs)."""
-    states: dict[str, tuple[str, str]] = {}
-    if shutil.which("scontrol") is None:
-        return states
-    for job in ids:
-        result = subprocess.run(
-            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60
-        )
-        fields = dict(w.split("=", 1) for w in result.stdout.split() if "=" in w)
-        if "JobState" in fields:
-            states[job] = (fields["JobState"], fields.get("Reason", "None"))
+    """Job id -> (state, reason), in one ``squeue`` call; jobs it no longer lists are GONE."""
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    result = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    states = {job: ("GONE", "None") for job in ids}
+    for line in result.stdout.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job in states:
+            states[job] = (state, reason or "None")
     return states
 
 
-def _shown_states(ids: list[str]) -> str:
+def _shown_states(states: dict[str, tuple[str, str]]) -> str:
     """``"12 PENDING (Resources), 13 RUNNING"``."""
-    if not ids:
+    if not states:
         return "none submitted"
-    states = _job_states(ids)
     return ", ".join(
-        f"{job} {states[job][0]}" + (f" ({states[job][1]})" if states[job][1] != "None" else "")
-        if job in states
-        else f"{job} unknown"
-        for job in ids
+        f"{job} {state}" + (f" ({reason})" if reason != "None" else "")
+        for job, (state, reason) in states.items()
     )

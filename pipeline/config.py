@@ -12,13 +12,15 @@ as ``pipeline/configs/``), in Dask's own conventions:
 They are merged the way dask-jobqueue merges its ``jobqueue.yaml``: a
 function argument beats ``dask.config.set``, which beats environment variables
 (``DASK_H5BANK__BUILD__PARTITION_SIZE``) and YAML files in ``~/.config/dask``
-(or ``$DASK_CONFIG``), which beat these packaged defaults. Build configs
+(or ``$DASK_CONFIG``), which beat these packaged defaults. ``jobqueue.yaml``
+is merged when Slurm is first needed (:func:`load_jobqueue_defaults`). Build configs
 (``configs/builds/``) are not defaults: ``pipeline.buildconfig`` reads them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,13 @@ import yaml
 _HERE = Path(__file__).resolve().parent
 # Installed wheel first, then the source checkout (editable installs).
 _FOLDERS = (_HERE / "configs", _HERE.parent / "configs")
-FILES = ("h5bank.yaml", "local-cluster.yaml", "jobqueue.yaml")
+FILES = ("h5bank.yaml", "local-cluster.yaml")  # loaded when pipeline is imported
+JOBQUEUE_FILE = "jobqueue.yaml"  # loaded with dask-jobqueue, when Slurm is first needed
+_jobqueue: dict[str, Any] | None = None  # h5bank's jobqueue.yaml, once loaded
 
 
 def defaults_file(name: str = "h5bank.yaml") -> Path:
-    """The packaged YAML file ``name`` (one of :data:`FILES`)."""
+    """The packaged YAML file ``name`` (one of :data:`FILES` or :data:`JOBQUEUE_FILE`)."""
     for folder in _FOLDERS:
         if (folder / name).is_file():
             return folder / name
@@ -41,19 +45,43 @@ def defaults_file(name: str = "h5bank.yaml") -> Path:
     )
 
 
-def _load_defaults() -> None:
-    # dask-jobqueue merges its own defaults when imported; imported later, they
-    # would replace h5bank's jobqueue.slurm defaults, so import it first.
-    import dask_jobqueue  # noqa: F401
+def _read(name: str) -> dict[str, Any]:
+    with open(defaults_file(name)) as f:
+        return yaml.safe_load(f)
 
+
+def _load_defaults() -> None:
+    # update_defaults keeps what the user already set (YAML files and DASK_*
+    # variables read when dask was imported, dask.config.set calls) and
+    # fills in the rest.
     for name in FILES:
-        with open(defaults_file(name)) as f:
-            dask.config.update_defaults(yaml.safe_load(f))
-    # update_defaults keeps what the user set, but only where it differs from
-    # the old defaults; apply the user's YAML files and environment variables
-    # again so they win in every case. (dask.config.refresh() would not do:
-    # it lets the first-loaded defaults win, i.e. dask-jobqueue's over h5bank's.)
-    dask.config.update(dask.config.config, dask.config.collect(), priority="new")
+        dask.config.update_defaults(_read(name))
+
+
+def load_jobqueue_defaults() -> None:
+    """Merge h5bank's ``jobqueue.slurm`` defaults over dask-jobqueue's (on first use).
+
+    dask-jobqueue merges its own defaults when it is imported, so it is
+    imported first; ours then replace its values wherever the user set
+    nothing. Ours also go first in ``dask.config.defaults``, so a later
+    ``dask.config.refresh()`` (where the first defaults win) keeps them.
+    Deferred to first use: importing dask-jobqueue costs time and writes a
+    commented template to ``~/.config/dask/jobqueue.yaml``.
+    """
+    global _jobqueue
+    if _jobqueue is None:
+        import dask_jobqueue  # noqa: F401
+
+        ours = _read(JOBQUEUE_FILE)
+        dask.config.update_defaults(ours)
+        dask.config.defaults.remove(ours)
+        dask.config.defaults.insert(0, ours)
+        _jobqueue = ours
+    # A dask.config.set block that began before the first load takes the whole
+    # "jobqueue" key away when it ends: fill in what is missing (nothing set is touched).
+    packaged = [d for d in dask.config.defaults if "jobqueue" in d and d is not _jobqueue]
+    full = dask.config.merge(*packaged, _jobqueue)
+    dask.config.update(dask.config.config, {"jobqueue": full["jobqueue"]}, priority="old")
 
 
 def get(key: str, override: Any = None) -> Any:
@@ -86,16 +114,59 @@ def storage_options(given: Any = None) -> dict[str, Any]:
     return dict(value)
 
 
+_SECRET = re.compile(r"secret|password|token|key|credential|authorization|session", re.I)
+
+
 def effective(keys: tuple[str, ...] = ("h5bank", "jobqueue.slurm")) -> str:
-    """The settings in force under ``keys``, as YAML (``h5bank config`` prints it)."""
+    """The settings in force under ``keys``, as YAML (``h5bank config`` prints it).
+
+    Names are spelled as in the packaged files (an environment variable's
+    ``max_backoff`` shows as ``max-backoff``); values of storage options
+    whose names look secret (keys, tokens, passwords...) show as ``"***"``.
+    """
+    load_jobqueue_defaults()
     shown: dict[str, Any] = {}
     for key in keys:
         node = shown
         *parents, leaf = key.split(".")
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = dask.config.get(key, None)
+        node[leaf] = _presentable(
+            dask.config.get(key, None), _default_at(key), leaf.startswith("storage")
+        )
     return yaml.safe_dump(shown, sort_keys=False, default_flow_style=False)
+
+
+def _default_at(key: str) -> Any:
+    value: Any = dask.config.merge(*dask.config.defaults)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _presentable(value: Any, default: Any, storage: bool) -> Any:
+    """``value`` with names spelled as in ``default``; secrets under storage options hidden."""
+    if not isinstance(value, dict):
+        return value
+    default = default if isinstance(default, dict) else {}
+    out: dict[str, Any] = {}
+    for name, child in value.items():
+        spelled = str(name).replace("_", "-")
+        if spelled in default and name not in default:
+            name = spelled
+        below = storage or str(name).startswith("storage")
+        if below and isinstance(child, str) and str(name).startswith("storage"):
+            out[name] = "*** (a JSON string, from the environment)"
+        elif (
+            below
+            and not isinstance(child, dict)
+            and child is not None
+            and _SECRET.search(str(name))
+        ):
+            out[name] = "***"
+        else:
+            out[name] = _presentable(child, default.get(name), below)
+    return out
 
 
 _load_defaults()

@@ -115,3 +115,7 @@ class SchedulerError(H5BankError, ValueError):
 
 class ConfigError(H5BankError, ValueError):
     """A build config (``h5bank build CONFIG``) is missing a setting or holds a wrong one."""
+
+
+class WorkerDiedError(H5BankError, RuntimeError):
+    """Worker processes kept dying on the same task (memory, or a crashing decoder)."""

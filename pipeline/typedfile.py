@@ -243,7 +243,7 @@ class TypedFile:
                 path,
                 sources,
                 mode=mode,
-                scheduler=runner.client if runner.client is not None else runner.local,
+                scheduler=runner,
                 partition_size=partition_size,
                 on_error=on_error,
                 storage_options=storage_options,

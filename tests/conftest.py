@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -141,6 +142,28 @@ def write_sounds(
     return paths
 
 
+def assert_same_contents(path, expected_path):
+    """Two banks hold the same ids in the same order and, column by column, the same refs,
+    shapes, label names and data, and no failures; the first is a finished bank."""
+    from pipeline import layout
+
+    with h5py.File(path, "r") as f, h5py.File(expected_path, "r") as g:
+        assert f.attrs[layout.ATTR_STATE] == layout.COMPLETE
+        assert layout.read_strings(layout.ids_table(f)) == layout.read_strings(layout.ids_table(g))
+        columns = sorted(layout.iter_columns(f))
+        assert columns == sorted(layout.iter_columns(g))
+        for column_path in columns:
+            a, b = layout.Column.open(f, column_path), layout.Column.open(g, column_path)
+            assert a.storage == b.storage, column_path
+            np.testing.assert_array_equal(a.refs[:], b.refs[:], err_msg=column_path)
+            np.testing.assert_array_equal(a.data[:], b.data[:], err_msg=column_path)
+            if b.shape is not None:
+                np.testing.assert_array_equal(a.shape[:], b.shape[:], err_msg=column_path)
+            if b.storage == "category":
+                assert layout.category_names(a) == layout.category_names(b)
+        assert all(table.shape[0] == 0 for table in layout.failure_tables(f))
+
+
 @pytest.fixture
 def images(tmp_path) -> Path:
     """A folder of 12 mixed-depth PNGs in two class folders."""
@@ -235,7 +258,7 @@ def slurm():
     started = False
     if subprocess.run(["bash", script, "status"], capture_output=True).returncode != 0:
         up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=600)
-        if up.returncode != 0:
+        if up.returncode != 0:  # slurm.sh stops what a failed bring-up started
             unavailable(f"no Slurm here: tests/slurm.sh up failed: {up.stderr.strip()[-600:]}")
         started = True
     previous = os.environ.get("SLURM_CONF")

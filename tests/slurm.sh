@@ -9,9 +9,11 @@
 #   bash tests/slurm.sh status   exit 0 when this script's cluster answers
 #   bash tests/slurm.sh env      print `export SLURM_CONF=...`
 #
-# Settings and pitfalls are the ones measured in ../shared/notes/slurm.md: no
-# cgroup plugins (jobs would report COMPLETED without running), proctrack
-# linuxproc, no scheduling delay, partition limits enforced at submit time.
+# The settings avoid the pitfalls measured on these machines: no cgroup
+# plugins (in a container jobs would report COMPLETED without running),
+# proctrack/linuxproc, no scheduling delay, partition limits enforced at
+# submit time (an oversized job fails at once instead of pending for ever).
+# A failed `up` stops whatever it started before exiting.
 set -euo pipefail
 
 DIR="${H5BANK_SLURM_DIR:-/tmp/h5bank-slurm}"
@@ -126,6 +128,7 @@ up() {
     if status 2>/dev/null; then
         down  # restart from clean state: stale jobs and spool would confuse the tests
     fi
+    trap 'say "bring-up failed: stopping what it started"; down' ERR EXIT
     mkdir -p "$DIR"/{ctld,d,log}
     start_munge
     write_conf
@@ -140,6 +143,7 @@ up() {
         tail -5 "$DIR/log/slurmd.log" >&2
         exit 1
     fi
+    trap - ERR EXIT
     say "up: $(sinfo -h -o '%P %a %D %T %c CPUs %m MB') (SLURM_CONF=$CONF)"
 }
 

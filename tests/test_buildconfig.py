@@ -3,15 +3,16 @@ where it runs; ``pipeline.buildconfig.load`` reads it, ``BuildConfig.run`` build
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import dask
-import h5py
 import numpy as np
 import pytest
 import yaml
 from configbank import Corner, Pictures
+from conftest import assert_same_contents
 from distributed import Client
 
 from features import DirLabels, Image
@@ -21,7 +22,6 @@ from pipeline import (
     SourceError,
     TypedFile,
     buildconfig,
-    layout,
 )
 from pipeline.demo import DemoBank
 
@@ -35,7 +35,7 @@ def _own_settings(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("DASK_H5BANK__", "DASK_JOBQUEUE__", "SLURM_")):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(dask.config, "paths", [])
+    monkeypatch.setattr(dask.config, "collect", functools.partial(dask.config.collect, paths=[]))
 
 
 def write_config(path: Path, settings: dict) -> Path:
@@ -49,25 +49,6 @@ def build_config(path: Path, *, jobqueue: dict | None = None, **build) -> Path:
     if jobqueue is not None:
         settings["jobqueue"] = jobqueue
     return write_config(path, settings)
-
-
-def assert_same_banks(path, expected_path):
-    """The same ids in the same order and, column by column, the same refs, shapes, label
-    names and data."""
-    with h5py.File(path, "r") as f, h5py.File(expected_path, "r") as g:
-        assert f.attrs[layout.ATTR_STATE] == layout.COMPLETE
-        assert layout.read_strings(layout.ids_table(f)) == layout.read_strings(layout.ids_table(g))
-        columns = sorted(layout.iter_columns(f))
-        assert columns == sorted(layout.iter_columns(g))
-        for column_path in columns:
-            a, b = layout.Column.open(f, column_path), layout.Column.open(g, column_path)
-            assert a.storage == b.storage, column_path
-            np.testing.assert_array_equal(a.refs[:], b.refs[:], err_msg=column_path)
-            np.testing.assert_array_equal(a.data[:], b.data[:], err_msg=column_path)
-            if b.shape is not None:
-                np.testing.assert_array_equal(a.shape[:], b.shape[:], err_msg=column_path)
-            if b.storage == "category":
-                assert layout.category_names(a) == layout.category_names(b)
 
 
 # -- what a config says ------------------------------------------------------------------
@@ -197,7 +178,7 @@ def test_run_on_threads_builds_what_create_builds(images, tmp_path, monkeypatch)
     Expected.create(tmp_path / "expected.h5", images, scheduler="threads", progress=False).close()
     # The relative output is relative to the current directory, not to the config file.
     assert not (tmp_path / "built.h5").exists()
-    assert_same_banks(tmp_path / "work" / "built.h5", tmp_path / "expected.h5")
+    assert_same_contents(tmp_path / "work" / "built.h5", tmp_path / "expected.h5")
 
 
 def test_run_on_the_embedded_local_cluster_builds_what_create_builds(images, tmp_path, chdir):
@@ -218,7 +199,7 @@ def test_run_on_the_embedded_local_cluster_builds_what_create_builds(images, tmp
         assert len(bank) == 12
     assert {p.pid for p in multiprocessing.active_children()} <= before  # and closed it
     Expected.create(tmp_path / "expected.h5", images, scheduler="threads", progress=False).close()
-    assert_same_banks(tmp_path / "local.h5", tmp_path / "expected.h5")
+    assert_same_contents(tmp_path / "local.h5", tmp_path / "expected.h5")
 
 
 def test_the_configs_settings_apply_while_it_runs_and_mode_a_resumes(images, tmp_path, chdir):

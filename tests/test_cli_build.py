@@ -6,14 +6,18 @@ PATH on which every Slurm command only records that it was called)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_images
+from conftest import assert_same_contents, write_images
+from slowbank import QuickBank
 
 from pipeline import TypedFile, layout
 
@@ -435,3 +439,61 @@ def test_demo_samples_only_writes_the_samples_and_builds_nothing(tmp_path, env):
     assert (len(images), len(sounds)) == (120, 18)
     assert {p.parent.name for p in images} == {"circles", "squares", "stripes"}
     assert not list((tmp_path / "d").rglob("*.h5"))
+
+
+# -- stopping a build: SIGTERM (scancel, a time limit) and Ctrl-C -------------------------
+
+
+@pytest.mark.parametrize(
+    ("sig", "scheduler"), [(signal.SIGTERM, "local"), (signal.SIGINT, "threads")]
+)
+def test_a_signal_stops_the_build_keeping_what_it_committed(tmp_path, env, sig, scheduler):
+    images = tmp_path / "images"
+    write_images(images, per_class=60)  # 120 sources, 0.05 s each
+    config = tmp_path / "slow.yaml"
+    build = {"bank": "slowbank:SlowBank", "sources": "images", "output": "slow.h5",
+             "scheduler": scheduler, "partition-size": 4}  # fmt: skip
+    config.write_text(yaml.safe_dump({"h5bank": {"build": build}}))
+    env = {**env, "PYTHONPATH": str(Path(__file__).parent), "H5BANK_TEST_DELAY": "0.05"}
+    script = shutil.which("h5bank", path=str(Path(sys.executable).parent))
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [script, "build", str(config)], cwd=tmp_path, env=env, stderr=stderr,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:  # wait until the progress bar shows a few partitions written
+        deadline, done = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and process.poll() is None and done < 8:
+            counts = re.findall(r"(\d+)/120", log.read_text())
+            done = int(counts[-1]) if counts else 0
+            time.sleep(0.05)
+        assert 8 <= done < 120, f"not caught midway ({done}/120)"
+        process.send_signal(sig)
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    err = log.read_text()
+    assert process.returncode == 128 + sig, err
+    partial = tmp_path / "slow.h5.partial"
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"h5bank: error: stopped by {signal.Signals(sig).name} before the build finished; "
+        f"{partial} keeps every source committed so far: resume with "
+        f"`h5bank build {config} --resume`"
+    )
+    assert "Traceback" not in err
+    assert not (tmp_path / "slow.h5").exists()
+
+    check = h5bank("verify", partial, cwd=tmp_path, env=env)
+    assert check.returncode == 0, check.stderr
+    committed = int(re.search(r"(\d+) sources committed by a stopped build", check.stdout)[1])
+    assert 0 < committed < 120
+    resumed = h5bank("build", config, "--resume", "--quiet", cwd=tmp_path,
+                     env={**env, "H5BANK_TEST_DELAY": "0"})  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{120 - committed} sources ok, 0 failed, {committed} already in the bank" in (
+        resumed.stdout
+    )
+    QuickBank.create(tmp_path / "quick.h5", images, scheduler="threads", progress=False).close()
+    assert_same_contents(tmp_path / "slow.h5", tmp_path / "quick.h5")

@@ -43,7 +43,7 @@ def test_wheel_contents_and_packaged_config(tmp_path):
     code = (
         "import pipeline, dask.config; from pipeline import config; "
         "print(config.defaults_file()); print(dask.config.get('h5bank.build.chunk-bytes')); "
-        "print(config.defaults_file('jobqueue.yaml')); "
+        "print(config.defaults_file('jobqueue.yaml')); config.load_jobqueue_defaults(); "
         "print(dask.config.get('jobqueue.slurm.cores')); "
         "print(config.defaults_file('local-cluster.yaml')); "
         "print(dask.config.get('h5bank.local-cluster.threads-per-worker'))"
