@@ -109,6 +109,13 @@ class WriterError(H5BankError, RuntimeError):
     """The single writer could not continue the build."""
 
 
+class DiskFullError(WriterError):
+    """The bank's disk (or the writer's file-size limit) has no room for the next commit.
+
+    The build stops at its last commit; free space and resume it.
+    """
+
+
 class SchedulerError(H5BankError, ValueError):
     """``scheduler=`` is not something a build can run on."""
 

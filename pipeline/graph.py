@@ -155,8 +155,8 @@ def committed_ids(path: str) -> set[str]:
             continue
         try:
             with h5py.File(candidate, "r") as f:
-                if layout.is_bank(f):
-                    return set(layout.read_strings(layout.ids_table(f)))
+                if layout.is_bank(f):  # only what the bank commits: a killed commit wrote more
+                    return set(layout.read_strings(layout.ids_table(f))[: layout.committed(f)])
         except OSError:
             continue
     return set()
@@ -187,7 +187,7 @@ def partition_sources(
             partition_size = max(1, min(256, math.ceil(len(specs) / (4 * max(threads, 1)))))
     if partition_size < 1:
         raise ValueError(f"partition_size must be at least 1, got {partition_size}")
-    seen: set[str] = set()
+    seen: dict[str, str | None] = {}  # id -> where its first source is
     duplicates: list[str] = []
     skipped = 0
     partitions: list[Partition] = [Partition(0, [])]
@@ -199,22 +199,26 @@ def partition_sources(
         if spec.id in skip:
             skipped += 1
         elif spec.id in seen:
+            first, this = seen[spec.id], spec.url
+            both = f" ({redact(first)} and {redact(this)})" if first and this else ""
             if known:
-                duplicates.append(spec.id)
+                duplicates.append(f"{spec.id!r}{both}")
             else:
+                which = f" ({redact(first)})" if first else ""
                 current.failures.append(
                     Failure(
                         spec.id,
                         "",
-                        "DuplicateIdError: an earlier source of this build has the same id; "
-                        "the first one is kept",
+                        f"DuplicateIdError: an earlier source of this build{which} has the same "
+                        f"id; the first one is kept"
+                        + (f", this one ({redact(this)}) is not" if this else ""),
                     )
                 )
         else:
-            seen.add(spec.id)
+            seen[spec.id] = spec.url
             current.specs.append(spec)
     if duplicates:
-        shown = ", ".join(repr(d) for d in duplicates[:10])
+        shown = ", ".join(duplicates[:10])
         more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
         raise DuplicateIdError(
             f"{len(duplicates)} duplicate source ids, nothing was written: {shown}{more}. Files "
@@ -328,7 +332,7 @@ def writer_chain(
         result = produce(k, plan_task, opened, writes[k - window] if k >= window else None)
         with pinned():
             state = delayed(link, pure=False)(
-                plan_task, result, state, dask_key_name=f"h5bank-write-{k}-{token}"
+                plan_task, result, state, k, dask_key_name=f"h5bank-write-{k}-{token}"
             )
         writes.append(state)
     with pinned():

@@ -24,9 +24,15 @@ that h5py alone can read:
 
 Commit order makes crashes cheap: a commit appends rows (and, first, new
 label names or a new column's datasets, which nothing refers to yet), then
-refs (and shapes), then the ids, then failures, then flushes. The id table is
-the commit record: :func:`truncate` cuts every table back to what the ids
-commit.
+refs (and shapes), then the ids, then failures, then flushes; then it sets
+the root attribute ``h5bank_committed`` to the number of ids and flushes
+again. That counter is the commit record: a process killed during the first
+flush may leave an id table that grew while its strings or the rows they
+point to were not all written, and the counter, rewritten in place only once
+all of that is on disk, says how many ids to trust. :func:`truncate` cuts
+every table back to what it commits (banks written before the counter
+existed: to the id table). HDF5 keeps no journal, so this ordering is what
+makes a killed build resumable.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ ATTR_SCHEMA = "h5bank_schema"
 ATTR_PROVENANCE = "h5bank_provenance"
 ATTR_STATE = "h5bank_state"
 ATTR_UUID = "h5bank_uuid"
+ATTR_COMMITTED = "h5bank_committed"
 ATTR_STORAGE = "h5bank_storage"
 ATTR_FEATURE = "h5bank_feature"
 ATTR_NAMES = "names"  # category labels, code i is names[i]
@@ -104,6 +111,7 @@ def init_bank(f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any]) 
     f.attrs[ATTR_PROVENANCE] = json.dumps(provenance, sort_keys=True)
     f.attrs[ATTR_STATE] = BUILDING
     f.attrs[ATTR_UUID] = uuid.uuid4().hex
+    f.attrs[ATTR_COMMITTED] = np.int64(0)
     _string_table(f, IDS)
     for field in FAILURE_FIELDS:
         _string_table(f, f"{FAILURES}/{field}")
@@ -401,6 +409,8 @@ def consistent(f: h5py.File) -> bool:
     reclaims them.
     """
     n = ids_table(f).shape[0]
+    if committed(f) != n:
+        return False
     for path in iter_columns(f):
         column = Column.open(f, path)
         if column.refs.shape[0] != n or (column.shape is not None and column.shape.shape[0] != n):
@@ -410,15 +420,35 @@ def consistent(f: h5py.File) -> bool:
     return len({t.shape[0] for t in failure_tables(f)}) == 1
 
 
-def truncate(f: h5py.File) -> int:
-    """Cut every table back to what the id table commits; return the number of sources.
+def committed(f: h5py.File) -> int:
+    """How many sources the bank commits: ``h5bank_committed``, at most the id table's rows."""
+    rows = ids_table(f).shape[0]
+    counter = f.attrs.get(ATTR_COMMITTED)
+    return rows if counter is None else min(rows, int(counter))
 
-    Refs and shape tables get exactly one row per committed id; ``data`` is cut
-    after the last row a committed ref points to (rows a crashed commit
-    appended are dropped); the failure tables are cut to their shortest.
+
+def mark_committed(f: h5py.File) -> None:
+    """Record the id table's length as committed (call after a flush; flush again after)."""
+    n = np.int64(ids_table(f).shape[0])
+    if ATTR_COMMITTED in f.attrs:
+        f.attrs.modify(ATTR_COMMITTED, n)  # in place: the root header keeps its size
+    else:
+        f.attrs[ATTR_COMMITTED] = n
+
+
+def truncate(f: h5py.File) -> int:
+    """Cut every table back to what the bank commits; return the number of sources.
+
+    The id table is cut to :func:`committed`; refs and shape tables get
+    exactly one row per committed id; ``data`` is cut after the last row a
+    committed ref points to (rows a crashed commit appended are dropped);
+    the failure tables are cut to their shortest.
     """
     recover_renumbering(f)
-    n = ids_table(f).shape[0]
+    n = committed(f)
+    if ids_table(f).shape[0] > n:
+        ids_table(f).resize((n,))
+    mark_committed(f)
     for path in iter_columns(f):
         column = Column.open(f, path)
         resize_sources(column, n)
@@ -457,8 +487,13 @@ def verify(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[
             yield f"it is not a stopped build (state {f.attrs.get(ATTR_STATE)!r})"
     elif f.attrs.get(ATTR_STATE) != COMPLETE:
         yield f"its build has not finished (state {f.attrs.get(ATTR_STATE)!r})"
-    n = ids_table(f).shape[0]
-    ids = read_strings(ids_table(f))
+    rows = ids_table(f).shape[0]
+    counter = f.attrs.get(ATTR_COMMITTED)
+    if counter is not None and (int(counter) > rows or (int(counter) != rows and not stopped)):
+        yield f"{ATTR_COMMITTED} is {int(counter)} but {IDS} has {rows} rows"
+        return
+    n = committed(f)
+    ids = read_strings(ids_table(f))[:n]
     if len(set(ids)) != n:
         seen: set[str] = set()
         duplicate = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]

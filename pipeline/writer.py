@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import itertools
 import os
 import posixpath
+import re
+import resource
+import shutil
 import socket
 import threading
 import time
@@ -37,7 +41,7 @@ import numpy as np
 from features.base import Feature
 from pipeline import layout
 from pipeline.decode import Failure, Packed, PackedColumn
-from pipeline.errors import SchemaError, SourceError, WriterError
+from pipeline.errors import DiskFullError, SchemaError, SourceError, WriterError
 from pipeline.readers import ColumnSpec, RawRows, read_raw
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
@@ -76,6 +80,10 @@ class BankWriter:
         self.n = layout.ids_table(f).shape[0]
         self._opened_n = self.n
         self._failures_at_open = layout.failure_tables(f)[0].shape[0]
+        # What open_build returned, and each link's result: a task Dask runs again
+        # (its result lost with a worker) gets them back instead of writing twice.
+        self.opened: dict[str, Any] = {}
+        self.links: dict[int, dict[str, Any]] = {}
         self._marks: list[int] = []  # self.n when each failure this writer recorded was
         self._index: dict[str, int] | None = None
         self._columns: dict[str, layout.Column] = {}
@@ -208,6 +216,7 @@ class BankWriter:
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
         bank_row = {row: self.n + k for k, row in enumerate(keep)}
         n_new = self.n + len(keep)
+        self._check_space(packed, len(keep))
         with self._rollback_on_error():
             touched = set()
             for key, column in packed.columns.items():
@@ -226,6 +235,10 @@ class BankWriter:
             self.n = n_new
             self._record(failures)
             self.f.flush()
+            _sync(self.f)  # on disk, not only in the page cache, before the record says so
+            layout.mark_committed(self.f)  # the commit record, once the rest is on disk
+            self.f.flush()
+            _sync(self.f)
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
 
@@ -249,12 +262,57 @@ class BankWriter:
             raise SourceError(first.id, first.feature, first.error)
         return rejected
 
+    def _check_space(self, packed: Packed, sources: int) -> None:
+        """Refuse a commit the disk (or the process's file-size limit) has no room for.
+
+        Checked before anything of the commit is written, so a full disk stops
+        the build at its last commit instead of halfway through one (HDF5 can
+        neither finish nor undo a write that failed for space). The estimate
+        is generous: the data uncompressed, plus two chunks per column and a
+        MiB for the bookkeeping.
+        """
+        if not sources:
+            return
+        data = sum(
+            int(getattr(c.data, "nbytes", 0))
+            if isinstance(c.data, np.ndarray)
+            else sum(int(getattr(d, "nbytes", 0) or len(d)) for d in c.data or [])
+            for c in packed.columns.values()
+        )
+        needed = data + 2 * self.chunk_bytes * max(1, len(packed.columns)) + (1 << 20)
+        folder = os.path.dirname(os.path.abspath(self.f.filename))
+        free = shutil.disk_usage(folder).free
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        room = free
+        if limit != resource.RLIM_INFINITY:
+            room = min(room, limit - self.f.id.get_filesize())
+        if needed > room:
+            what = (
+                f"{human_bytes(free)} free in {folder}"
+                if room == free
+                else f"a file-size limit of {human_bytes(limit)} (ulimit -f)"
+            )
+            raise DiskFullError(
+                f"no room to commit {sources} more sources to {self.f.filename}: {what}, about "
+                f"{human_bytes(needed)} needed. Nothing of them was written; the {self.n} "
+                "sources committed are kept: free space, then resume (mode='a', h5bank build "
+                "--resume)"
+            )
+
     @contextlib.contextmanager
     def _rollback_on_error(self) -> Any:
-        """Cut the bank back to its last commit if writing fails half-way (full disk, I/O error)."""
+        """Cut the bank back to its last commit if writing fails half-way (I/O error, full disk)."""
         try:
             yield
-        except BaseException:
+        except BaseException as error:
+            if _disk_full(error):
+                # HDF5 cannot write anything more to this file: the truncate below
+                # would fail again. Its last commit is on disk; a resume cuts the rest.
+                raise DiskFullError(
+                    f"the disk filled up while writing {self.f.filename} ({error}). The "
+                    f"{self.n} sources committed before are kept: free space, then resume "
+                    "(mode='a', h5bank build --resume)"
+                ) from error
             with contextlib.suppress(Exception):  # the file itself may be what broke
                 layout.truncate(self.f)
                 self.f.flush()
@@ -562,6 +620,7 @@ class BuildSummary:
     seconds: float = 0.0
     writer_pid: int = 0
     action: str = "built"  # or "mapped f() into thumbs of", for bank.map
+    notes: list[str] = field(default_factory=list)  # what the build did besides building
 
     @property
     def _had(self) -> str:
@@ -584,6 +643,7 @@ class BuildSummary:
                 f"  {path:<24} {info['rows']:>10,} rows  {human_bytes(info['bytes']):>9}  "
                 f"{info['dtype']} {tuple(info['shape'])}"
             )
+        lines.extend(f"  note: {note}" for note in self.notes)
         for failure in self.failures[:10]:
             lines.append(f"  failed: {failure}")
         if len(self.failures) > 10:
@@ -610,13 +670,22 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
         _refuse_on_a_worker(plan)
     partial = layout.partial_path(plan.path)
     with _LOCK:
+        mine = _OPEN.get(plan.token)
         other = next((t for t, w in _OPEN.items() if w.target == plan.path), None)
+    if mine is not None:  # Dask ran this task again (its result was lost): it is open here
+        return mine.opened
     if other is not None:
         raise WriterError(
             f"a build of {plan.path} (build {other}) is still writing it in this process; wait "
             "for it, or abort it (Build.abort()) if it was cancelled"
         )
     has_partial, has_bank = os.path.exists(partial), os.path.exists(plan.path)
+    notes: list[str] = []
+    if plan.mode == "a" and has_partial:
+        unusable = _unusable_partial(partial)
+        if unusable:
+            notes.append(unusable)
+            has_partial = False
     if plan.mode == "a" and has_partial and has_bank:
         raise WriterError(
             f"both {plan.path} and {partial} exist: the partial file is a build that stopped, and "
@@ -646,20 +715,79 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     except BaseException:
         f.close()
         raise
-    with _LOCK:
-        _OPEN[plan.token] = writer
-    return {
+    writer.opened = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "ok": 0,
         "failed": 0,
         "skipped": plan.skipped,
+        "notes": notes,
     }
+    with _LOCK:
+        _OPEN[plan.token] = writer
+    return writer.opened
+
+
+def _sync(f: h5py.File) -> None:
+    """``fsync`` the bank's file, so a machine that dies (not only a process) keeps the commit.
+
+    Skipped when ``h5bank.build.fsync`` is false, or for HDF5 drivers without
+    a file descriptor.
+    """
+    from pipeline import config
+
+    if not config.get("build.fsync"):
+        return
+    with contextlib.suppress(Exception):
+        os.fsync(f.id.get_vfd_handle())
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write refused for space (HDF5 reports the errno in its text)."""
+    text = str(error)
+    return any(
+        marker in text
+        for marker in ("errno = 28", "errno = 27", "errno = 122", "No space left", "File too large",
+                       "Disk quota exceeded")
+    ) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # fmt: skip
 
 
 def _locked(error: OSError) -> bool:
     text = str(error)
-    return "lock" in text or "already open" in text
+    return "unable to lock file" in text or "already open" in text
+
+
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
+def _unusable_partial(partial: str) -> str | None:
+    """Why a stopped build's partial file cannot be resumed (it was set aside), or ``None``.
+
+    A build killed while it created the file leaves one that is no bank yet
+    (nothing was committed): it is deleted. A file HDF5 cannot open at all is
+    renamed to ``PARTIAL.unreadable`` (kept, not deleted) and the build starts
+    again. A file shorter than its superblock says (a write that failed on a
+    full disk after the superblock was updated) is extended back with zeros:
+    what it commits was all written before, and a resume cuts the rest.
+    """
+    for attempt in range(2):
+        try:
+            with h5py.File(partial, "r", locking="best-effort") as f:
+                if layout.is_bank(f):
+                    return None
+            os.remove(partial)
+            return f"{partial} was not a bank yet (its build stopped while creating it): removed"
+        except OSError as error:
+            if _locked(error):
+                return None  # a live writer: opening it for writing says so
+            match = _TRUNCATED.search(str(error))
+            if attempt == 0 and match and int(match[1]) < int(match[2]):
+                os.truncate(partial, int(match[2]))
+                continue
+            aside = partial + ".unreadable"
+            os.replace(partial, aside)
+            return f"{partial} could not be opened ({error}): moved to {aside}, building again"
+    return None
 
 
 def _open_for_writing(path: str, mode: str) -> h5py.File:
@@ -748,24 +876,34 @@ def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:
     return writer
 
 
-def write_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
-    """One link of the chain: commit one decoded partition."""
-    return _link(plan, state, lambda writer: writer.commit(packed, plan.on_error))
+def write_partition(
+    plan: BuildPlan, packed: Packed, state: dict[str, Any], k: int = -1
+) -> dict[str, Any]:
+    """Link ``k`` of the chain: commit one decoded partition."""
+    return _link(plan, state, lambda writer: writer.commit(packed, plan.on_error), k)
 
 
-def _link(plan: BuildPlan, state: dict[str, Any], write: Any) -> dict[str, Any]:
+def _link(plan: BuildPlan, state: dict[str, Any], write: Any, k: int = -1) -> dict[str, Any]:
     """Run ``write(writer)`` in this build's writer; add its counts to ``state``.
 
     A failing write closes the writer (the partial bank stays, consistent up
-    to its last commit) before the error goes on.
+    to its last commit) before the error goes on. Link ``k`` runs once per
+    build: Dask runs a task again when a worker holding its only result dies
+    (a decode worker that had received it as a dependency), and the commit it
+    made is already on disk, so the re-run returns what the first run did.
     """
     writer = _writer_here(plan, state)
+    if k in writer.links:
+        return writer.links[k]
     try:
         counts = write(writer)
     except BaseException:
         abort_build(plan.token)
         raise
-    return {**state, **{k: state[k] + v for k, v in counts.items()}}
+    result = {**state, **{key: state[key] + v for key, v in counts.items()}}
+    if k >= 0:
+        writer.links[k] = result
+    return result
 
 
 def read_partition(
@@ -783,9 +921,11 @@ def read_partition(
     return read_raw(_writer_here(plan, state).f, columns, rows)
 
 
-def attach_partition(plan: BuildPlan, packed: Packed, state: dict[str, Any]) -> dict[str, Any]:
-    """One link of a ``bank.map`` chain: write a partition's results to existing sources."""
-    return _link(plan, state, lambda writer: writer.attach(packed, plan.on_error))
+def attach_partition(
+    plan: BuildPlan, packed: Packed, state: dict[str, Any], k: int = -1
+) -> dict[str, Any]:
+    """Link ``k`` of a ``bank.map`` chain: write a partition's results to existing sources."""
+    return _link(plan, state, lambda writer: writer.attach(packed, plan.on_error), k)
 
 
 def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
@@ -820,6 +960,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
             seconds=time.time() - writer.started,  # create() replaces it with its wall time
             writer_pid=os.getpid(),
             action=_action(plan.provenance),
+            notes=list(state.get("notes", [])),
         )
         f.attrs[layout.ATTR_STATE] = layout.COMPLETE
         f.flush()
