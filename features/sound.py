@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,9 @@ import soundfile
 
 from features.base import Feature
 from features.errors import DecodeError
+
+# Files that announce their format in their first bytes.
+_SIGNATURES = ((b"fLaC", "FLAC"), (b"RIFF", "WAV"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
 
 
 class Sound(Feature):
@@ -77,8 +81,16 @@ class Sound(Feature):
         except DecodeError:
             raise
         except Exception as error:
+            # libsndfile names the file object it was given ("Error opening
+            # <_io.BytesIO object at 0x7f...>: ..."): noise, and different every run.
+            reason = re.sub(r"Error opening <[^>]*>: ?", "", str(error)).strip()
+            kind = next((k for sig, k in _SIGNATURES if data.startswith(sig)), None)
+            if kind is not None:  # it says it is one: its body is what is wrong
+                raise DecodeError(
+                    f"a damaged or truncated {kind} file ({len(data):,} bytes): {reason}"
+                ) from None
             raise DecodeError(
-                f"not a sound file libsndfile can read: {error} (first bytes: {data[:8].hex(' ')})"
+                f"not a sound file libsndfile can read: {reason} (first bytes: {data[:8].hex(' ')})"
             ) from None
         if self.mono:
             audio = audio.mean(axis=1)

@@ -29,6 +29,7 @@ import io
 import os
 import re
 import ssl
+import stat
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -153,10 +154,25 @@ def _posix(path: str) -> str:
     return path.replace(os.sep, "/") if os.sep != "/" else path
 
 
+def storable(name: str) -> str:
+    """``name`` as an id the bank can store (UTF-8): bytes a file name holds that are not
+    UTF-8 (decoded by Python as surrogates) are written as ``\\xNN``.
+
+    ``caf\\udce9.png`` (a Latin-1 name on disk) becomes ``caf\\xe9.png``; the
+    source is still read from its real name.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
 def _expand_local(text: str) -> Iterator[SourceSpec]:
     text = os.path.expanduser(text)
     if os.path.lexists(text) and not os.path.isdir(text):
-        yield SourceSpec(text, os.path.abspath(text))  # an existing file, whatever its name holds
+        # an existing file, whatever its name holds
+        yield SourceSpec(storable(text), os.path.abspath(text))
     elif _MAGIC.search(text) and not os.path.isdir(text):
         root = _glob_root(text)
         found = []
@@ -168,7 +184,7 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
                 found.append((relative, os.path.abspath(path)))
         _warn_if_empty(text, found)
         for relative, absolute in sorted(found):
-            yield SourceSpec(relative, absolute)
+            yield SourceSpec(storable(relative), absolute)
     elif os.path.isdir(text):
         found = []
         for directory, dirnames, filenames in os.walk(text):
@@ -180,7 +196,7 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
                 found.append((_posix(os.path.relpath(path, text)), os.path.abspath(path)))
         _warn_if_empty(text, found)
         for relative, absolute in sorted(found):
-            yield SourceSpec(relative, absolute)
+            yield SourceSpec(storable(relative), absolute)
     else:
         yield SourceSpec(text, None)
 
@@ -354,7 +370,27 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]], settings: Mapping[s
         time.sleep(min(delay * 2**attempt, float(settings["max-backoff"])))
 
 
+def _not_regular(path: str) -> OSError | None:
+    """A local path that is no regular file (reading a FIFO would wait for a writer for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # reading it reports why
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: reading it says how to walk it
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return OSError(errno.EINVAL, f"it is not a regular file but {kind}")
+
+
 def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:
+    errors: dict[Source, BaseException] = {}
+    if "file" in fs.protocol or "local" in fs.protocol:
+        for source, path in members:
+            if (problem := _not_regular(path)) is not None:
+                errors[source] = problem
+        members = [(s, p) for s, p in members if s not in errors]
     # One call for the whole group (remote filesystems fetch concurrently), except for
     # names holding wildcards, which fs.cat would expand as globs.
     plain = [path for _, path in members if not _MAGIC.search(path)]
@@ -362,7 +398,6 @@ def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, Base
         found = fs.cat(plain, on_error="return") if len(plain) > 1 else {}
     except Exception:
         found = {}  # fall back to one request per source, each with its own error
-    errors: dict[Source, BaseException] = {}
     for source, path in members:
         try:
             data = found[path] if path in found else fs.cat_file(path)
@@ -437,6 +472,8 @@ def http_status(error: BaseException) -> int | None:
 
 
 def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> str:
+    if isinstance(error, OSError) and error.errno == errno.EINVAL and "regular file" in str(error):
+        return error.strerror or str(error)
     if isinstance(error, FileNotFoundError) and transient(error):
         cause = error.__cause__ or error.__context__ or error  # an outage, not a missing file
         return f"{type(cause).__name__}: {scrub(str(cause))}"
@@ -454,6 +491,9 @@ def _reason(error: BaseException, fs: Any = None, path: str | None = None) -> st
             "no such file in this process's memory:// filesystem; memory:// files exist only in "
             "the process that wrote them, so build with scheduler='threads' or 'sync'"
         )
+    if isinstance(error, FileNotFoundError) and path and os.path.islink(path):
+        with contextlib.suppress(OSError):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
     if isinstance(error, FileNotFoundError):
         return "no such file"
     if isinstance(error, PermissionError):
