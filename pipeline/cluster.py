@@ -196,7 +196,8 @@ class Runner:
                     )
                     raise WriterError(
                         f"the writer of {build.path} ran on worker {build.writer}, which left the "
-                        f"cluster (it died or was retired); {then}"
+                        "cluster (its process died: out of memory, or a decoder crashed it on a "
+                        f"source; or the cluster retired it); {then}"
                     ) from None
 
 

@@ -31,3 +31,18 @@ class QuickBank(TypedFile):
 
     pixels = Image(size=(32, 32), mode="RGB")
     labels = DirLabels()
+
+
+class CrashingImage(Image):
+    """An ``Image`` whose decoder takes its whole process down on sources named ``crash*``
+    (what a segfaulting decoder or the kernel's out-of-memory killer does to a worker)."""
+
+    def decode(self, data: bytes, name: str = ""):
+        if os.path.basename(name).startswith("crash"):
+            os._exit(1)
+        return super().decode(data, name)
+
+
+class CrashingBank(TypedFile):
+    pixels = CrashingImage(size=(32, 32), mode="RGB")
+    labels = DirLabels()
