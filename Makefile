@@ -1,5 +1,5 @@
 # The README's two commands, and the benchmark.
-.PHONY: demo test bench lint
+.PHONY: demo test bench bench-slurm lint
 
 demo:
 	python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/h5bank demo
@@ -10,6 +10,9 @@ test:
 bench:
 	.venv/bin/python benchmarks/build_images.py
 	.venv/bin/python benchmarks/scan.py
+
+bench-slurm:
+	bash tests/slurm.sh up && eval "$$(bash tests/slurm.sh env)" && .venv/bin/python benchmarks/slurm_build.py
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
