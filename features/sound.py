@@ -13,7 +13,7 @@ from features.base import Feature
 from features.errors import DecodeError
 
 # Files that announce their format in their first bytes.
-_SIGNATURES = ((b"fLaC", "FLAC"), (b"RIFF", "WAV"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
+_SIGNATURES = ((b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
 
 
 class Sound(Feature):
@@ -85,6 +85,8 @@ class Sound(Feature):
             # <_io.BytesIO object at 0x7f...>: ..."): noise, and different every run.
             reason = re.sub(r"Error opening <[^>]*>: ?", "", str(error)).strip()
             kind = next((k for sig, k in _SIGNATURES if data.startswith(sig)), None)
+            if data.startswith(b"RIFF") and data[8:12] == b"WAVE":
+                kind = "WAV"
             if kind is not None:  # it says it is one: its body is what is wrong
                 raise DecodeError(
                     f"a damaged or truncated {kind} file ({len(data):,} bytes): {reason}"

@@ -312,9 +312,7 @@ def verify(bank: str, data: bool) -> None:
 
     f = readers.open_for_reading(bank)
     try:
-        stopped = bank.endswith(layout.PARTIAL_SUFFIX) and (
-            f.attrs.get(layout.ATTR_STATE) == layout.BUILDING
-        )
+        stopped = bank.endswith(layout.PARTIAL_SUFFIX) and (layout.state(f) == layout.BUILDING)
         problem = next(layout.verify(f, data, stopped=stopped), None)
         if problem is not None:
             click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)

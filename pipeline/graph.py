@@ -292,6 +292,7 @@ def build_graph(
         chunk_bytes=int(config.get("build.chunk-bytes")),
         skipped=skipped,
         pinned=writer is not None,
+        fsync=bool(config.get("build.fsync")),
     )
 
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
@@ -392,6 +393,7 @@ def map_graph(
         chunk_bytes=int(config.get("build.chunk-bytes")),
         skipped=skipped,
         pinned=writer is not None,
+        fsync=bool(config.get("build.fsync")),
     )
     func_task = delayed(func, name=f"h5bank-function-{token}", traverse=False)
     pinned = functools.partial(_pinned, writer)

@@ -60,6 +60,7 @@ ATTR_PROVENANCE = "h5bank_provenance"
 ATTR_STATE = "h5bank_state"
 ATTR_UUID = "h5bank_uuid"
 ATTR_COMMITTED = "h5bank_committed"
+ATTR_FAILURES_COMMITTED = "h5bank_failures_committed"
 ATTR_STORAGE = "h5bank_storage"
 ATTR_FEATURE = "h5bank_feature"
 ATTR_NAMES = "names"  # category labels, code i is names[i]
@@ -83,8 +84,38 @@ def partial_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) + PARTIAL_SUFFIX
 
 
+def _text(value: Any) -> Any:
+    """An attribute's text: h5bank writes fixed-length UTF-8 bytes, older banks wrote str."""
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else value
+
+
+def set_text(f: h5py.File, name: str, text: str) -> None:
+    """Write a root text attribute as fixed-length UTF-8 bytes, kept in the object header.
+
+    A variable-length string would live in HDF5's global heap, where a
+    process killed in a flush can leave the attribute pointing at heap data
+    that was never written, and the file could not be resumed. Same-length
+    rewrites (the state) happen in place.
+    """
+    data = np.bytes_(text.encode("utf-8"))
+    old = f.attrs.get(name)
+    if isinstance(old, np.bytes_) and len(old) == len(data) and old.dtype == data.dtype:
+        f.attrs.modify(name, data)
+    else:
+        f.attrs[name] = data
+
+
+def state(f: h5py.File) -> str | None:
+    """``"building"`` or ``"complete"`` (``None`` for files h5bank did not write)."""
+    return _text(f.attrs.get(ATTR_STATE))
+
+
+def set_state(f: h5py.File, value: str) -> None:
+    set_text(f, ATTR_STATE, value)
+
+
 def is_bank(f: h5py.File) -> bool:
-    return f.attrs.get(ATTR_FORMAT) == FORMAT
+    return _text(f.attrs.get(ATTR_FORMAT)) == FORMAT
 
 
 def check_format(f: h5py.File) -> int:
@@ -105,21 +136,21 @@ def check_format(f: h5py.File) -> int:
 
 def init_bank(f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any]) -> None:
     """Write the root attributes and empty bookkeeping tables of a new bank."""
-    f.attrs[ATTR_FORMAT] = FORMAT
+    set_text(f, ATTR_FORMAT, FORMAT)
     f.attrs[ATTR_VERSION] = VERSION
-    f.attrs[ATTR_SCHEMA] = json.dumps(schema, sort_keys=True)
-    f.attrs[ATTR_PROVENANCE] = json.dumps(provenance, sort_keys=True)
-    f.attrs[ATTR_STATE] = BUILDING
-    f.attrs[ATTR_UUID] = uuid.uuid4().hex
-    f.attrs[ATTR_COMMITTED] = np.int64(0)
+    write_json_attr(f, ATTR_SCHEMA, schema)
+    write_json_attr(f, ATTR_PROVENANCE, provenance)
+    set_state(f, BUILDING)
+    set_text(f, ATTR_UUID, uuid.uuid4().hex)
     _string_table(f, IDS)
     for field in FAILURE_FIELDS:
         _string_table(f, f"{FAILURES}/{field}")
+    mark_committed(f)
 
 
 def bank_uuid(f: h5py.File) -> str | None:
     """The bank's ``h5bank_uuid`` (``None`` for files h5bank did not create, or older banks)."""
-    value = f.attrs.get(ATTR_UUID)
+    value = _text(f.attrs.get(ATTR_UUID))
     return None if value is None else str(value)
 
 
@@ -128,12 +159,23 @@ def _string_table(f: h5py.File, name: str) -> h5py.Dataset:
 
 
 def read_json_attr(f: h5py.File, name: str) -> dict[str, Any]:
-    raw = f.attrs.get(name)
+    raw = _text(f.attrs.get(name))
     return json.loads(raw) if raw else {}
 
 
+# Object-header attributes must stay under 64 KiB: a provenance that grew past
+# this keeps its first build and its latest ones.
+_ATTR_LIMIT = 48_000
+
+
 def write_json_attr(f: h5py.File, name: str, value: dict[str, Any]) -> None:
-    f.attrs[name] = json.dumps(value, sort_keys=True)
+    text = json.dumps(value, sort_keys=True)
+    builds = value.get("builds")
+    while len(text.encode()) > _ATTR_LIMIT and isinstance(builds, list) and len(builds) > 2:
+        del builds[1]  # the oldest but the first
+        value["builds_dropped"] = int(value.get("builds_dropped", 0)) + 1
+        text = json.dumps(value, sort_keys=True)
+    set_text(f, name, text)
 
 
 def read_strings(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> list[str]:
@@ -142,12 +184,52 @@ def read_strings(dataset: h5py.Dataset, start: int = 0, stop: int | None = None)
     return dataset.asstr()[start:stop].tolist()
 
 
+def storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: stray bytes a file name held (which Python decodes as
+    lone surrogates) are written as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
 def append_strings(dataset: h5py.Dataset, values: list[str]) -> None:
     if not values:
         return
     n = dataset.shape[0]
     dataset.resize((n + len(values),))
-    dataset[n:] = np.array(values, dtype=object)
+    dataset[n:] = np.array([storable(v) for v in values], dtype=object)
+
+
+def rebuild_string_table(f: h5py.File, name: str, n: int, sync: Any = None) -> None:
+    """Rewrite the string table ``name`` with its first ``n`` rows only, in fresh storage.
+
+    A killed commit can leave, past a table's end, slots that point at
+    global-heap data that was never written; HDF5 reads a slot before it
+    overwrites it, so the next rows written there would fail ("bad heap
+    index"). A resume rebuilds the id and failure tables to be rid of them:
+    the new table is written and made durable (``sync()``, after a flush)
+    under a temporary name before it replaces the old one, so a kill at any
+    point leaves one whole table (a table left only under the temporary name
+    is taken back first).
+    """
+    temporary = f"{name}__rebuilt"
+    if name not in f and temporary in f:  # a rebuild killed between unlink and rename
+        f.move(temporary, name)
+    rows = read_strings(f[name], 0, n) if n else []
+    if temporary in f:
+        del f[temporary]
+    table = _string_table(f, temporary)
+    append_strings(table, rows)
+    f.flush()
+    if sync is not None:
+        sync()
+    del f[name]
+    f.move(temporary, name)
+    f.flush()
+    if sync is not None:
+        sync()
 
 
 def ids_table(f: h5py.File) -> h5py.Dataset:
@@ -417,7 +499,8 @@ def consistent(f: h5py.File) -> bool:
             return False
         if column.storage == "category" and SORTED_CODES in column.group:
             return False
-    return len({t.shape[0] for t in failure_tables(f)}) == 1
+    lengths = {t.shape[0] for t in failure_tables(f)}
+    return len(lengths) == 1 and _committed_failures(f) in lengths
 
 
 def committed(f: h5py.File) -> int:
@@ -428,27 +511,46 @@ def committed(f: h5py.File) -> int:
 
 
 def mark_committed(f: h5py.File) -> None:
-    """Record the id table's length as committed (call after a flush; flush again after)."""
-    n = np.int64(ids_table(f).shape[0])
-    if ATTR_COMMITTED in f.attrs:
-        f.attrs.modify(ATTR_COMMITTED, n)  # in place: the root header keeps its size
-    else:
-        f.attrs[ATTR_COMMITTED] = n
+    """Record the id and failure tables' lengths as committed (after a flush; flush after)."""
+    counts = {
+        ATTR_COMMITTED: np.int64(ids_table(f).shape[0]),
+        ATTR_FAILURES_COMMITTED: np.int64(min(t.shape[0] for t in failure_tables(f))),
+    }
+    for name, value in counts.items():
+        if name in f.attrs:
+            f.attrs.modify(name, value)  # in place: the root header keeps its size
+        else:
+            f.attrs[name] = value
 
 
-def truncate(f: h5py.File) -> int:
+def _committed_failures(f: h5py.File) -> int:
+    for field in FAILURE_FIELDS:  # a rebuild killed between unlink and rename
+        name = f"{FAILURES}/{field}"
+        if name not in f and f"{name}__rebuilt" in f:
+            f.move(f"{name}__rebuilt", name)
+    shortest = min(t.shape[0] for t in failure_tables(f))
+    counter = f.attrs.get(ATTR_FAILURES_COMMITTED)
+    return shortest if counter is None else min(shortest, int(counter))
+
+
+def truncate(f: h5py.File, rebuild: bool = False, sync: Any = None) -> int:
     """Cut every table back to what the bank commits; return the number of sources.
 
     The id table is cut to :func:`committed`; refs and shape tables get
     exactly one row per committed id; ``data`` is cut after the last row a
     committed ref points to (rows a crashed commit appended are dropped);
-    the failure tables are cut to their shortest.
+    the failure tables are cut to the failures committed. With ``rebuild``
+    (resuming a build that was killed), the string tables are rewritten in
+    fresh storage (:func:`rebuild_string_table`).
     """
     recover_renumbering(f)
+    if rebuild and IDS not in f and f"{IDS}__rebuilt" in f:
+        f.move(f"{IDS}__rebuilt", IDS)  # a rebuild killed between unlink and rename
     n = committed(f)
-    if ids_table(f).shape[0] > n:
+    if rebuild:
+        rebuild_string_table(f, IDS, n, sync)
+    elif ids_table(f).shape[0] > n:
         ids_table(f).resize((n,))
-    mark_committed(f)
     for path in iter_columns(f):
         column = Column.open(f, path)
         resize_sources(column, n)
@@ -456,10 +558,13 @@ def truncate(f: h5py.File) -> int:
         end = int(stops.max()) if stops.size and stops.max() > 0 else 0
         if column.data.shape[0] > end:
             column.data.resize(end, axis=0)
-    tables = failure_tables(f)
-    shortest = min(t.shape[0] for t in tables)
-    for table in tables:
-        table.resize((shortest,))
+    kept = _committed_failures(f)
+    for field in FAILURE_FIELDS:
+        if rebuild:
+            rebuild_string_table(f, f"{FAILURES}/{field}", kept, sync)
+        else:
+            f[f"{FAILURES}/{field}"].resize((kept,))
+    mark_committed(f)
     return n
 
 
@@ -483,10 +588,10 @@ def verify(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[
         yield str(error)
         return
     if stopped:
-        if f.attrs.get(ATTR_STATE) != BUILDING:
-            yield f"it is not a stopped build (state {f.attrs.get(ATTR_STATE)!r})"
-    elif f.attrs.get(ATTR_STATE) != COMPLETE:
-        yield f"its build has not finished (state {f.attrs.get(ATTR_STATE)!r})"
+        if state(f) != BUILDING:
+            yield f"it is not a stopped build (state {state(f)!r})"
+    elif state(f) != COMPLETE:
+        yield f"its build has not finished (state {state(f)!r})"
     rows = ids_table(f).shape[0]
     counter = f.attrs.get(ATTR_COMMITTED)
     if counter is not None and (int(counter) > rows or (int(counter) != rows and not stopped)):

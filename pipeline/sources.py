@@ -41,6 +41,7 @@ from fsspec.core import url_to_fs
 
 from features.base import Feature
 from features.errors import SourceReadError
+from pipeline.layout import storable
 
 __all__ = [
     "Source",
@@ -154,20 +155,6 @@ def _posix(path: str) -> str:
     return path.replace(os.sep, "/") if os.sep != "/" else path
 
 
-def storable(name: str) -> str:
-    """``name`` as an id the bank can store (UTF-8): bytes a file name holds that are not
-    UTF-8 (decoded by Python as surrogates) are written as ``\\xNN``.
-
-    ``caf\\udce9.png`` (a Latin-1 name on disk) becomes ``caf\\xe9.png``; the
-    source is still read from its real name.
-    """
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return name
-
-
 def _expand_local(text: str) -> Iterator[SourceSpec]:
     text = os.path.expanduser(text)
     if os.path.lexists(text) and not os.path.isdir(text):
@@ -226,7 +213,7 @@ def _glob_root(pattern: str) -> str:
 def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
     if "::" in url:
         # A chained URL (simplecache::s3://..., zip://...::s3://...) names one file.
-        yield SourceSpec(redact(url), url)
+        yield SourceSpec(storable(redact(url)), url)
         return
     split = urlsplit(url)
     # "?" starts a query string in a URL, not a wildcard.
@@ -257,9 +244,9 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
                 found.append(f"{given_root}/{relative}")
         _warn_if_empty(redact(url), found)
         for full in sorted(found):
-            yield SourceSpec(redact(full), full)
+            yield SourceSpec(storable(redact(full)), full)
     else:
-        yield SourceSpec(redact(url), url)
+        yield SourceSpec(storable(redact(url)), url)
 
 
 def route(features: Mapping[str, Feature], source_id: str) -> list[str]:
@@ -386,7 +373,8 @@ def _not_regular(path: str) -> OSError | None:
 
 def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:
     errors: dict[Source, BaseException] = {}
-    if "file" in fs.protocol or "local" in fs.protocol:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"file", "local"}:
         for source, path in members:
             if (problem := _not_regular(path)) is not None:
                 errors[source] = problem

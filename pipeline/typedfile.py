@@ -136,7 +136,7 @@ class TypedFile:
                     type(self).__schema__.describe(),
                     {"library": f"h5bank {library_version()}", "builds": []},
                 )
-                self._h5.attrs[layout.ATTR_STATE] = layout.COMPLETE
+                layout.set_state(self._h5, layout.COMPLETE)
             self._check_file()
         except BaseException:
             readers.close_file(self._h5)
@@ -155,7 +155,7 @@ class TypedFile:
     def _check_file(self) -> None:
         if layout.is_bank(self._h5):
             layout.check_format(self._h5)
-            if self._h5.attrs.get(layout.ATTR_STATE) != layout.COMPLETE:
+            if layout.state(self._h5) != layout.COMPLETE:
                 raise BuildInProgressError(
                     f"{self._shown} is a bank whose build has not finished; resume the build "
                     "with create(..., mode='a') on its final path"
@@ -367,7 +367,8 @@ class TypedFile:
         """Source ids in commit order."""
         if self._ids is None:
             table = self._h5.get(layout.IDS)
-            self._ids = layout.read_strings(table) if table is not None else []
+            # only what the bank commits: an add() killed halfway may have written more
+            self._ids = layout.read_strings(table, 0, len(self)) if table is not None else []
         return self._ids
 
     def index(self, id_: str) -> int:
@@ -390,7 +391,7 @@ class TypedFile:
         if self._ids is not None:
             return len(self._ids)
         table = self._h5.get(layout.IDS)  # its length, without reading millions of ids
-        return 0 if table is None else int(table.shape[0])
+        return 0 if table is None else layout.committed(self._h5)
 
     def __contains__(self, id_: object) -> bool:
         try:
@@ -522,7 +523,7 @@ class TypedFile:
             raise
         finally:
             self._refs_cache.clear()
-            if layout.ids_table(self._h5).shape[0] != len(self.ids):
+            if layout.committed(self._h5) != len(self.ids):
                 self._ids = self._index = None  # a failed commit was rolled back
 
     def _open_writer(self) -> BankWriter:

@@ -25,7 +25,6 @@ import errno
 import itertools
 import os
 import posixpath
-import re
 import resource
 import shutil
 import socket
@@ -39,11 +38,16 @@ import h5py
 import numpy as np
 
 from features.base import Feature
-from pipeline import layout
+from pipeline import config, layout
 from pipeline.decode import Failure, Packed, PackedColumn
 from pipeline.errors import DiskFullError, SchemaError, SourceError, WriterError
 from pipeline.readers import ColumnSpec, RawRows, read_raw
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
+
+# Link results a writer keeps for tasks Dask may run again: a link's result is
+# needed by the decode task ``window`` partitions later, so only the last few
+# can be lost with a worker (the window is 2 x the cluster's threads).
+_LINKS_KEPT = 4096
 
 # Writers open in this process, by build token.
 _OPEN: dict[str, BankWriter] = {}
@@ -72,8 +76,10 @@ class BankWriter:
         features: dict[str, Feature],
         chunk_bytes: int = 1 << 20,
         target: str | None = None,
+        fsync: bool | None = None,
     ) -> None:
         self.f = f
+        self.fsync = bool(config.get("build.fsync") if fsync is None else fsync)
         self.features = features  # shared with the caller: features added on the fly land in it
         self.target = target  # the bank's final path, for a build (f is its partial file)
         self.chunk_bytes = chunk_bytes
@@ -234,13 +240,27 @@ class BankWriter:
                 self.index[id_] = self.n + row
             self.n = n_new
             self._record(failures)
-            self.f.flush()
-            _sync(self.f)  # on disk, not only in the page cache, before the record says so
-            layout.mark_committed(self.f)  # the commit record, once the rest is on disk
-            self.f.flush()
-            _sync(self.f)
+            self._durable()
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
+
+    def _durable(self) -> None:
+        """Make what was written durable, then record it as committed (see pipeline.layout)."""
+        self.f.flush()
+        self._sync()  # on disk, not only in the page cache, before the record says so
+        layout.mark_committed(self.f)
+        self.f.flush()
+        self._sync()
+
+    def _sync(self) -> None:
+        """``fsync`` the file, so a machine that dies (not only a process) keeps the commit.
+
+        Skipped with ``h5bank.build.fsync: false``, or for HDF5 drivers with
+        no file descriptor; an error of the sync itself (how NFS and quotas
+        report writes that failed later) raises.
+        """
+        if self.fsync:
+            _fsync(self.f)
 
     def _screen(
         self, packed: Packed, skip: set[int], failures: list[Failure], on_error: str
@@ -273,13 +293,25 @@ class BankWriter:
         """
         if not sources:
             return
-        data = sum(
-            int(getattr(c.data, "nbytes", 0))
-            if isinstance(c.data, np.ndarray)
-            else sum(int(getattr(d, "nbytes", 0) or len(d)) for d in c.data or [])
-            for c in packed.columns.values()
-        )
-        needed = data + 2 * self.chunk_bytes * max(1, len(packed.columns)) + (1 << 20)
+        needed = 1 << 20  # the bookkeeping: refs, ids, failures, HDF5's metadata
+        for key, packed_column in packed.columns.items():
+            entries = (
+                [packed_column.data]
+                if isinstance(packed_column.data, np.ndarray)
+                else list(packed_column.data or [])
+            )
+            column = self.column(key)
+            if packed_column.storage == "category":
+                needed += 8 * len(packed_column.rows)
+                continue
+            for entry in entries:
+                size = getattr(entry, "size", None)
+                itemsize = column.data.dtype.itemsize if column is not None else None
+                if size is not None and itemsize:  # as the column stores it (float32 -> float64)
+                    needed += int(size) * itemsize
+                else:
+                    needed += int(getattr(entry, "nbytes", None) or len(entry))
+            needed += self.chunk_bytes  # the chunk the new rows start in
         folder = os.path.dirname(os.path.abspath(self.f.filename))
         free = shutil.disk_usage(folder).free
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -295,8 +327,8 @@ class BankWriter:
             raise DiskFullError(
                 f"no room to commit {sources} more sources to {self.f.filename}: {what}, about "
                 f"{human_bytes(needed)} needed. Nothing of them was written; the {self.n} "
-                "sources committed are kept: free space, then resume (mode='a', h5bank build "
-                "--resume)"
+                "sources committed are kept: free space, then retry (a build: resume it with "
+                "mode='a' or h5bank build --resume)"
             )
 
     @contextlib.contextmanager
@@ -403,7 +435,7 @@ class BankWriter:
             for key, packed, column in planned:
                 if column is None or not self._overwrite(column, key, packed, row):
                     self._append(key, packed, [0], np.array([row]), self.n)
-            self.f.flush()
+            self._durable()
         self.busy += time.perf_counter() - started
 
     def _overwrite(self, column: layout.Column, key: str, packed: PackedColumn, row: int) -> bool:
@@ -469,7 +501,7 @@ class BankWriter:
                     rows = np.array([keep[column.rows[j]] for j in entries], dtype=np.int64)
                     self._append(key, column, entries, rows, self.n)
             self._record(failures)
-            self.f.flush()
+            self._durable()
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip - unknown)}
 
@@ -603,6 +635,7 @@ class BuildPlan:
     chunk_bytes: int
     skipped: int = 0
     pinned: bool = False
+    fsync: bool = True  # h5bank.build.fsync where the build was made
 
 
 @dataclass
@@ -703,15 +736,15 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
         if resuming:
             layout.check_format(f)
             _merge_schema(f, plan.features)
-            layout.truncate(f)
+            layout.truncate(f, rebuild=has_partial, sync=lambda: _fsync(f))
         else:
             schema = {path: feature.describe() for path, feature in plan.features.items()}
             layout.init_bank(f, schema, {"library": f"h5bank {library_version()}", "builds": []})
-        f.attrs[layout.ATTR_STATE] = layout.BUILDING
+        layout.set_state(f, layout.BUILDING)
         f.flush()
         if resuming and not has_partial:
             os.replace(plan.path, partial)  # the bank is open: POSIX renames it under us
-        writer = BankWriter(f, plan.features, plan.chunk_bytes, target=plan.path)
+        writer = BankWriter(f, plan.features, plan.chunk_bytes, target=plan.path, fsync=plan.fsync)
     except BaseException:
         f.close()
         raise
@@ -728,18 +761,14 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     return writer.opened
 
 
-def _sync(f: h5py.File) -> None:
-    """``fsync`` the bank's file, so a machine that dies (not only a process) keeps the commit.
-
-    Skipped when ``h5bank.build.fsync`` is false, or for HDF5 drivers without
-    a file descriptor.
-    """
-    from pipeline import config
-
-    if not config.get("build.fsync"):
+def _fsync(f: h5py.File) -> None:
+    """``fsync`` ``f`` when its HDF5 driver has a file descriptor."""
+    try:
+        handle = f.id.get_vfd_handle()
+    except Exception:
         return
-    with contextlib.suppress(Exception):
-        os.fsync(f.id.get_vfd_handle())
+    if isinstance(handle, int):
+        os.fsync(handle)
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -757,37 +786,38 @@ def _locked(error: OSError) -> bool:
     return "unable to lock file" in text or "already open" in text
 
 
-_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+# What HDF5 says of a file that is not (or no longer) an HDF5 file it can read.
+_BROKEN = ("signature not found", "truncated file", "superblock", "bad object header", "bad heap",
+           "bad symbol table", "bad B-tree", "not an HDF5 file")  # fmt: skip
 
 
 def _unusable_partial(partial: str) -> str | None:
     """Why a stopped build's partial file cannot be resumed (it was set aside), or ``None``.
 
     A build killed while it created the file leaves one that is no bank yet
-    (nothing was committed): it is deleted. A file HDF5 cannot open at all is
-    renamed to ``PARTIAL.unreadable`` (kept, not deleted) and the build starts
-    again. A file shorter than its superblock says (a write that failed on a
-    full disk after the superblock was updated) is extended back with zeros:
-    what it commits was all written before, and a resume cuts the rest.
+    (nothing was committed): it is deleted. A file HDF5 cannot read as HDF5
+    (cut short, overwritten) is renamed to ``PARTIAL.unreadable-<time>``,
+    kept and not deleted, and the build starts again. Any other error
+    opening it (too many open files, I/O, permissions) raises: nothing is
+    touched.
     """
-    for attempt in range(2):
-        try:
-            with h5py.File(partial, "r", locking="best-effort") as f:
-                if layout.is_bank(f):
-                    return None
-            os.remove(partial)
-            return f"{partial} was not a bank yet (its build stopped while creating it): removed"
-        except OSError as error:
-            if _locked(error):
-                return None  # a live writer: opening it for writing says so
-            match = _TRUNCATED.search(str(error))
-            if attempt == 0 and match and int(match[1]) < int(match[2]):
-                os.truncate(partial, int(match[2]))
-                continue
-            aside = partial + ".unreadable"
-            os.replace(partial, aside)
-            return f"{partial} could not be opened ({error}): moved to {aside}, building again"
-    return None
+    try:
+        with h5py.File(partial, "r", locking="best-effort") as f:
+            if layout.is_bank(f):
+                return None
+    except OSError as error:
+        if _locked(error):
+            return None  # a live writer: opening it for writing says so
+        if not any(word in str(error) for word in _BROKEN):
+            raise WriterError(
+                f"cannot open {partial} to resume the build it holds ({error}); nothing was "
+                "changed: fix that and resume again"
+            ) from None
+        aside = f"{partial}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.replace(partial, aside)
+        return f"{partial} is not an HDF5 file HDF5 can read ({error}): moved to {aside}, building again"
+    os.remove(partial)
+    return f"{partial} was not a bank yet (its build stopped while creating it): removed"
 
 
 def _open_for_writing(path: str, mode: str) -> h5py.File:
@@ -855,7 +885,9 @@ def check_schema(f: h5py.File, features: Mapping[str, Feature]) -> dict[str, Any
 
 
 def _merge_schema(f: h5py.File, features: Mapping[str, Feature]) -> None:
-    layout.write_json_attr(f, layout.ATTR_SCHEMA, check_schema(f, features))
+    merged = check_schema(f, features)
+    if merged != layout.read_json_attr(f, layout.ATTR_SCHEMA):
+        layout.write_json_attr(f, layout.ATTR_SCHEMA, merged)
 
 
 def _writer_here(plan: BuildPlan, state: dict[str, Any]) -> BankWriter:
@@ -903,6 +935,8 @@ def _link(plan: BuildPlan, state: dict[str, Any], write: Any, k: int = -1) -> di
     result = {**state, **{key: state[key] + v for key, v in counts.items()}}
     if k >= 0:
         writer.links[k] = result
+        while len(writer.links) > _LINKS_KEPT:  # only recent links can be run again
+            del writer.links[next(iter(writer.links))]
     return result
 
 
@@ -962,7 +996,8 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
             action=_action(plan.provenance),
             notes=list(state.get("notes", [])),
         )
-        f.attrs[layout.ATTR_STATE] = layout.COMPLETE
+        layout.mark_committed(f)  # the failure tables were compacted
+        layout.set_state(f, layout.COMPLETE)
         f.flush()
     except BaseException:
         abort_build(plan.token)

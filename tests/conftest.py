@@ -142,13 +142,14 @@ def write_sounds(
     return paths
 
 
-def assert_same_contents(path, expected_path):
+def assert_same_contents(path, expected_path, failures: bool = False):
     """Two banks hold the same ids in the same order and, column by column, the same refs,
-    shapes, label names and data, and no failures; the first is a finished bank."""
+    shapes, label names and data; the first is a finished bank. Without ``failures`` the
+    first has no failures; with it both record the same failures (id, feature, reason)."""
     from pipeline import layout
 
     with h5py.File(path, "r") as f, h5py.File(expected_path, "r") as g:
-        assert f.attrs[layout.ATTR_STATE] == layout.COMPLETE
+        assert layout.state(f) == layout.COMPLETE
         assert layout.read_strings(layout.ids_table(f)) == layout.read_strings(layout.ids_table(g))
         columns = sorted(layout.iter_columns(f))
         assert columns == sorted(layout.iter_columns(g))
@@ -161,7 +162,11 @@ def assert_same_contents(path, expected_path):
                 np.testing.assert_array_equal(a.shape[:], b.shape[:], err_msg=column_path)
             if b.storage == "category":
                 assert layout.category_names(a) == layout.category_names(b)
-        assert all(table.shape[0] == 0 for table in layout.failure_tables(f))
+        if not failures:
+            assert all(table.shape[0] == 0 for table in layout.failure_tables(f))
+        else:
+            tables = [[layout.read_strings(t) for t in layout.failure_tables(h)] for h in (f, g)]
+            assert sorted(zip(*tables[0], strict=True)) == sorted(zip(*tables[1], strict=True))
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ PLAIN_READER = textwrap.dedent(
 
     bank, images_root = sys.argv[1], sys.argv[2]
     with h5py.File(bank, "r") as f:
-        assert f.attrs["h5bank_format"] == "h5bank" and f.attrs["h5bank_version"] == 1
+        assert f.attrs["h5bank_format"] == b"h5bank" and f.attrs["h5bank_version"] == 1
         schema = json.loads(f.attrs["h5bank_schema"])
         ids = [i.decode() for i in f["__sources__/id"][:]]
         group = f["data/pixels"]
@@ -121,7 +121,7 @@ def test_attributes_record_schema_parameters_and_provenance(corpus, tmp_path, cl
     path = tmp_path / "bank.h5"
     Corpus.create(path, corpus, scheduler=client, progress=False).close()
     with h5py.File(path, "r") as f:
-        assert f.attrs[layout.ATTR_STATE] == layout.COMPLETE
+        assert layout.state(f) == layout.COMPLETE
         schema = json.loads(f.attrs[layout.ATTR_SCHEMA])
         assert schema["data/pixels"]["class"] == "features.image.Image"
         assert schema["data/pixels"]["storage"] == "flat"

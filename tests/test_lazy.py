@@ -896,7 +896,7 @@ def as_list(data):
 
 
 def uuid_of(bank) -> str:
-    return str(bank.h5.attrs[layout.ATTR_UUID])
+    return str(layout.bank_uuid(bank.h5))
 
 
 def test_arrays_made_before_rebuilds_raise_bank_changed_even_if_the_inode_comes_back(

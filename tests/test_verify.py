@@ -63,7 +63,7 @@ def _set_row(name, row, value):
         (_set_row("labels/refs", 0, [-1, 1]), "labels/refs row 0 is half empty"),
         (_set_row("labels/refs", 11, [11, 11]), "labels/refs row 11 spans 0 rows; category"),
         (lambda f: f.attrs.__setitem__(layout.ATTR_VERSION, 99), "format version 99"),
-        (lambda f: f.attrs.__setitem__(layout.ATTR_STATE, layout.BUILDING), "has not finished"),
+        (lambda f: layout.set_state(f, layout.BUILDING), "has not finished"),
         (_set_row(layout.IDS, 5, "cats/cats_000.png"), "'cats/cats_000.png' is committed twice"),
         (lambda f: f[f"{layout.FAILURES}/error"].resize((3,)), "tables disagree in length"),
     ],

@@ -56,7 +56,7 @@ def stopped(finished, tmp_path):
     partial = Path(layout.partial_path(tmp_path / "stopped.h5"))
     shutil.copy(finished, partial)
     with h5py.File(partial, "r+") as f:
-        f.attrs[layout.ATTR_STATE] = layout.BUILDING
+        layout.set_state(f, layout.BUILDING)
         for path in layout.iter_columns(f):
             append_uncommitted(layout.Column.open(f, path), rows=2)
         errors = f[f"{layout.FAILURES}/error"]
