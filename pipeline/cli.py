@@ -317,7 +317,7 @@ def verify(bank: str, data: bool) -> None:
         if problem is not None:
             click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)
             sys.exit(1)
-        n, columns = len(f[layout.IDS]), len(list(layout.iter_columns(f)))
+        n, columns = layout.committed(f), len(list(layout.iter_columns(f)))
     finally:
         readers.close_file(f)
     checked = "structure and every chunk" if data else "structure"

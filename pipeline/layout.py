@@ -598,7 +598,7 @@ def verify(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[
         yield f"{ATTR_COMMITTED} is {int(counter)} but {IDS} has {rows} rows"
         return
     n = committed(f)
-    ids = read_strings(ids_table(f))[:n]
+    ids = read_strings(ids_table(f), 0, n)
     if len(set(ids)) != n:
         seen: set[str] = set()
         duplicate = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]

@@ -726,18 +726,43 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
             "the bank away to resume the stopped build"
         )
     resuming = plan.mode == "a" and (has_partial or has_bank)
-    if resuming:
-        f = _open_for_writing(partial if has_partial else plan.path, "r+")
-    else:
-        if has_partial:
+    if resuming and has_partial:
+        try:
+            f = _resume_partial(partial, plan)
+        except (OSError, RuntimeError, KeyError, ValueError) as error:
+            if not _broken(error):
+                raise
+            # HDF5 cannot make sense of what the killed build left (its flushes are not
+            # atomic): keep the file aside and build again, rather than never resuming.
+            aside = f"{partial}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.replace(partial, aside)
+            if plan.skipped:
+                # This build was planned without the sources the partial file said it
+                # committed: building now would leave them out. The next run plans anew.
+                raise WriterError(
+                    f"{partial} could not be resumed ({error}); it was moved to {aside}. "
+                    "Run the build again (mode='a', h5bank build --resume): it will build "
+                    "every source anew"
+                ) from None
+            notes.append(
+                f"{partial} could not be resumed ({error}): moved to {aside}, building again"
+            )
+            resuming = has_partial = False
+    if resuming and not has_partial:
+        f = _open_for_writing(plan.path, "r+")
+        try:
+            layout.check_format(f)
+            _merge_schema(f, plan.features)
+            layout.truncate(f)
+        except BaseException:
+            f.close()
+            raise
+    elif not resuming:
+        if os.path.exists(partial):
             _remove_stale_partial(partial)
         f = _open_for_writing(partial, "w-")
     try:
-        if resuming:
-            layout.check_format(f)
-            _merge_schema(f, plan.features)
-            layout.truncate(f, rebuild=has_partial, sync=lambda: _fsync(f))
-        else:
+        if not resuming:
             schema = {path: feature.describe() for path, feature in plan.features.items()}
             layout.init_bank(f, schema, {"library": f"h5bank {library_version()}", "builds": []})
         layout.set_state(f, layout.BUILDING)
@@ -788,7 +813,30 @@ def _locked(error: OSError) -> bool:
 
 # What HDF5 says of a file that is not (or no longer) an HDF5 file it can read.
 _BROKEN = ("signature not found", "truncated file", "superblock", "bad object header", "bad heap",
-           "bad symbol table", "bad B-tree", "not an HDF5 file")  # fmt: skip
+           "bad symbol table", "bad B-tree", "not an HDF5 file", "addr overflow",
+           "not aligned", "global heap", "len not positive", "doesn't exist",
+           "past end of allocation", "bad local heap", "free list")  # fmt: skip
+
+
+def _broken(error: BaseException) -> bool:
+    """Whether HDF5 says a file's structure is damaged (not a lock, I/O or permission)."""
+    return not (isinstance(error, OSError) and _locked(error)) and any(
+        word in str(error) for word in _BROKEN
+    )
+
+
+def _resume_partial(partial: str, plan: BuildPlan) -> h5py.File:
+    """Open a stopped build's partial file and cut it back to its last commit."""
+    f = _open_for_writing(partial, "r+")
+    try:
+        layout.check_format(f)
+        _merge_schema(f, plan.features)
+        layout.truncate(f, rebuild=True, sync=(lambda: _fsync(f)) if plan.fsync else None)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        raise
+    return f
 
 
 def _unusable_partial(partial: str) -> str | None:
@@ -808,7 +856,7 @@ def _unusable_partial(partial: str) -> str | None:
     except OSError as error:
         if _locked(error):
             return None  # a live writer: opening it for writing says so
-        if not any(word in str(error) for word in _BROKEN):
+        if not _broken(error):
             raise WriterError(
                 f"cannot open {partial} to resume the build it holds ({error}); nothing was "
                 "changed: fix that and resume again"
