@@ -202,22 +202,25 @@ def append_strings(dataset: h5py.Dataset, values: list[str]) -> None:
     dataset[n:] = np.array([storable(v) for v in values], dtype=object)
 
 
-def rebuild_string_table(f: h5py.File, name: str, n: int, sync: Any = None) -> None:
-    """Rewrite the string table ``name`` with its first ``n`` rows only, in fresh storage.
+def rebuild_string_table(
+    f: h5py.File, name: str, n: int, sync: Any = None, rows: list[str] | None = None
+) -> None:
+    """Rewrite the string table ``name`` in fresh storage: its first ``n`` rows, or ``rows``.
 
     A killed commit can leave, past a table's end, slots that point at
     global-heap data that was never written; HDF5 reads a slot before it
     overwrites it, so the next rows written there would fail ("bad heap
-    index"). A resume rebuilds the id and failure tables to be rid of them:
-    the new table is written and made durable (``sync()``, after a flush)
-    under a temporary name before it replaces the old one, so a kill at any
-    point leaves one whole table (a table left only under the temporary name
-    is taken back first).
+    index"). A resume rebuilds the id and failure tables to be rid of them,
+    and the last step of a build rewrites the failure table this way rather
+    than in place: the new table is written and made durable (``sync()``,
+    after a flush) under a temporary name before it replaces the old one (a
+    table left only under the temporary name is taken back first).
     """
     temporary = f"{name}__rebuilt"
     if name not in f and temporary in f:  # a rebuild killed between unlink and rename
         f.move(temporary, name)
-    rows = read_strings(f[name], 0, n) if n else []
+    if rows is None:
+        rows = read_strings(f[name], 0, n) if n else []
     if temporary in f:
         del f[temporary]
     table = _string_table(f, temporary)
@@ -227,6 +230,30 @@ def rebuild_string_table(f: h5py.File, name: str, n: int, sync: Any = None) -> N
         sync()
     del f[name]
     f.move(temporary, name)
+    f.flush()
+    if sync is not None:
+        sync()
+
+
+def replace_failures(f: h5py.File, failures: list[tuple[str, str, str]], sync: Any = None) -> None:
+    """Replace the failure tables with ``failures`` (rows of id, feature, error).
+
+    The failures counter is set to 0 first: a kill while the three tables
+    are swapped one by one leaves them empty (a resume records the failures
+    of the sources it retries again), never with rows of one table next to
+    rows of another.
+    """
+    if ATTR_FAILURES_COMMITTED in f.attrs:
+        f.attrs.modify(ATTR_FAILURES_COMMITTED, np.int64(0))
+    else:
+        f.attrs[ATTR_FAILURES_COMMITTED] = np.int64(0)
+    f.flush()
+    if sync is not None:
+        sync()
+    columns = list(zip(*failures, strict=True)) if failures else [(), (), ()]
+    for field, column in zip(FAILURE_FIELDS, columns, strict=True):
+        rebuild_string_table(f, f"{FAILURES}/{field}", 0, sync, rows=list(column))
+    mark_committed(f)
     f.flush()
     if sync is not None:
         sync()

@@ -564,10 +564,14 @@ class BankWriter:
             latest[key] = Failure(id_, feature, error)
         kept = list(latest.values())
         if len(kept) != len(rows):
-            for table in tables:
-                table.resize((0,))
+            # Rewritten in fresh storage, never in place (see layout.replace_failures).
+            self.f.flush()
+            layout.replace_failures(
+                self.f,
+                [(failure.id, failure.feature or "", failure.error) for failure in kept],
+                sync=self._sync,
+            )
             self._marks = []
-            self._record(kept)
         return kept
 
     def summary_columns(self) -> dict[str, dict[str, Any]]:
@@ -815,7 +819,8 @@ def _locked(error: OSError) -> bool:
 _BROKEN = ("signature not found", "truncated file", "superblock", "bad object header", "bad heap",
            "bad symbol table", "bad B-tree", "not an HDF5 file", "addr overflow",
            "not aligned", "global heap", "len not positive", "doesn't exist",
-           "past end of allocation", "bad local heap", "free list")  # fmt: skip
+           "past end of allocation", "bad local heap", "free list", "link count",
+           "delete link", "header version")  # fmt: skip
 
 
 def _broken(error: BaseException) -> bool:
