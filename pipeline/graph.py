@@ -277,7 +277,7 @@ def build_graph(
     partitions, skipped = partition_sources(sources, storage_options, partition_size, threads, skip)
     window = config.get("build.max-pending", max_pending) or 2 * threads
     token = uuid.uuid4().hex
-    plan = BuildPlan(
+    plan = _plan(
         token=token,
         path=path,
         mode=mode,
@@ -289,10 +289,8 @@ def build_graph(
             "partitions": len(partitions),
             "on_error": on_error,
         },
-        chunk_bytes=int(config.get("build.chunk-bytes")),
         skipped=skipped,
         pinned=writer is not None,
-        fsync=bool(config.get("build.fsync")),
     )
 
     features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
@@ -306,6 +304,15 @@ def build_graph(
         )  # fmt: skip
 
     return writer_chain(plan, writer, [len(p) for p in partitions], window, decode, write_partition)
+
+
+def _plan(**fields: Any) -> BuildPlan:
+    """A :class:`BuildPlan` with the writer's settings read here, where the build is made."""
+    return BuildPlan(
+        **fields,
+        chunk_bytes=int(config.get("build.chunk-bytes")),
+        fsync=bool(config.get("build.fsync")),
+    )
 
 
 def writer_chain(
@@ -376,7 +383,7 @@ def map_graph(
     window = config.get("build.max-pending", max_pending) or 2 * threads
     token = uuid.uuid4().hex
     name = getattr(func, "__qualname__", None) or type(func).__name__
-    plan = BuildPlan(
+    plan = _plan(
         token=token,
         path=path,
         mode="a",
@@ -390,10 +397,8 @@ def map_graph(
             "partitions": len(partitions),
             "on_error": on_error,
         },
-        chunk_bytes=int(config.get("build.chunk-bytes")),
         skipped=skipped,
         pinned=writer is not None,
-        fsync=bool(config.get("build.fsync")),
     )
     func_task = delayed(func, name=f"h5bank-function-{token}", traverse=False)
     pinned = functools.partial(_pinned, writer)
