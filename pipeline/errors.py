@@ -14,6 +14,7 @@
 | ``BankBusyError`` | reading a bank another process has open for writing |
 | ``BankChangedError`` | a Dask graph made from a bank runs after the bank was rebuilt, or its rows rewritten |
 | ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
+| ``PartialSetAsideError`` | a stopped build's partial file HDF5 could not resume was set aside after the build was planned without its sources (``create`` plans again by itself) |
 | ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on |
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "FormatVersionError",
     "H5BankError",
     "NotABankError",
+    "PartialSetAsideError",
     "ReadOnlyError",
     "SchedulerError",
     "SchemaError",
@@ -107,6 +109,15 @@ class BankChangedError(H5BankError, RuntimeError):
 
 class WriterError(H5BankError, RuntimeError):
     """The single writer could not continue the build."""
+
+
+class PartialSetAsideError(WriterError):
+    """A stopped build's partial file could not be resumed and was set aside.
+
+    The build had been planned to skip the sources that file committed, so it
+    must be planned again; ``create`` (and ``h5bank build``) do that by
+    themselves when the sources can be listed again.
+    """
 
 
 class DiskFullError(WriterError):

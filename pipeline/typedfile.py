@@ -47,6 +47,7 @@ from pipeline.errors import (
     BankBusyError,
     BuildInProgressError,
     NotABankError,
+    PartialSetAsideError,
     ReadOnlyError,
     SchemaError,
     UnknownIdError,
@@ -238,18 +239,31 @@ class TypedFile:
             )  # fmt: skip
         progress = config.get("build.progress", progress)
         started = time.perf_counter()
+        notes: list[str] = []
         with runner_for(scheduler, progress=progress) as runner:
-            build = cls.graph(
-                path,
-                sources,
-                mode=mode,
-                scheduler=runner,
-                partition_size=partition_size,
-                on_error=on_error,
-                storage_options=storage_options,
-                max_pending=max_pending,
-            )
-            summary = runner.run(build, progress=progress)
+            while True:
+                build = cls.graph(
+                    path,
+                    sources,
+                    mode=mode,
+                    scheduler=runner,
+                    partition_size=partition_size,
+                    on_error=on_error,
+                    storage_options=storage_options,
+                    max_pending=max_pending,
+                )
+                try:
+                    summary = runner.run(build, progress=progress)
+                    break
+                except PartialSetAsideError as error:
+                    # The partial file was planned around but could not be resumed: it is
+                    # set aside now, so planning again builds every source (once).
+                    if notes or isinstance(sources, Iterator):
+                        raise
+                    notes.append(f"{str(error).split('. Run the build again')[0]}; built again")
+                    if progress:
+                        print(f"h5bank: {notes[-1]}", file=sys.stderr)
+        summary.notes[:0] = notes
         summary.seconds = time.perf_counter() - started
         if progress:
             print(summary, file=sys.stderr)

@@ -40,7 +40,13 @@ import numpy as np
 from features.base import Feature
 from pipeline import config, layout
 from pipeline.decode import Failure, Packed, PackedColumn
-from pipeline.errors import DiskFullError, SchemaError, SourceError, WriterError
+from pipeline.errors import (
+    DiskFullError,
+    PartialSetAsideError,
+    SchemaError,
+    SourceError,
+    WriterError,
+)
 from pipeline.readers import ColumnSpec, RawRows, read_raw
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
@@ -743,7 +749,7 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
             if plan.skipped:
                 # This build was planned without the sources the partial file said it
                 # committed: building now would leave them out. The next run plans anew.
-                raise WriterError(
+                raise PartialSetAsideError(
                     f"{partial} could not be resumed ({error}); it was moved to {aside}. "
                     "Run the build again (mode='a', h5bank build --resume): it will build "
                     "every source anew"

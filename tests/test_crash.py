@@ -28,6 +28,7 @@ from distributed import Client, LocalCluster
 from slowbank import QuickBank, SlowBank
 
 from pipeline import layout
+from pipeline.errors import PartialSetAsideError
 
 TESTS = Path(__file__).resolve().parent
 N = 2000
@@ -215,6 +216,50 @@ def test_ids_written_past_the_commit_record_are_not_trusted(corpus, tmp_path):
         assert bank.summary.ok + bank.summary.failed == N - 1500
         assert "ghost-1" not in bank
     assert_same_contents(path, corpus["reference"], failures=True)
+
+
+def test_a_partial_file_hdf5_cannot_resume_is_set_aside_and_built_again(corpus, tmp_path):
+    """The ids read fine (the build is planned to skip 1,500 of them), but a column's object
+    header is damaged, as a kill in the middle of an HDF5 flush can leave it: the writer
+    sets the file aside and ``create`` plans again, building every source."""
+    path = finished_build(corpus, tmp_path)
+    partial = Path(layout.partial_path(path))
+    with h5py.File(path, "r+") as f:
+        f.attrs.modify(layout.ATTR_COMMITTED, 1500)
+        layout.set_state(f, layout.BUILDING)
+        address = h5py.h5o.get_info(layout.Column.open(f, "pixels").refs.id).addr
+    with open(path, "r+b") as raw:  # scribble over the refs table's object header
+        raw.seek(address)
+        raw.write(b"\xff" * 16)
+    path.rename(partial)
+    with h5py.File(partial, "r") as f:
+        assert len(layout.ids_table(f)) >= 1500  # the client can still plan from it
+    bank = SlowBank.create(path, corpus["images"], mode="a", scheduler="threads", progress=False)
+    with bank:
+        assert bank.summary.skipped == 0
+        assert bank.summary.ok + bank.summary.failed == N
+        (note,) = bank.summary.notes
+        assert str(partial) in note and "could not be resumed" in note
+    (aside,) = partial.parent.glob(partial.name + ".unreadable-*")
+    assert aside.stat().st_size > 0 and not partial.exists()
+    assert_same_contents(path, corpus["reference"], failures=True)
+
+
+def test_a_streamed_source_list_is_not_planned_twice(corpus, tmp_path):
+    path = finished_build(corpus, tmp_path)
+    partial = Path(layout.partial_path(path))
+    with h5py.File(path, "r+") as f:
+        layout.set_state(f, layout.BUILDING)
+        address = h5py.h5o.get_info(layout.Column.open(f, "pixels").refs.id).addr
+    with open(path, "r+b") as raw:
+        raw.seek(address)
+        raw.write(b"\xff" * 16)
+    path.rename(partial)
+    streamed = iter([str(corpus["images"])])  # an iterator: it cannot be listed twice
+    with pytest.raises(PartialSetAsideError, match="Run the build again"):
+        SlowBank.create(path, streamed, mode="a", scheduler="threads", progress=False)
+    assert not partial.exists() and not path.exists()
+    assert list(partial.parent.glob(partial.name + ".unreadable-*"))
 
 
 @pytest.mark.parametrize("content", ["empty", "not-a-bank", "garbage"])
