@@ -1,7 +1,8 @@
 """h5bank: many small raw files into one HDF5 bank, built with Dask, read back fast.
 
 The public API: :class:`TypedFile` (a bank type is a subclass of it) and
-:class:`Group`; features live in the ``features`` package.
+:class:`Group`; features live in the ``features`` package; serving to PyTorch
+with :class:`Input` / :class:`Target` batch specs is in :mod:`pipeline.serve`.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -32,12 +33,15 @@ from pipeline.errors import (
     WriterError,
 )
 from pipeline.schema import Group
+from pipeline.serve import AsSlice, BankDataset, GetId, GetIndex, Getter, Input, Target, serve
 from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
 from pipeline.writer import BuildSummary
 
 __all__ = [
+    "AsSlice",
     "BankBusyError",
     "BankChangedError",
+    "BankDataset",
     "BuildInProgressError",
     "BuildSummary",
     "ConfigError",
@@ -46,19 +50,25 @@ __all__ = [
     "FeatureProxy",
     "FeatureTypeError",
     "FormatVersionError",
+    "GetId",
+    "GetIndex",
+    "Getter",
     "Group",
     "GroupProxy",
     "H5BankError",
+    "Input",
     "NotABankError",
     "ReadOnlyError",
     "RefsView",
     "SchedulerError",
     "SchemaError",
     "SourceError",
+    "Target",
     "TypedFile",
     "UnknownIdError",
     "WorkerDiedError",
     "WriterError",
     "__version__",
     "config",
+    "serve",
 ]

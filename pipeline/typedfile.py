@@ -144,6 +144,65 @@ class TypedFile:
             raise
         self._forget()
 
+    # -- one process's file handle ------------------------------------------------------
+
+    @property
+    def _h5(self) -> h5py.File:
+        """The open file, reopened first if this object crossed into another process.
+
+        A forked child (a ``DataLoader`` worker, a multiprocessing pool) gets a
+        copy of this object with the parent's HDF5 handle in it; HDF5 handles
+        must not be shared across processes, so the child opens the file again
+        on its first read (read-only banks only: a writable one refuses).
+        """
+        if self._pid != os.getpid():
+            self._adopt()
+        return self._file
+
+    @_h5.setter
+    def _h5(self, f: h5py.File) -> None:
+        self._file, self._pid = f, os.getpid()
+
+    def _adopt(self) -> None:
+        if self.mode != "r":
+            raise BankBusyError(
+                f"{self._shown} is open with mode {self.mode!r} in process {self._pid}; another "
+                f"process ({os.getpid()}) cannot use that handle. Open the bank read-only "
+                "(mode='r') in the process that shares it"
+            )
+        with contextlib.suppress(Exception):
+            self._file.close()  # this process's copy of the parent's handle only
+        self._h5 = self._open()
+        self._check_file()
+        self._forget()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the recipe (path, storage and h5py options), not the open file.
+
+        This is what lets a bank type that is also a ``torch.utils.data.Dataset``
+        go to ``DataLoader`` workers started with ``spawn`` or ``forkserver``:
+        each unpickled copy opens the bank read-only for itself.
+        """
+        if self.mode != "r":
+            raise TypeError(
+                f"{self._shown} is open with mode {self.mode!r}: only read-only banks can be "
+                "sent to other processes; open it with mode='r'"
+            )
+        return {
+            "path": self.path,
+            "storage_options": self._storage_options,
+            "options": self._options,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.mode, self.summary = state["path"], "r", None
+        self.remote = is_url(self.path)
+        self._storage_options = state["storage_options"]
+        self._options = state["options"]
+        self._h5 = self._open()
+        self._check_file()
+        self._forget()
+
     def _forget(self) -> None:
         """Drop everything read from the file (it was reopened, or changed under us)."""
         self._features = self._known_features()
@@ -597,6 +656,19 @@ class TypedFile:
         """
         return self.root.to_dask(chunks)
 
+    def serve(self, batch: Any = None, **dataloader_kwargs: Any) -> Any:
+        """A PyTorch ``DataLoader`` over this bank, its batches shaped like ``batch``.
+
+        ``batch`` is a spec of :class:`~pipeline.serve.Input` /
+        :class:`~pipeline.serve.Target` items (``dict(x=Input("images", GetId()),
+        y=Target("labels", GetId()))``); ``dataloader_kwargs`` go to the
+        ``DataLoader`` (``batch_size``, ``shuffle``, ``num_workers``...). Each
+        worker opens the bank for itself. See :mod:`pipeline.serve`.
+        """
+        from pipeline.serve import serve
+
+        return serve(self, batch, **dataloader_kwargs)
+
     def map(
         self,
         func: Any,
@@ -894,7 +966,7 @@ class TypedFile:
         print(self.tree(), file=file or sys.stdout)
 
     def __repr__(self) -> str:
-        if not self._h5:
+        if not self._file:
             return f"<{type(self).__name__} {self._shown!r} (closed)>"
         return self.tree()
 
@@ -902,8 +974,8 @@ class TypedFile:
 
     def close(self) -> None:
         """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
-        if self._h5:
-            readers.close_file(self._h5)
+        if self._pid == os.getpid() and self._file:  # a copy of a parent's handle is not ours
+            readers.close_file(self._file)
         readers.release(self.path)
 
     def __enter__(self: T) -> T:

@@ -1,0 +1,343 @@
+"""Serving a bank to PyTorch: batch specs, getters, and a ``Dataset`` per bank.
+
+A *batch spec* says what one item of a training set is, as a dict (or a
+tuple, or a single item) of :class:`Input` / :class:`Target` entries. Each
+names a feature column of the bank and a :class:`Getter` that turns an item
+index into that column's data::
+
+    loader = bank.serve(
+        dict(x=Input("data/images", GetId()), y=Target("data/labels", GetId())),
+        batch_size=64, shuffle=True, num_workers=2,
+    )
+    for batch in loader:  # {"x": uint8 tensor (64, H, W, C), "y": int64 tensor (64,)}
+        ...
+
+Getters: :class:`GetId` (item *i* is source *i*, in the shape it was
+stored), :class:`GetIndex` (item *i* is row *i* of the concatenated data),
+:class:`AsSlice` (item *i* is a fixed-length window over the concatenated
+data, for sounds and sequences).
+
+Why a dataset object and not h5py datasets: HDF5 handles must not cross a
+``fork``, and cannot be pickled for ``spawn``. :class:`BankDataset` keeps a
+read-only :class:`~pipeline.typedfile.TypedFile`, which pickles as a recipe
+and reopens the file on first use in each ``DataLoader`` worker. A batch is
+read in one call per feature (``__getitems__``), with the rows sorted, so a
+random batch of 64 images is one HDF5 selection, not 64. The arrays returned
+are fresh NumPy arrays, never views of HDF5 buffers.
+
+torch is an optional extra (``pip install 'h5bank[torch]'``); this module
+imports it only in :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import layout, readers
+
+if TYPE_CHECKING:
+    from pipeline.typedfile import FeatureProxy, TypedFile
+
+
+# -- getters ----------------------------------------------------------------------------------
+
+
+class Getter:
+    """How an item index becomes one feature column's data. Subclass it for other schemes."""
+
+    def length(self, proxy: FeatureProxy) -> int:
+        """How many items the column gives."""
+        raise NotImplementedError
+
+    def get(self, proxy: FeatureProxy, index: int) -> Any:
+        """Item ``index`` (``0 <= index < length``)."""
+        raise NotImplementedError
+
+    def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
+        """Items ``indices`` in that order; override to read them in one request."""
+        return [self.get(proxy, int(i)) for i in indices]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+def _rows(data: Any, indices: np.ndarray) -> np.ndarray:
+    """``data[indices]`` along axis 0 in one HDF5 selection (h5py wants sorted unique rows)."""
+    wanted, where = np.unique(indices, return_inverse=True)
+    if len(wanted) == 1:
+        block = data[int(wanted[0]) : int(wanted[0]) + 1]
+    elif wanted[-1] - wanted[0] + 1 == len(wanted):  # consecutive: one hyperslab
+        block = data[int(wanted[0]) : int(wanted[-1]) + 1]
+    else:
+        block = data[wanted]
+    return block[where]
+
+
+class GetId(Getter):
+    """Item *i* is source *i* (commit order): its data as ``proxy.get(id)`` returns it.
+
+    An image comes back in its shape, a label as an ``int``, a sound as its
+    samples. Every source must have data for the feature.
+    """
+
+    def length(self, proxy: FeatureProxy) -> int:
+        return len(proxy.bank)
+
+    def get(self, proxy: FeatureProxy, index: int) -> Any:
+        return self.get_many(proxy, np.asarray([index]))[0]
+
+    def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
+        column = proxy._require()
+        refs = _rows(column.refs, indices)
+        missing = np.flatnonzero(refs[:, 0] < 0)
+        if len(missing):
+            source = proxy.bank.ids[int(indices[missing[0]])]
+            raise ValueError(
+                f"source {source!r} has no data for feature {proxy.path!r}: GetId serves "
+                "sources that all have it (build the bank so they do, or use GetIndex)"
+            )
+        feature = proxy.feature
+        if column.storage in ("item", "category") and bool(np.all(refs[:, 1] - refs[:, 0] == 1)):
+            block = _rows(column.data, refs[:, 0])  # one row per source: one selection
+            if column.storage == "category":
+                return [int(v) for v in block]
+            return [feature.from_stored(row, "") for row in block]
+        values = []
+        for i, (start, stop) in zip(indices.tolist(), refs.tolist(), strict=True):
+            shape = layout.stored_shape(column, i) if column.storage == "flat" else None
+            block = column.data[start:stop]
+            values.append(readers.stored_value(feature, column.storage, block, shape, ""))
+        return values
+
+
+class GetIndex(Getter):
+    """Item *i* is row *i* of the feature's concatenated data (``proxy[i]``)."""
+
+    def length(self, proxy: FeatureProxy) -> int:
+        return len(proxy)
+
+    def get(self, proxy: FeatureProxy, index: int) -> Any:
+        return proxy._require().data[index]
+
+    def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
+        return list(_rows(proxy._require().data, indices))
+
+
+class AsSlice(Getter):
+    """Item *i* is a window of ``length`` rows of the concatenated data, every ``downsampling``-th.
+
+    Window *i* is ``data[i * shift : i * shift + (length - 1) * downsampling + 1 : downsampling]``,
+    NumPy's slice of the concatenation of every source (windows cross source
+    boundaries, as in h5mapper). ``shift`` defaults to the span of a window,
+    so windows do not overlap; a smaller shift makes them overlap.
+    """
+
+    def __init__(self, length: int, shift: int | None = None, downsampling: int = 1) -> None:
+        if int(length) < 1 or int(downsampling) < 1:
+            raise ValueError(
+                f"AsSlice needs length >= 1 and downsampling >= 1, got {length}, {downsampling}"
+            )
+        self.length_ = int(length)
+        self.downsampling = int(downsampling)
+        self.shift = int(shift) if shift is not None else self.span
+        if self.shift < 1:
+            raise ValueError(f"AsSlice shift must be >= 1, got {shift}")
+
+    @property
+    def span(self) -> int:
+        """Rows of data one window covers."""
+        return (self.length_ - 1) * self.downsampling + 1
+
+    def length(self, proxy: FeatureProxy) -> int:
+        n = len(proxy)
+        return 0 if n < self.span else (n - self.span) // self.shift + 1
+
+    def get(self, proxy: FeatureProxy, index: int) -> Any:
+        start = index * self.shift
+        return proxy._require().data[start : start + self.span : self.downsampling]
+
+    def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
+        data = proxy._require().data
+        starts = indices * self.shift
+        # Windows of a batch that lie close together are read in one request.
+        if len(indices) and starts.max() - starts.min() + self.span <= 4 * self.span * len(indices):
+            low = int(starts.min())
+            block = data[low : int(starts.max()) + self.span]
+            return [
+                block[s - low : s - low + self.span : self.downsampling].copy()
+                for s in starts.tolist()
+            ]
+        return [self.get(proxy, int(i)) for i in indices]
+
+    def __repr__(self) -> str:
+        return (
+            f"AsSlice(length={self.length_}, shift={self.shift}, downsampling={self.downsampling})"
+        )
+
+
+# -- batch items ------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchItem:
+    """One entry of a batch spec: feature ``key`` (its path), read with ``getter``.
+
+    ``transform``, if given, is applied to each item's array (in the
+    ``DataLoader`` worker), e.g. to scale images to float.
+    """
+
+    key: str
+    getter: Getter = field(default_factory=GetId)
+    transform: Callable[[Any], Any] | None = None
+
+
+class Input(BatchItem):
+    """A model input."""
+
+
+class Target(BatchItem):
+    """A training target."""
+
+
+# -- the dataset ------------------------------------------------------------------------------
+
+
+BatchSpec = BatchItem | Mapping[str, BatchItem] | Sequence[BatchItem]
+
+
+class BankDataset:
+    """A map-style dataset over a bank (what ``torch.utils.data.DataLoader`` takes).
+
+    Parameters
+    ----------
+    bank
+        A bank opened read-only (``TypedFile``) or its path. A bank opened for
+        writing serves in this process (``num_workers=0``) only.
+    batch
+        The batch spec: a :class:`BatchItem`, a dict of them, or a tuple or
+        list of them. Items come out in the same structure. Every entry must
+        give the same number of items.
+    """
+
+    def __init__(self, bank: TypedFile | str | os.PathLike[str], batch: BatchSpec) -> None:
+        from pipeline.typedfile import TypedFile
+
+        self.bank = bank if isinstance(bank, TypedFile) else TypedFile(bank)
+        self._named = isinstance(batch, Mapping)
+        if isinstance(batch, BatchItem):
+            self._keys: list[Any] | None = None
+            items = [batch]
+        elif isinstance(batch, Mapping):
+            self._keys = list(batch)
+            items = list(batch.values())
+        elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch):
+            self._keys = list(range(len(batch)))
+            items = list(batch)
+        else:
+            raise TypeError(
+                "batch must be an Input/Target (BatchItem), a dict or a tuple of them; "
+                f"got {type(batch).__name__}"
+            )
+        for item in items:
+            if not isinstance(item, BatchItem):
+                raise TypeError(f"batch entries must be Input/Target items, got {item!r}")
+        if not items:
+            raise ValueError("the batch spec is empty: give at least one Input or Target")
+        self.items = items
+        self._kind = type(batch)
+        lengths = {}
+        for item in items:
+            lengths[item.key] = item.getter.length(self._proxy(item))
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            raise ValueError(f"the batch entries give different numbers of items ({shown})")
+        self._length = next(iter(lengths.values()))
+
+    def _proxy(self, item: BatchItem) -> FeatureProxy:
+        from pipeline.typedfile import FeatureProxy
+
+        try:
+            proxy = self.bank.feature(item.key)
+        except AttributeError:
+            proxy = None
+        if not isinstance(proxy, FeatureProxy) or proxy.column is None:
+            known = ", ".join(sorted(layout.iter_columns(self.bank.h5))) or "none"
+            raise KeyError(
+                f"{item.key!r} is not a feature with data in {self.bank.path} (features: {known})"
+            )
+        return proxy
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _check(self, indices: np.ndarray) -> np.ndarray:
+        n = self._length
+        indices = np.where(indices < 0, indices + n, indices)
+        bad = (indices < 0) | (indices >= n)
+        if bad.any():
+            raise IndexError(f"item {int(indices[bad][0])} out of range for {n} items")
+        return indices
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """Items ``indices``, each feature read in one request (``DataLoader`` calls this)."""
+        where = self._check(np.asarray(indices, dtype=np.int64).reshape(-1))
+        columns = []
+        for item in self.items:
+            values = item.getter.get_many(self._proxy(item), where)
+            if item.transform is not None:
+                values = [item.transform(v) for v in values]
+            columns.append(values)
+        rows = list(zip(*columns, strict=True))
+        if self._keys is None:
+            return [row[0] for row in rows]
+        if self._named:
+            return [dict(zip(self._keys, row, strict=True)) for row in rows]
+        return [list(row) if self._kind is list else tuple(row) for row in rows]
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{type(i).__name__}({i.key!r}, {i.getter!r})" for i in self.items)
+        return f"<BankDataset of {self.bank.path!r}: {len(self)} items; {items}>"
+
+
+def _torch() -> Any:
+    try:
+        import torch.utils.data
+    except ImportError as error:
+        raise ImportError(
+            f"serving a bank needs PyTorch: pip install 'h5bank[torch]' ({error})"
+        ) from None
+    return torch
+
+
+def serve(
+    bank: TypedFile | str | os.PathLike[str],
+    batch: BatchSpec | None = None,
+    **dataloader_kwargs: Any,
+) -> Any:
+    """A ``torch.utils.data.DataLoader`` over ``bank`` yielding batches shaped like ``batch``.
+
+    ``dataloader_kwargs`` go to the ``DataLoader`` untouched (``batch_size``,
+    ``shuffle``, ``num_workers``, ``pin_memory``, ``persistent_workers``...).
+    With ``batch=None``, ``bank`` must itself be a ``torch.utils.data.Dataset``
+    (a bank type that also subclasses it, with its own ``__getitem__``).
+    """
+    torch = _torch()
+    if batch is None:
+        if not isinstance(bank, torch.utils.data.Dataset):
+            raise TypeError(
+                "serve() needs a batch spec (a dict of Input/Target items), unless the bank "
+                "type is itself a torch.utils.data.Dataset with its own __getitem__"
+            )
+        dataset: Any = bank
+    else:
+        dataset = BankDataset(bank, batch)
+    return torch.utils.data.DataLoader(dataset, **dataloader_kwargs)
