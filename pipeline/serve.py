@@ -22,7 +22,7 @@ Why a dataset object and not h5py datasets: HDF5 handles must not cross a
 read-only :class:`~pipeline.typedfile.TypedFile`, which pickles as a recipe
 and reopens the file on first use in each ``DataLoader`` worker. A batch is
 read in one call per feature (``__getitems__``), with the rows sorted, so a
-random batch of 64 images is one HDF5 selection, not 64. The arrays returned
+random batch of 64 images is one array filled run by run. The arrays returned
 are fresh NumPy arrays, never views of HDF5 buffers.
 
 torch is an optional extra (``pip install 'h5bank[torch]'``); this module
@@ -68,15 +68,19 @@ class Getter:
 
 
 def _rows(data: Any, indices: np.ndarray) -> np.ndarray:
-    """``data[indices]`` along axis 0 in one HDF5 selection (h5py wants sorted unique rows)."""
+    """``data[indices]`` along axis 0, read as one slice per run of consecutive rows.
+
+    h5py's fancy indexing (``data[[3, 70, 512]]``) builds an HDF5 union of
+    hyperslabs, which costs about 40 ms for 64 rows of a chunked dataset;
+    reading each run as a plain slice into one array costs about 1 ms.
+    """
     wanted, where = np.unique(indices, return_inverse=True)
-    if len(wanted) == 1:
-        block = data[int(wanted[0]) : int(wanted[0]) + 1]
-    elif wanted[-1] - wanted[0] + 1 == len(wanted):  # consecutive: one hyperslab
-        block = data[int(wanted[0]) : int(wanted[-1]) + 1]
-    else:
-        block = data[wanted]
-    return block[where]
+    out = np.empty((len(wanted), *data.shape[1:]), dtype=data.dtype)
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
+        low = int(wanted[a])
+        out[a:b] = data[low : low + b - a]
+    return out[where]
 
 
 class GetId(Getter):
