@@ -25,12 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dask
-from tqdm.auto import tqdm
+
+with warnings.catch_warnings():  # in Jupyter without ipywidgets: the text bar, no warning
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
 
 from pipeline import config, layout, readers
 from pipeline.errors import SchedulerError, WorkerDiedError, WriterError

@@ -9,7 +9,7 @@ features, with every derived feature after the feature it derives from.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,8 @@ def _check_name(name: str) -> None:
 class Schema(Mapping[str, Feature]):
     """Feature paths to features, bases before the features derived from them."""
 
-    def __init__(self, features: Mapping[str, Feature]) -> None:
+    def __init__(self, features: Mapping[str, Feature], groups: Iterable[str] = ()) -> None:
+        self._declared = set(groups)  # groups declared on the class, empty ones included
         self.bases: dict[str, str] = {}
         for path, feature in features.items():
             if feature.derived_from is not None:
@@ -61,6 +62,7 @@ class Schema(Mapping[str, Feature]):
     def from_namespace(cls, namespace: Mapping[str, Any]) -> Schema:
         """The schema of a class body (or any mapping of names to features and groups)."""
         features: dict[str, Feature] = {}
+        groups: list[str] = []
 
         def walk(prefix: str, members: Mapping[str, Any]) -> None:
             for name, member in members.items():
@@ -69,10 +71,11 @@ class Schema(Mapping[str, Feature]):
                     features[posixpath.join(prefix, name)] = member
                 elif isinstance(member, Group):
                     _check_name(name)
-                    walk(posixpath.join(prefix, name), member.children)
+                    groups.append(posixpath.join(prefix, name))
+                    walk(groups[-1], member.children)
 
         walk("", namespace)
-        return cls(features)
+        return cls(features, groups)
 
     @classmethod
     def from_class(cls, typed_file: type) -> Schema:
@@ -124,8 +127,9 @@ class Schema(Mapping[str, Feature]):
         return len(self._features)
 
     def groups(self) -> set[str]:
-        """Every group path the features live under (``"data"`` for ``"data/images"``)."""
-        out: set[str] = set()
+        """Every group path the features live under (``"data"`` for ``"data/images"``), and
+        the groups the class declares empty (``checkpoints = Group()``, filled by ``add``)."""
+        out: set[str] = set(self._declared)
         for path in self._features:
             parent = posixpath.dirname(path)
             while parent:

@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -162,6 +163,9 @@ class TypedFile:
     @_h5.setter
     def _h5(self, f: h5py.File) -> None:
         self._file, self._pid = f, os.getpid()
+        self._fd = _descriptor(f)
+        if self._fd is not None:
+            _OPEN_BANKS.add(self)
 
     def _adopt(self) -> None:
         if self.mode != "r":
@@ -974,6 +978,7 @@ class TypedFile:
 
     def close(self) -> None:
         """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
+        _OPEN_BANKS.discard(self)
         if self._pid == os.getpid() and self._file:  # a copy of a parent's handle is not ours
             readers.close_file(self._file)
         readers.release(self.path)
@@ -983,6 +988,39 @@ class TypedFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# Banks with a file descriptor open in this process, for _let_go_after_fork.
+_OPEN_BANKS: weakref.WeakSet[TypedFile] = weakref.WeakSet()
+
+
+def _descriptor(f: h5py.File) -> int | None:
+    try:
+        handle = f.id.get_vfd_handle()
+    except Exception:  # a remote bank (fsspec file object): no descriptor, no lock
+        return None
+    return handle if isinstance(handle, int) else None
+
+
+def _let_go_after_fork() -> None:
+    """In a forked child, point the parent's bank descriptors at ``/dev/null``.
+
+    HDF5's file lock is a ``flock`` on the open file, which a forked child
+    shares: a ``DataLoader`` worker (``persistent_workers=True``) would keep a
+    bank the parent opened for writing locked after the parent closed it, so
+    nobody could read it. Replacing the child's copy of the descriptor drops
+    the child's share of the lock; HDF5 in the child is not called (its
+    handle is reopened, or refused for a writable bank, on first use).
+    """
+    for bank in list(_OPEN_BANKS):
+        fd = bank._fd
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
+
+
+os.register_at_fork(after_in_child=_let_go_after_fork)
 
 
 class MapResult(dict):
@@ -1025,7 +1063,7 @@ class GroupProxy(_Proxy):
         """Names of the features and groups directly below this group."""
         names: dict[str, None] = {}
         depth = self.path.count("/") + 1 if self.path else 0
-        for path in self.bank._features:
+        for path in [*self.bank._features, *sorted(type(self.bank).__schema__.groups())]:
             parts = path.split("/")
             if (not self.path or path.startswith(self.path + "/")) and len(parts) > depth:
                 names[parts[depth]] = None
