@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import posixpath
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import imageio.v3 as iio
 import numpy as np
 
 from features.base import Feature
 from features.errors import DecodeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _MODES = (None, "L", "LA", "RGB", "RGBA")
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
@@ -146,6 +150,92 @@ class Image(Feature):
             return array
         filter_ = getattr(PILImage.Resampling, self.resample.upper())
         return np.asarray(PILImage.fromarray(array).resize((width, height), filter_))
+
+    def plot(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        titles: str | Sequence[Any] | None = None,
+        ncols: int = 8,
+        size: float = 1.5,
+    ) -> Figure:
+        """A grid of thumbnails: ``bank.images.plot(bank.images[:16], titles=ids)``.
+
+        Parameters
+        ----------
+        images
+            One image ``(H, W)`` or ``(H, W, C)``, a batch ``(N, H, W[, C])``
+            (what a fixed-size bank's ``proxy[:16]`` returns), or a list of
+            arrays of different shapes (``[proxy.get(i) for i in ids]`` from a
+            bank without ``size``). Whether a 3-D array is one color image or
+            a batch of grayscale ones follows this feature's ``mode``; with no
+            mode, a last axis of 1 to 4 means channels.
+        titles
+            One title per image (ids, label names), or ``None``.
+        ncols
+            Thumbnails per row (fewer when there are fewer images).
+        size
+            Width and height of each thumbnail, in inches.
+
+        Grayscale is drawn with the ``gray`` colormap over the whole ``uint8``
+        range (not stretched image by image), ``LA`` as gray with its alpha;
+        axes are off. Returns a :class:`matplotlib.figure.Figure` holding one
+        axes per image (matplotlib: ``pip install 'h5bank[plot]'``); save it
+        with ``fig.savefig("grid.png")``.
+        """
+        from features.plot import grid, titles_for
+
+        batch = self._as_batch(images)
+        names = titles_for(titles, len(batch))
+        fig, axes = grid(len(batch), ncols, (size, size))
+        for ax, image, name in zip(axes, batch, names, strict=True):
+            pixels, gray = _displayable(image)
+            if gray:
+                limits = (0, 255) if pixels.dtype == np.uint8 else (None, None)
+                ax.imshow(pixels, cmap="gray", vmin=limits[0], vmax=limits[1])
+            else:
+                ax.imshow(pixels)
+            ax.set_axis_off()
+            if name is not None:
+                ax.set_title(name, fontsize=7)
+        return fig
+
+    def _as_batch(self, images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``images`` as a list of single images (see :meth:`plot`)."""
+        if not isinstance(images, np.ndarray):
+            batch = [np.asarray(image) for image in images]
+            bad = [image.shape for image in batch if image.ndim not in (2, 3)]
+            if bad:
+                raise ValueError(f"each image must be (H, W) or (H, W, C), got shapes {bad[:3]}")
+            return batch
+        if images.ndim == 1:
+            raise ValueError(
+                "got a 1-D array: a slice of an image feature stored without a size is raveled "
+                "pixels; pass the images themselves, [proxy.get(id) for id in ids]"
+            )
+        if images.ndim == 2:
+            return [images]
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim == 3:
+            one = self.mode != "L" if self.mode is not None else images.shape[2] <= 4
+            return [images] if one else list(images)
+        raise ValueError(
+            f"images must be (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got {images.shape}"
+        )
+
+
+def _displayable(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """What ``imshow`` draws for one image, and whether it is grayscale."""
+    if image.ndim == 2:
+        return image, True
+    channels = image.shape[2]
+    if channels == 1:
+        return image[..., 0], True
+    if channels == 2:  # LA: gray with alpha, as RGBA
+        return np.concatenate([image[..., :1]] * 3 + [image[..., 1:]], axis=2), False
+    if channels in (3, 4):
+        return image, False
+    raise ValueError(f"cannot draw an image of {channels} channels; images have 1 to 4")
 
 
 _SIGNATURES = {

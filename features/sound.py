@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile
 
 from features.base import Feature
 from features.errors import DecodeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Samples above which a waveform is drawn as its min/max envelope over this many bins.
+_ENVELOPE_BINS = 4000
 
 # Files that announce their format in their first bytes.
 _SIGNATURES = ((b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
@@ -101,3 +108,78 @@ class Sound(Feature):
 
             audio = soxr.resample(audio, native_sr, self.sr)
         return np.ascontiguousarray(audio, dtype=self.dtype)
+
+    def plot(
+        self,
+        sounds: np.ndarray | Sequence[np.ndarray],
+        titles: str | Sequence[Any] | None = None,
+        sr: int | None = None,
+    ) -> Figure:
+        """Waveforms, one row per sound: ``bank.sound.plot(bank.sound.get(id), titles=id)``.
+
+        Parameters
+        ----------
+        sounds
+            One sound, mono ``(n,)`` or multichannel ``(n, channels)`` (what
+            ``proxy.get(id)`` returns), or a list of them (of any lengths).
+            Channels share their sound's row, one line each.
+        titles
+            One title per sound (ids, label names), or ``None``.
+        sr
+            Sample rate for the time axis; this feature's ``sr`` by default
+            (the rate the bank stores).
+
+        The x axis is in seconds, shared by every row so durations compare.
+        Sounds longer than a few thousand samples are drawn as their min / max
+        envelope, which looks the same and draws in constant time. Returns a
+        :class:`matplotlib.figure.Figure` (matplotlib:
+        ``pip install 'h5bank[plot]'``); save it with ``fig.savefig``.
+        """
+        from features.plot import grid, titles_for
+
+        rate = int(sr if sr is not None else self.sr)
+        if rate <= 0:
+            raise ValueError(f"sr must be a positive sample rate, got {sr!r}")
+        batch = _as_sounds(sounds)
+        names = titles_for(titles, len(batch))
+        fig, axes = grid(len(batch), 1, (8.0, 1.6), sharex=True)
+        for ax, audio, name in zip(axes, batch, names, strict=True):
+            channels = audio.reshape(len(audio), -1)
+            for c in range(channels.shape[1]):
+                label = f"channel {c}" if channels.shape[1] > 1 else None
+                _draw_waveform(ax, channels[:, c], rate, label)
+            if channels.shape[1] > 1:
+                ax.legend(loc="upper right", fontsize=7)
+            ax.tick_params(labelsize=7)
+            if name is not None:
+                ax.set_title(name, fontsize=8, loc="left")
+        for ax in axes[:-1]:
+            ax.tick_params(labelbottom=False)
+        axes[-1].set_xlabel(f"seconds ({rate:,} Hz)", fontsize=8)
+        return fig
+
+
+def _as_sounds(sounds: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``sounds`` as a list of single sounds, each ``(n,)`` or ``(n, channels)``."""
+    batch = [sounds] if isinstance(sounds, np.ndarray) else [np.asarray(s) for s in sounds]
+    for audio in batch:
+        if audio.ndim not in (1, 2):
+            raise ValueError(f"a sound is (n,) or (n, channels), got shape {audio.shape}")
+        if audio.ndim == 2 and audio.shape[1] > audio.shape[0]:
+            raise ValueError(
+                f"a sound of shape {audio.shape} has more channels than samples: pass "
+                "(n_samples, channels) (transpose a channels-first array), or a list of sounds"
+            )
+    return batch
+
+
+def _draw_waveform(ax: Any, audio: np.ndarray, sr: int, label: str | None) -> None:
+    """One channel against seconds; long ones as their min / max envelope."""
+    if len(audio) > 2 * _ENVELOPE_BINS:
+        starts = np.linspace(0, len(audio), _ENVELOPE_BINS, endpoint=False).astype(np.int64)
+        low = np.minimum.reduceat(audio, starts)
+        high = np.maximum.reduceat(audio, starts)
+        times = np.append(starts, len(audio)) / sr
+        ax.stairs(high, times, baseline=low, fill=True, alpha=0.8, label=label)
+    else:
+        ax.plot(np.arange(len(audio)) / sr, audio, linewidth=0.6, label=label)
