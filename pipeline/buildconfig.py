@@ -65,7 +65,7 @@ class BuildConfig:
     path: str
     bank: type[TypedFile]
     bank_name: str
-    sources: list[str]
+    sources: list[Any]  # paths, globs, URLs; SourceSpecs when a command listed them
     output: str
     settings: dict[str, Any] = field(repr=False)
 
@@ -97,7 +97,7 @@ class BuildConfig:
         lines = [
             f"bank:     {self.bank_name}",
             *(f"          {path}: {feature!r}" for path, feature in self.bank.__schema__.items()),
-            f"sources:  {', '.join(self.sources)}",
+            f"sources:  {', '.join(getattr(s, 'id', None) or os.fspath(s) for s in self.sources)}",
             f"output:   {redact(self.output) if is_url(self.output) else os.path.abspath(self.output)}",
         ]
         with dask.config.set(self.settings):
@@ -114,21 +114,24 @@ class BuildConfig:
 
 
 def settings(
-    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ``h5bank`` and ``jobqueue`` settings in force with the file at ``path`` merged in.
 
+    ``path=None`` merges no file (a build described on the command line).
     ``overrides`` are dotted keys that win over everything:
     ``{"h5bank.build.output": "x.h5", "h5bank.slurm.jobs": 4}``.
     """
-    shown = os.fspath(path)
-    given = _read(shown, require_build=False)
-    unknown = sorted(set(given) - set(_APPLIED))
-    if unknown:
-        raise ConfigError(
-            f"{shown}: unknown top-level keys {unknown}; a build config holds 'h5bank' and "
-            "'jobqueue' settings"
-        )
+    given: dict[str, Any] = {}
+    if path is not None:
+        shown = os.fspath(path)
+        given = _read(shown, require_build=False)
+        unknown = sorted(set(given) - set(_APPLIED))
+        if unknown:
+            raise ConfigError(
+                f"{shown}: unknown top-level keys {unknown}; a build config holds 'h5bank' and "
+                "'jobqueue' settings"
+            )
     config.load_jobqueue_defaults()  # the file may set jobqueue.slurm keys over h5bank's defaults
     merged = copy.deepcopy(dict(dask.config.config))
     dask.config.update(merged, given, priority="new")
@@ -195,19 +198,54 @@ def _bank_type(shown: str, bank: Any, inline: Any) -> tuple[type[TypedFile], str
         if not (isinstance(cls, type) and issubclass(cls, TypedFile)):
             raise ConfigError(f"{shown}: h5bank.build.bank {bank!r} is not a TypedFile subclass")
         return cls, str(bank)
-    if not isinstance(inline, dict) or not inline:
-        raise ConfigError(
-            f"{shown}: h5bank.build.features must map names to features, got {inline!r}"
-        )
-    members = {
-        name: _member(shown, f"h5bank.build.features.{name}", v) for name, v in inline.items()
-    }
     name = re.sub(r"\W", "", Path(shown).stem.title()) or "Config"
+    return inline_bank(inline, f"{name}Bank", shown), f"inline features of {shown}"
+
+
+def inline_bank(
+    features: Any, name: str, shown: str, key: str = "h5bank.build.features"
+) -> type[TypedFile]:
+    """A bank type named ``name`` whose attributes are the inline ``features``.
+
+    ``features`` maps names to what a config's ``h5bank.build.features``
+    holds (a feature's name, a mapping with ``type`` and its arguments, or a
+    group); Python values such as an hdf5plugin filter may appear as
+    arguments. ``shown`` and ``key`` say where the features came from in
+    errors (:class:`ConfigError`). The class is made here, not imported, so
+    it travels to Dask workers by value, like every inline config's.
+    """
+    if not isinstance(features, Mapping) or not features:
+        raise ConfigError(f"{shown}: {key} must map names to features, got {features!r}")
+    members = {name: _member(shown, f"{key}.{name}", v) for name, v in features.items()}
     try:
-        cls = type(f"{name}Bank", (TypedFile,), {**members, "__module__": __name__})
+        return type(name, (TypedFile,), {**members, "__module__": __name__})
     except Exception as error:
-        raise ConfigError(f"{shown}: h5bank.build.features: {error}") from None
-    return cls, f"inline features of {shown}"
+        raise ConfigError(f"{shown}: {key}: {error}") from None
+
+
+def inline(
+    features: Mapping[str, Any],
+    sources: list[Any],
+    output: str,
+    name: str,
+    shown: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> BuildConfig:
+    """A build of inline ``features`` given without a file (``h5bank image-bank``...).
+
+    The settings in force apply, then ``overrides``, as :func:`load` applies
+    a file's; ``sources`` may hold :class:`~pipeline.sources.SourceSpec`\\ s
+    already listed. ``shown`` names the build in errors and messages.
+    """
+    applied = settings(None, overrides)
+    return BuildConfig(
+        path=shown,
+        bank=inline_bank(features, name, shown, key="features"),
+        bank_name=name,
+        sources=list(sources),
+        output=output,
+        settings=applied,
+    )
 
 
 def _member(shown: str, key: str, value: Any) -> Feature | Group:
