@@ -121,7 +121,9 @@ class Sound(Feature):
         ----------
         sounds
             One sound, mono ``(n,)`` or multichannel ``(n, channels)`` (what
-            ``proxy.get(id)`` returns), or a list of them (of any lengths).
+            ``proxy.get(id)`` returns), a list of them (of any lengths), or a
+            batch of equal-length ones: ``(n_sounds, n)`` for a mono feature,
+            ``(n_sounds, n, channels)`` otherwise.
             Channels share their sound's row, one line each.
         titles
             One title per sound (ids, label names), or ``None``.
@@ -140,6 +142,10 @@ class Sound(Feature):
         rate = int(sr if sr is not None else self.sr)
         if rate <= 0:
             raise ValueError(f"sr must be a positive sample rate, got {sr!r}")
+        if isinstance(sounds, np.ndarray) and (
+            sounds.ndim == 3 or (sounds.ndim == 2 and self.mono)
+        ):
+            sounds = list(sounds)  # a batch: (n_sounds, samples[, channels]), as a DataLoader gives
         batch = _as_sounds(sounds)
         names = titles_for(titles, len(batch))
         fig, axes = grid(len(batch), 1, (8.0, 1.6), sharex=True)

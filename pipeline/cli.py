@@ -6,7 +6,6 @@ on stderr), 2 for a usage error.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import os
@@ -613,9 +612,7 @@ def verify(bank: str, data: bool) -> None:
     """
     from pipeline import layout, readers
 
-    if data:
-        _plugin_filters()
-    f = readers.open_for_reading(bank)
+    f = readers.open_for_reading(bank)  # registers hdf5plugin's filters, for --data
     try:
         stopped = bank.endswith(layout.PARTIAL_SUFFIX) and (layout.state(f) == layout.BUILDING)
         problem = next(layout.verify(f, data, stopped=stopped), None)
@@ -688,7 +685,6 @@ def show(bank: str, source_id: str, feature_path: str | None, out: str | None) -
             f"{out!r}: the extension says the format; use one of {', '.join(sorted(formats))}",
             param_hint="--out",
         )
-    _plugin_filters()
     with TypedFile(bank) as f:
         _require_id(f, source_id)
         path, proxy, value = _plottable(f, source_id, feature_path)
@@ -698,13 +694,6 @@ def show(bank: str, source_id: str, feature_path: str | None, out: str | None) -
         fig = proxy.plot(value, titles=[source_id], **options)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     click.echo(out)
-
-
-def _plugin_filters() -> None:
-    """Register hdf5plugin's filters (zstd, lz4, blosc...) if it is installed, to read data
-    that ``--compression zstd`` and the like wrote; without it such data cannot be read."""
-    with contextlib.suppress(ImportError):
-        import hdf5plugin  # noqa: F401
 
 
 def _require_id(bank: Any, source_id: str) -> None:

@@ -741,5 +741,9 @@ def compression_of(dataset: h5py.Dataset) -> str:
             label = "fletcher32"
         elif code == 32000:
             label = "lzf"
+        elif (
+            label.startswith("HDF5 ") and " filter" in label
+        ):  # hdf5plugin: "HDF5 zstd filter; see…"
+            label = label[5 : label.index(" filter")]
         names.append(label or f"filter {code}")
     return "+".join(names) if names else "none"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import io
 import math
@@ -261,6 +262,22 @@ def close_file(f: h5py.File) -> None:
         raw.close()
 
 
+@functools.cache
+def register_plugin_filters() -> bool:
+    """Register hdf5plugin's filters (Zstd, LZ4, Blosc, BZip2...) in this process, if installed.
+
+    HDF5 finds a dynamically loaded filter only once ``hdf5plugin`` is imported;
+    without it, data written with one cannot be read or written, in the client
+    as in every Dask worker. Called before h5bank opens a file; ``True`` if
+    hdf5plugin is there.
+    """
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def open_for_reading(
     path: str, storage_options: Mapping[str, Any] | None = None, **options: Any
 ) -> h5py.File:
@@ -272,6 +289,7 @@ def open_for_reading(
     """
     from pipeline.sources import is_url
 
+    register_plugin_filters()
     if is_url(path):
         return open_remote(path, storage_options, **options)
     try:

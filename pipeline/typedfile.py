@@ -919,6 +919,7 @@ class TypedFile:
         if self.mode == "r":
             return readers.open_for_reading(self.path, **self._options)
         readers.release(self.path)  # this process's cached read handles would refuse a writer
+        readers.register_plugin_filters()
         try:
             return h5py.File(self.path, self.mode, **self._options)
         except OSError as error:

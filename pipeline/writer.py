@@ -47,7 +47,7 @@ from pipeline.errors import (
     SourceError,
     WriterError,
 )
-from pipeline.readers import ColumnSpec, RawRows, read_raw
+from pipeline.readers import ColumnSpec, RawRows, read_raw, register_plugin_filters
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
 # Link results a writer keeps for tasks Dask may run again: a link's result is
@@ -880,6 +880,7 @@ def _unusable_partial(partial: str) -> str | None:
 
 
 def _open_for_writing(path: str, mode: str) -> h5py.File:
+    register_plugin_filters()  # the bank's features may use hdf5plugin's filters
     try:
         return h5py.File(path, mode, locking="best-effort")
     except OSError as error:

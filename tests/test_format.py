@@ -212,3 +212,33 @@ def test_truncate_cuts_back_to_the_committed_sources(tmp_path, images):
         for name, value in before.items():
             np.testing.assert_array_equal(f[name][:], value)
         assert f[f"{layout.FAILURES}/id"].shape == (0,)
+
+
+def test_a_bank_compressed_with_an_hdf5plugin_filter_reads_in_a_fresh_process(tmp_path):
+    """h5bank registers hdf5plugin's filters itself: a process (a Dask worker, a script) that
+    never imports hdf5plugin still reads a Zstd bank, and the tree names the filter briefly."""
+    import hdf5plugin
+
+    from pipeline import TypedFile
+
+    class Zstd(TypedFile):
+        x = Array(**hdf5plugin.Zstd(clevel=3))
+
+    path = tmp_path / "zstd.h5"
+    with Zstd(path, mode="a") as bank:
+        bank.add("a", {"x": np.arange(1000.0)})
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pipeline import TypedFile
+        with TypedFile({str(path)!r}) as bank:
+            assert "hdf5plugin" in sys.modules
+            print(float(bank.x.get("a").sum()))
+            print(bank.tree())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    total, tree = done.stdout.split("\n", 1)
+    assert float(total) == np.arange(1000.0).sum()
+    assert " zstd " in tree and "https://" not in tree

@@ -132,7 +132,17 @@ def test_a_long_sound_is_drawn_as_its_envelope_over_its_whole_duration():
 
 def test_a_channels_first_array_is_refused():
     with pytest.raises(ValueError, match="more channels than samples"):
-        Sound().plot(np.zeros((2, 1000), np.float32))
+        Sound(mono=False).plot(np.zeros((2, 1000), np.float32))
+
+
+def test_a_batch_of_windows_is_one_row_each():
+    """What a DataLoader of AsSlice windows gives: (batch, samples) for a mono feature,
+    (batch, samples, channels) for a multichannel one."""
+    mono = Sound(sr=1000).plot(np.random.default_rng(0).uniform(-1, 1, (4, 300)))
+    assert len(mono.axes) == 4
+    assert all(len(ax.lines) == 1 for ax in mono.axes)
+    stereo = Sound(sr=1000, mono=False).plot(np.zeros((3, 300, 2), np.float32))
+    assert len(stereo.axes) == 3 and all(len(ax.lines) == 2 for ax in stereo.axes)
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
