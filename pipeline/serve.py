@@ -240,7 +240,7 @@ class BankDataset:
         elif isinstance(batch, Mapping):
             self._keys = list(batch)
             items = list(batch.values())
-        elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch):
+        elif isinstance(batch, Sequence) and not isinstance(batch, str):
             self._keys = list(range(len(batch)))
             items = list(batch)
         else:
@@ -255,13 +255,14 @@ class BankDataset:
             raise ValueError("the batch spec is empty: give at least one Input or Target")
         self.items = items
         self._kind = type(batch)
-        lengths = {}
-        for item in items:
-            lengths[item.key] = item.getter.length(self._proxy(item))
-        if len(set(lengths.values())) > 1:
-            shown = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        lengths = [item.getter.length(self._proxy(item)) for item in items]
+        if len(set(lengths)) > 1:
+            shown = ", ".join(
+                f"{name}={item.key!r} {item.getter!r}: {n}"
+                for name, item, n in zip(self._keys or [0], items, lengths, strict=True)
+            )
             raise ValueError(f"the batch entries give different numbers of items ({shown})")
-        self._length = next(iter(lengths.values()))
+        self._length = lengths[0]
 
     def _proxy(self, item: BatchItem) -> FeatureProxy:
         from pipeline.typedfile import FeatureProxy
@@ -280,12 +281,12 @@ class BankDataset:
     def __len__(self) -> int:
         return self._length
 
-    def _check(self, indices: np.ndarray) -> np.ndarray:
+    def _check(self, asked: np.ndarray) -> np.ndarray:
         n = self._length
-        indices = np.where(indices < 0, indices + n, indices)
+        indices = np.where(asked < 0, asked + n, asked)
         bad = (indices < 0) | (indices >= n)
         if bad.any():
-            raise IndexError(f"item {int(indices[bad][0])} out of range for {n} items")
+            raise IndexError(f"item {int(asked[bad][0])} out of range for {n} items")
         return indices
 
     def __getitem__(self, index: int) -> Any:
@@ -294,6 +295,8 @@ class BankDataset:
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Items ``indices``, each feature read in one request (``DataLoader`` calls this)."""
         where = self._check(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if not len(where):
+            return []
         columns = []
         for item in self.items:
             values = item.getter.get_many(self._proxy(item), where)

@@ -525,6 +525,7 @@ class TypedFile:
 
     def _refs_index(self, column: layout.Column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A column's refs sorted by start (starts, source rows, stops), read once and cached."""
+        self._h5  # noqa: B018 (in a forked child: reopen first, which drops the caches)
         cached = self._refs_cache.get(column.path)
         if cached is None:
             refs = column.refs[:]
@@ -533,6 +534,7 @@ class TypedFile:
         return cached
 
     def _column(self, path: str) -> layout.Column | None:
+        self._h5  # noqa: B018 (in a forked child: reopen first, which drops the cached columns)
         column = self._columns.get(path)
         if column is None and layout.is_column(self._h5.get(path)):
             column = self._columns[path] = layout.Column.open(self._h5, path)
