@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import posixpath
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,6 +20,27 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _MODES = (None, "L", "LA", "RGB", "RGBA")
+
+# Optional Pillow openers imageio's Pillow plugin tries to import every time it opens an image.
+_OPTIONAL_OPENERS = ("pillow_heif",)
+
+
+@functools.cache
+def _skip_absent_openers() -> None:
+    """Make imageio's per-image ``import pillow_heif`` attempt cheap when it is not installed.
+
+    imageio 2.3x's Pillow plugin runs ``from pillow_heif import ...`` in its
+    constructor, for every image. A failed import is not cached, so each one
+    searches every ``sys.path`` entry again: about 60 of the 170 µs a 64x64
+    PNG took (measured, 2,000 images). A ``None`` in ``sys.modules`` makes
+    that import fail at once; it is set only for openers that are not
+    installed, so an installed ``pillow_heif`` still registers itself.
+    """
+    for name in _OPTIONAL_OPENERS:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
@@ -114,6 +138,7 @@ class Image(Feature):
         """Decode the first frame with imageio's Pillow plugin, refusing huge images first."""
         from PIL.Image import DecompressionBombWarning
 
+        _skip_absent_openers()
         with warnings.catch_warnings():
             # Pillow warns from 89 M pixels; this feature has its own limit.
             warnings.simplefilter("ignore", DecompressionBombWarning)
