@@ -290,7 +290,9 @@ class TypedFile:
             fsspec options for URL sources (flat, or per protocol), passed
             through untouched; default ``h5bank.storage-options`` (config).
         max_pending
-            Decoded partitions allowed to wait for the writer.
+            Decoded partitions allowed to wait for the writer (config
+            ``h5bank.build.max-pending``; default: 2 x threads in process, no
+            window on a cluster, see :mod:`pipeline.graph`).
         """
         from pipeline.cluster import runner_for
 

@@ -78,6 +78,27 @@ def test_back_pressure_bounds_pending_partitions(images, tmp_path):
             assert not any(d.startswith("h5bank-write") for d in deps)
 
 
+def test_on_a_cluster_decode_tasks_spread_over_every_worker(tmp_path, client):
+    """Without a window the decode tasks depend on no writer task, so Dask does not place
+    them all on the writer's worker (where a dependency's result would pull them)."""
+    from distributed import get_task_stream
+
+    images = tmp_path / "images"
+    write_images(images, classes=("a", "b"), per_class=40, seed=5)
+    build = Pictures.graph(tmp_path / "b.h5", images, scheduler=client, partition_size=2)
+    graph = dict(build.__dask_graph__())
+    decodes = [key for key in graph if str(key).startswith("h5bank-decode")]
+    assert len(decodes) == 40
+    for key in decodes:
+        assert not any(str(d).startswith("h5bank-write") for d in graph[key].dependencies)
+    with get_task_stream(client) as stream:
+        client.compute(build).result()
+    workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-decode")}
+    assert len(workers) == len(client.scheduler_info()["workers"]) == 2
+    with Pictures(tmp_path / "b.h5") as bank:
+        assert len(bank) == 80
+
+
 def test_threads_and_cluster_builds_are_identical(images, tmp_path, client):
     a = Media.create(tmp_path / "a.h5", images, scheduler="threads", progress=False)
     b = Media.create(tmp_path / "b.h5", images, scheduler=client, partition_size=2, progress=False)
