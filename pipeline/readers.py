@@ -262,6 +262,30 @@ def close_file(f: h5py.File) -> None:
         raw.close()
 
 
+def take_rows(data: Any, indices: Any) -> np.ndarray:
+    """``data[indices]`` along axis 0, in the order asked, read as one slice per run of rows.
+
+    h5py's fancy indexing (``data[[3, 70, 512]]``) builds an HDF5 union of
+    hyperslabs, which cost about 40 ms for 64 rows of a chunked dataset here,
+    and wants the rows sorted and unique; reading each run of consecutive rows
+    as a plain slice into one array cost about 1 ms. Any order and repeats are
+    fine; negative rows count from the end.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n = data.shape[0]
+    if len(indices) and (indices.min() < -n or indices.max() >= n):
+        bad = indices[(indices < -n) | (indices >= n)][0]
+        raise IndexError(f"row {int(bad)} out of range for {n} rows")
+    wanted, where = np.unique(np.where(indices < 0, indices + n, indices), return_inverse=True)
+    out = np.empty((len(wanted), *data.shape[1:]), dtype=data.dtype)
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
+        if b > a:
+            low = int(wanted[a])
+            out[a:b] = data[low : low + b - a]
+    return out[where]
+
+
 @functools.cache
 def register_plugin_filters() -> bool:
     """Register hdf5plugin's filters (Zstd, LZ4, Blosc, BZip2...) in this process, if installed.

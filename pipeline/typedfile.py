@@ -995,6 +995,13 @@ class TypedFile:
         self.close()
 
 
+def _row_list(item: Any) -> bool:
+    """Whether ``item`` is a 1-D list or array of row numbers (not a mask, not a tuple)."""
+    if isinstance(item, list):
+        return bool(item) and all(isinstance(i, (int, np.integer)) for i in item)
+    return isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype.kind in "iu" and len(item)
+
+
 # Banks with a file descriptor open in this process, for _let_go_after_fork.
 _OPEN_BANKS: weakref.WeakSet[TypedFile] = weakref.WeakSet()
 
@@ -1222,7 +1229,40 @@ class FeatureProxy(_Proxy):
             row = self._ref_row(column, item)
             if row is not None:
                 return column.data[item].reshape(layout.stored_shape(column, row))
+        if _row_list(item):  # proxy[[3, 70, 512]]: run by run, in any order (h5py: slow, sorted)
+            return readers.take_rows(column.data, item)
         return column.data[item]
+
+    def get_rows(self, rows: Any) -> list[Any]:
+        """The data of the sources at ``rows`` (positions in :attr:`TypedFile.ids`), as ``get``
+        returns each, read in one request per table: ``proxy.get_rows([bank.index(i) for i in ids])``.
+
+        Every one of those sources must have data for this feature.
+        """
+        column = self._require()
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if not len(rows):
+            return []
+        refs = readers.take_rows(column.refs, rows)
+        missing = np.flatnonzero(refs[:, 0] < 0)
+        if len(missing):
+            source = self.bank.ids[int(rows[missing[0]])]
+            raise ValueError(
+                f"source {source!r} has no data for feature {self.path!r}: GetId serves "
+                "sources that all have it (build the bank so they do, or use GetIndex)"
+            )
+        feature = self.feature
+        if column.storage in ("item", "category") and bool(np.all(refs[:, 1] - refs[:, 0] == 1)):
+            block = readers.take_rows(column.data, refs[:, 0])  # one row per source
+            if column.storage == "category":
+                return [int(v) for v in block]
+            return [feature.from_stored(row, "") for row in block]
+        values = []
+        for row, (start, stop) in zip(rows.tolist(), refs.tolist(), strict=True):
+            shape = layout.stored_shape(column, row) if column.storage == "flat" else None
+            block = column.data[start:stop]
+            values.append(readers.stored_value(feature, column.storage, block, shape, ""))
+        return values
 
     def _ref_row(self, column: layout.Column, item: slice) -> int | None:
         """The source whose ref is exactly ``item``, if any."""

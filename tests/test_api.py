@@ -13,6 +13,7 @@ import h5py
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from conftest import write_images
 
 import pipeline
 from features import Array, DirLabels, Feature, Image, Sound
@@ -607,3 +608,31 @@ def test_h5mapper_example(images, tmp_path, client):
     first = exp.ids[0]
     assert exp.data.images[exp.data.images.refs[0]].shape == iio.imread(images / first).shape
     np.testing.assert_array_equal(exp.data.labels[:32], [0] * 6 + [1] * 6)
+
+
+def test_a_list_of_rows_reads_in_the_order_asked_with_repeats(tmp_path):
+    class Thumbs(TypedFile):
+        thumbs = Image(size=(4, 4), mode="RGB")
+        labels = DirLabels()
+
+    images = tmp_path / "images"
+    write_images(images, classes=("a", "b"), per_class=20, seed=9)
+    bank = Thumbs.create(tmp_path / "t.h5", images, scheduler="threads", progress=False)
+    with bank:
+        everything = bank.thumbs[:]
+        rows = [31, 2, 2, 39, -1, 0, 17]
+        np.testing.assert_array_equal(bank.thumbs[rows], everything[rows])
+        np.testing.assert_array_equal(bank.thumbs[np.array(rows)], everything[rows])
+        np.testing.assert_array_equal(bank.labels[[5, 1]], bank.labels[:][[5, 1]])
+        with pytest.raises(IndexError, match="row 40 out of range for 40 rows"):
+            bank.thumbs[[0, 40]]
+        mask = np.zeros(40, bool)
+        mask[[3, 4]] = True  # a boolean mask is h5py's business, not a row list
+        np.testing.assert_array_equal(bank.thumbs[mask], everything[mask])
+        ids = [bank.ids[i] for i in (7, 3, 7)]
+        got = bank.thumbs.get_rows([bank.index(i) for i in ids])
+        assert all(np.array_equal(g, bank.thumbs.get(i)) for g, i in zip(got, ids, strict=True))
+        assert bank.labels.get_rows([7, 3]) == [
+            bank.labels.get(bank.ids[7]),
+            bank.labels.get(bank.ids[3]),
+        ]
