@@ -62,6 +62,10 @@ class Getter:
         """Items ``indices`` in that order; override to read them in one request."""
         return [self.get(proxy, int(i)) for i in indices]
 
+    def get_batch(self, proxy: FeatureProxy, indices: np.ndarray) -> Any:
+        """Items ``indices`` as one array ``(len(indices), ...)`` when they stack, else a list."""
+        return _stack(self.get_many(proxy, indices))
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -83,6 +87,10 @@ class GetId(Getter):
     def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
         return proxy.get_rows(indices)
 
+    def get_batch(self, proxy: FeatureProxy, indices: np.ndarray) -> Any:
+        block = proxy.stacked_rows(indices)  # fixed-shape features: one array, no per-item work
+        return block if block is not None else _stack(proxy.get_rows(indices))
+
 
 class GetIndex(Getter):
     """Item *i* is row *i* of the feature's concatenated data (``proxy[i]``)."""
@@ -95,6 +103,9 @@ class GetIndex(Getter):
 
     def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
         return list(readers.take_rows(proxy._require().data, indices))
+
+    def get_batch(self, proxy: FeatureProxy, indices: np.ndarray) -> Any:
+        return readers.take_rows(proxy._require().data, indices)
 
 
 class AsSlice(Getter):
@@ -147,6 +158,18 @@ class AsSlice(Getter):
         return (
             f"AsSlice(length={self.length_}, shift={self.shift}, downsampling={self.downsampling})"
         )
+
+
+def _stack(values: list[Any]) -> Any:
+    """One array of ``values`` when they are arrays (or numbers) of one shape, else the list."""
+    if values and all(isinstance(v, np.ndarray) for v in values):
+        first = values[0]
+        if all(v.shape == first.shape and v.dtype == first.dtype for v in values):
+            return np.stack(values)
+        return values
+    if values and all(isinstance(v, (int, float, np.number)) for v in values):
+        return np.asarray(values)
+    return values
 
 
 # -- batch items ------------------------------------------------------------------------------
@@ -253,8 +276,34 @@ class BankDataset:
             raise IndexError(f"item {int(asked[bad][0])} out of range for {n} items")
         return indices
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, index: Any) -> Any:
+        """Item ``index``; or, for a list of indices, the whole batch collated (see :meth:`batch`)."""
+        if isinstance(index, (list, np.ndarray)):
+            return self.batch(index)
         return self.__getitems__([index])[0]
+
+    def batch(self, indices: Sequence[int]) -> Any:
+        """Items ``indices`` as one batch shaped like the spec, each entry one array.
+
+        Each entry is read with its getter's ``get_batch``: a fixed-shape
+        feature's rows come back as one array without per-item work. Entries
+        whose items do not stack (images of different sizes, text) are lists.
+        This is what :func:`serve`'s ``DataLoader`` calls, once per batch.
+        """
+        where = self._check(np.asarray(indices, dtype=np.int64).reshape(-1))
+        columns = []
+        for item in self.items:
+            proxy = self._proxy(item)
+            if item.transform is None:
+                columns.append(item.getter.get_batch(proxy, where))
+            else:
+                got = item.getter.get_many(proxy, where)
+                columns.append(_stack([item.transform(v) for v in got]))
+        if self._keys is None:
+            return columns[0]
+        if self._named:
+            return dict(zip(self._keys, columns, strict=True))
+        return list(columns) if self._kind is list else tuple(columns)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Items ``indices``, each feature read in one request (``DataLoader`` calls this)."""
@@ -296,19 +345,42 @@ def serve(
 ) -> Any:
     """A ``torch.utils.data.DataLoader`` over ``bank`` yielding batches shaped like ``batch``.
 
-    ``dataloader_kwargs`` go to the ``DataLoader`` untouched (``batch_size``,
-    ``shuffle``, ``num_workers``, ``pin_memory``, ``persistent_workers``...).
+    ``dataloader_kwargs`` are the ``DataLoader``'s (``batch_size``, ``shuffle``,
+    ``sampler``, ``drop_last``, ``num_workers``, ``pin_memory``,
+    ``persistent_workers``...). Each batch is read in one call
+    (:meth:`BankDataset.batch`): the loader gets a ``BatchSampler`` made of
+    ``batch_size``, ``shuffle`` / ``sampler`` and ``drop_last``, and no
+    per-item collation. With a ``collate_fn``, a ``batch_sampler`` or
+    ``batch_size=None``, items are read and collated one by one instead.
     With ``batch=None``, ``bank`` must itself be a ``torch.utils.data.Dataset``
     (a bank type that also subclasses it, with its own ``__getitem__``).
     """
     torch = _torch()
+    data = torch.utils.data
     if batch is None:
-        if not isinstance(bank, torch.utils.data.Dataset):
+        if not isinstance(bank, data.Dataset):
             raise TypeError(
                 "serve() needs a batch spec (a dict of Input/Target items), unless the bank "
                 "type is itself a torch.utils.data.Dataset with its own __getitem__"
             )
-        dataset: Any = bank
-    else:
-        dataset = BankDataset(bank, batch)
-    return torch.utils.data.DataLoader(dataset, **dataloader_kwargs)
+        return data.DataLoader(bank, **dataloader_kwargs)
+    dataset = BankDataset(bank, batch)
+    options = dict(dataloader_kwargs)
+    size = options.pop("batch_size", 1)
+    if size is None or options.get("batch_sampler") is not None or "collate_fn" in options:
+        return data.DataLoader(dataset, batch_size=size, **options)  # item by item, as asked
+    # A batch in one call: the loader's sampler yields lists of indices, the dataset reads
+    # each list at once (dataset[[i, j, ...]]), and the loader only turns arrays into tensors.
+    shuffle, drop_last = options.pop("shuffle", False), options.pop("drop_last", False)
+    sampler = options.pop("sampler", None)
+    if sampler is not None and shuffle:
+        raise ValueError("sampler option is mutually exclusive with shuffle")
+    if sampler is None:
+        generator = options.get("generator")
+        sampler = (
+            data.RandomSampler(dataset, generator=generator)
+            if shuffle
+            else data.SequentialSampler(dataset)
+        )
+    batches = data.BatchSampler(sampler, size, drop_last)
+    return data.DataLoader(dataset, batch_size=None, sampler=batches, **options)

@@ -1233,6 +1233,21 @@ class FeatureProxy(_Proxy):
             return readers.take_rows(column.data, item)
         return column.data[item]
 
+    def _stacked(self, column: layout.Column, refs: np.ndarray) -> np.ndarray | None:
+        """The sources' rows as one array, when each has exactly one row (item, category)."""
+        if column.storage in ("item", "category") and bool(np.all(refs[:, 1] - refs[:, 0] == 1)):
+            return readers.take_rows(column.data, refs[:, 0])
+        return None
+
+    def stacked_rows(self, rows: Any) -> np.ndarray | None:
+        """``get_rows(rows)`` as one array ``(len(rows), ...)``, or ``None`` when the feature's
+        sources are not one stored row each, unchanged by reads (ragged images, text...)."""
+        column = self._require()
+        if type(self.feature).from_stored is not Feature.from_stored:
+            return None
+        refs = readers.take_rows(column.refs, np.asarray(rows, dtype=np.int64).reshape(-1))
+        return None if (refs[:, 0] < 0).any() else self._stacked(column, refs)
+
     def get_rows(self, rows: Any) -> list[Any]:
         """The data of the sources at ``rows`` (positions in :attr:`TypedFile.ids`), as ``get``
         returns each, read in one request per table: ``proxy.get_rows([bank.index(i) for i in ids])``.
@@ -1252,8 +1267,8 @@ class FeatureProxy(_Proxy):
                 "sources that all have it (build the bank so they do, or use GetIndex)"
             )
         feature = self.feature
-        if column.storage in ("item", "category") and bool(np.all(refs[:, 1] - refs[:, 0] == 1)):
-            block = readers.take_rows(column.data, refs[:, 0])  # one row per source
+        block = self._stacked(column, refs)
+        if block is not None:
             if column.storage == "category":
                 return [int(v) for v in block]
             return [feature.from_stored(row, "") for row in block]

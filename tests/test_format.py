@@ -242,3 +242,33 @@ def test_a_bank_compressed_with_an_hdf5plugin_filter_reads_in_a_fresh_process(tm
     total, tree = done.stdout.split("\n", 1)
     assert float(total) == np.arange(1000.0).sum()
     assert " zstd " in tree and "https://" not in tree
+
+
+def test_large_unfiltered_chunks_are_read_without_a_chunk_cache(tmp_path):
+    """A random row then costs that row, not its whole chunk; compressed data, small chunks
+    (refs) and files open for writing keep HDF5's cache."""
+    from pipeline import layout
+
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        for name, options in (("plain", {}), ("gzip", {"compression": "gzip"})):
+            group = f.create_group(name)
+            group.create_dataset(
+                "data", data=np.ones((100, 64, 64, 3), np.uint8), chunks=(85, 64, 64, 3), **options
+            )
+            group.create_dataset(
+                "refs", data=np.zeros((100, 2), np.int64), chunks=(4096, 2), maxshape=(None, 2)
+            )
+    with h5py.File(path, "r") as f:
+        plain, gzip, refs = (
+            layout.open_dataset(f[g], n)
+            for g, n in (("plain", "data"), ("gzip", "data"), ("plain", "refs"))
+        )
+        assert plain.id.get_access_plist().get_chunk_cache()[1] == 0
+        assert gzip.id.get_access_plist().get_chunk_cache()[1] > 0
+        assert refs.id.get_access_plist().get_chunk_cache()[1] > 0
+        np.testing.assert_array_equal(plain[[3, 90]], np.ones((2, 64, 64, 3), np.uint8))
+    with h5py.File(path, "r+") as f:
+        assert (
+            layout.open_dataset(f["plain"], "data").id.get_access_plist().get_chunk_cache()[1] > 0
+        )

@@ -750,3 +750,66 @@ def test_out_of_range_names_the_index_asked_for(pictures):
 def test_an_empty_tuple_spec_says_it_is_empty(pictures, empty):
     with pytest.raises(ValueError, match="the batch spec is empty"):
         BankDataset(pictures, empty)
+
+
+# -- a batch in one call ----------------------------------------------------------------------
+
+
+def test_serve_reads_each_batch_in_one_call_and_keeps_the_loader_options(pictures):
+    loader = pictures.serve(SPEC, batch_size=4, shuffle=True, drop_last=True)
+    assert loader.batch_size is None  # the loader does not collate: each index is a batch
+    assert isinstance(loader.sampler, torch.utils.data.BatchSampler)
+    assert len(loader) == 15 // 4  # drop_last: 3 full batches of 4
+    batches = list(loader)
+    assert [len(b["y"]) for b in batches] == [4, 4, 4]
+    shape = (4, *pictures.images.shape[1:])
+    assert all(b["x"].shape == shape and b["x"].dtype == torch.uint8 for b in batches)
+    rows = np.concatenate([b["y"].numpy() for b in batches])
+    assert rows.dtype == np.int64 and len(rows) == 12
+    kept = pictures.serve(SPEC, batch_size=4)  # not shuffled, nothing dropped: bank order
+    labels = np.concatenate([b["y"].numpy() for b in kept])
+    np.testing.assert_array_equal(labels, pictures.labels[:])
+    first = next(iter(kept))
+    np.testing.assert_array_equal(first["x"].numpy(), pictures.images[:4])
+
+
+def test_a_batch_equals_its_items_collated(pictures):
+    dataset = BankDataset(pictures, SPEC)
+    rows = [7, 0, 7, 14]
+    batch = dataset[rows]
+    items = dataset.__getitems__(rows)
+    np.testing.assert_array_equal(batch["x"], np.stack([i["x"] for i in items]))
+    np.testing.assert_array_equal(batch["y"], [i["y"] for i in items])
+    single = BankDataset(pictures, (Input("images", GetIndex()), Target("labels", GetId())))
+    x, y = single[np.array([1, 2])]
+    assert x.shape == (2, *pictures.images.shape[1:])
+    assert list(y) == [pictures.labels[1], pictures.labels[2]]
+
+
+def test_ragged_items_come_batched_as_lists(ragged):
+    loader = ragged.serve(Input("images", GetId()), batch_size=5)
+    first = next(iter(loader))
+    assert isinstance(first, list) and len(first) == 5
+    for image, id_ in zip(first, ragged.ids[:5], strict=True):
+        np.testing.assert_array_equal(image.numpy(), ragged.images.get(id_))
+
+
+def test_a_transform_applies_per_item_in_the_batched_path(pictures):
+    spec = dict(x=Input("images", GetId(), transform=lambda a: a.mean(axis=2)))
+    batch = next(iter(pictures.serve(spec, batch_size=3)))
+    np.testing.assert_allclose(batch["x"].numpy(), pictures.images[:3].mean(axis=3))
+
+
+def test_a_collate_fn_or_batch_sampler_reads_item_by_item(pictures):
+    seen = []
+
+    def collate(items):
+        seen.append(len(items))
+        return items
+
+    loader = pictures.serve(SPEC, batch_size=6, collate_fn=collate)
+    assert loader.batch_size == 6 and sum(len(b) for b in loader) == 15 and seen == [6, 6, 3]
+    sampler = torch.utils.data.BatchSampler(range(15), 5, False)
+    assert [len(b["y"]) for b in pictures.serve(SPEC, batch_sampler=sampler)] == [5, 5, 5]
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        pictures.serve(SPEC, batch_size=2, sampler=range(15), shuffle=True)
