@@ -1,0 +1,372 @@
+"""h5bank against the alternatives: builds, reads, a DataLoader, memory, a million tiny sources.
+
+    python benchmarks/performance.py [--files 20000] [--tiny 1000000] [--scale 1]
+        [--h5mapper-python /tmp/h5m/bin/python] [--alternatives-python /tmp/alt/bin/python]
+
+``make bench-performance`` makes the two environments the alternatives run in
+(h5mapper pins ``numpy<2``; Hugging Face ``datasets`` and LitData bring
+their own stacks) and runs it. A tool whose environment is missing is
+reported as skipped. Every figure is measured in this run, on this machine,
+and printed as one JSON line (``{"figure", "tool", "value", "unit", ...}``);
+a Markdown table of them follows.
+
+- **decode limit**: every file decoded (mode RGB) in 2 processes, with
+  ``imageio.v3.imread`` (the issue's measure) and with h5bank's own
+  ``Image`` decoder;
+- **builds** of the corpus (``--files`` 64x64 RGB PNGs in 10 class folders):
+  h5bank on a running 2-worker ``LocalCluster`` and on the embedded default
+  (its start-up included), gzip-4 banks on 1 and on 2 workers, each
+  alternative's own build; the peak resident memory of every process of the
+  build together; the writer's busy share;
+- **reads**: random batches of 64 by index and by id, a sequential scan, one
+  ``DataLoader`` epoch (batch 64, 2 workers, shuffle; best of 2), every tool
+  checked against the source files first;
+- **memory** of builds of a ragged corpus (2,000 PNGs of 96-384 px, mixed
+  depth) and, with ``--scale 10``, of a corpus 10x larger;
+- **tiny sources**: ``--tiny`` sources of 16 floats made from their ids;
+- **scan through Dask**: ``bank.images.to_dask().sum()`` against one process
+  reading the same dataset chunk by chunk with h5py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import imageio.v3 as iio
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from corpora import label_of, png_corpus, ragged_corpus  # noqa: E402
+
+from features import DirLabels, Feature, Image  # noqa: E402
+from pipeline import TypedFile, serve  # noqa: E402
+from pipeline.serve import GetId, Input, Target  # noqa: E402
+
+WORKERS = 2
+ROWS: list[dict[str, Any]] = []
+
+
+class Pictures(TypedFile):
+    images = Image(size=(64, 64), mode="RGB")
+    labels = DirLabels()
+
+
+class Gzipped(TypedFile):
+    images = Image(size=(64, 64), mode="RGB", compression="gzip", compression_opts=4)
+    labels = DirLabels()
+
+
+class Ragged(TypedFile):
+    images = Image(mode="RGB")
+    labels = DirLabels()
+
+
+class Vector(Feature):
+    """16 floats made from the source's id: no bytes to fetch."""
+
+    reads_bytes = False
+    storage = "item"
+
+    def load(self, source: Any) -> np.ndarray:
+        return np.full(16, float(source.id[1:]), np.float32)
+
+
+class Tiny(TypedFile):
+    x = Vector()
+
+
+def emit(figure: str, tool: str, value: float, unit: str, **extra: Any) -> None:
+    row = {"figure": figure, "tool": tool, "value": round(float(value), 4), "unit": unit, **extra}
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+@contextmanager
+def peak_memory(pids: Callable[[], list[int]]) -> Iterator[dict[str, float]]:
+    """Sample the summed resident memory of processes ``pids()`` (and their children)."""
+    peak = {"bytes": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen: dict[int, int] = {}  # each process once (workers are also the client's children)
+            for pid in pids():
+                try:
+                    process = psutil.Process(pid)
+                    for p in [process, *process.children(recursive=True)]:
+                        seen[p.pid] = p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak["bytes"] = max(peak["bytes"], sum(seen.values()))
+            done.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+# -- decoding alone -----------------------------------------------------------------------------
+
+
+def _imread(paths: list[str]) -> int:
+    return sum(iio.imread(p, mode="RGB").size for p in paths)
+
+
+def _h5bank_decode(paths: list[str]) -> int:
+    feature = Pictures.__schema__["images"]
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            total += feature.decode(f.read(), p).size
+    return total
+
+
+def decode_seconds(paths: list[Path], function: Callable[[list[str]], int]) -> float:
+    chunks = [[str(p) for p in paths[i :: WORKERS * 16]] for i in range(WORKERS * 16)]
+    with ProcessPoolExecutor(WORKERS) as pool:
+        list(pool.map(function, [c[:20] for c in chunks[:WORKERS]]))  # start and warm them
+        started = time.perf_counter()
+        list(pool.map(function, chunks))
+        return time.perf_counter() - started
+
+
+# -- h5bank -------------------------------------------------------------------------------------
+
+
+def build_h5bank(bank_type: type, out: Path, sources: Any, client: Any) -> tuple[float, float, Any]:
+    """Seconds, peak memory of the client and the cluster's processes, summary."""
+    pids = [os.getpid(), *client.run(os.getpid).values()]
+    with peak_memory(lambda: pids) as peak:
+        started = time.perf_counter()
+        bank = bank_type.create(out, sources, scheduler=client, progress=False)
+        seconds = time.perf_counter() - started
+    summary = bank.summary
+    bank.close()
+    return seconds, peak["bytes"], summary
+
+
+def read_h5bank(out: Path, root: Path) -> None:
+    bank = Pictures(out)
+    n = len(bank)
+    rng = np.random.default_rng(0)
+    for row in rng.choice(n, 8, replace=False):
+        id_ = bank.ids[row]
+        assert np.array_equal(bank.images[[row]][0], iio.imread(root / id_, mode="RGB")), id_
+        assert bank.labels.names[bank.labels[[row]][0]] == f"class_{label_of(root / id_)}"
+    batches = [rng.choice(n, 64, replace=False) for _ in range(60)]
+    started = time.perf_counter()
+    for rows in batches:
+        bank.images[rows], bank.labels[rows]
+    emit("random_batches_by_index", "h5bank", 64 * 60 / (time.perf_counter() - started), "items/s")
+    id_batches = [[bank.ids[i] for i in rows] for rows in batches]
+    started = time.perf_counter()
+    for ids in id_batches:
+        rows = [bank.index(i) for i in ids]
+        bank.images.get_rows(rows), bank.labels.get_rows(rows)
+    emit("random_batches_by_id", "h5bank", 64 * 60 / (time.perf_counter() - started), "items/s")
+    started = time.perf_counter()
+    for start in range(0, n, 1024):
+        bank.images[start : start + 1024], bank.labels[start : start + 1024]
+    emit("scan", "h5bank", n / (time.perf_counter() - started), "items/s")
+    loader = serve(
+        bank,
+        dict(x=Input("images", GetId()), y=Target("labels", GetId())),
+        batch_size=64, shuffle=True, num_workers=WORKERS, persistent_workers=True,
+    )  # fmt: skip
+    best = 0.0
+    for _ in range(2):
+        started, seen = time.perf_counter(), []
+        for batch in loader:
+            seen.append(batch["y"].numpy())
+        best = max(best, n / (time.perf_counter() - started))
+    assert len(np.concatenate(seen)) == n
+    emit("dataloader_epoch", "h5bank", best, "items/s")
+    bank.close()
+
+
+def dask_scan(out: Path, client: Any) -> None:
+    with h5py.File(out, "r") as f:
+        data = f["images/data"]
+        started = time.perf_counter()
+        total = sum(int(data[s].sum(dtype=np.uint64)) for s in data.iter_chunks())
+        h5py_seconds = time.perf_counter() - started
+    bank = Pictures(out)
+    array = bank.images.to_dask()
+    array.sum().compute(scheduler=client)  # warm the workers' handles
+    started = time.perf_counter()
+    assert int(array.sum(dtype=np.uint64).compute(scheduler=client)) == total
+    dask_seconds = time.perf_counter() - started
+    bank.close()
+    emit("scan_seconds", "h5py, one process", h5py_seconds, "s")
+    emit(
+        "scan_seconds",
+        "h5bank to_dask()",
+        dask_seconds,
+        "s",
+        ratio_to_h5py=dask_seconds / h5py_seconds,
+    )
+
+
+# -- the alternatives ---------------------------------------------------------------------------
+
+
+def alternative(
+    python: str, tool: str, action: str, root: Path, out: Path
+) -> tuple[list[dict], float]:
+    """Run ``alternatives.py`` in ``python``; its JSON lines and the peak memory of its processes."""
+    command = [python, str(HERE / "alternatives.py"), tool, action, str(root), str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with peak_memory(lambda: [process.pid]) as peak:
+        stdout, stderr = process.communicate()
+    if process.returncode:
+        raise RuntimeError((stderr.strip().splitlines() or ["failed"])[-1])
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")], peak["bytes"]
+
+
+def run_alternatives(args: argparse.Namespace, root: Path, work: Path, files: int) -> None:
+    tools = [("h5py", sys.executable), ("raw", sys.executable), ("h5mapper", args.h5mapper_python),
+             ("hf", args.alternatives_python), ("litdata", args.alternatives_python)]  # fmt: skip
+    for tool, python in tools:
+        if not os.path.exists(python):
+            emit("skipped", tool, 0, "", reason=f"no environment at {python}")
+            continue
+        out = work / f"{tool}-{files}"
+        try:
+            if tool != "raw":  # built afresh each run
+                for old in (out, Path(f"{out}.cache")):
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(True)
+                (lines, memory) = alternative(python, tool, "build", root, out)
+                seconds = lines[-1]["build_seconds"]
+                emit("build", tool, files / seconds, "files/s", seconds=seconds)
+                emit("build_peak_memory", tool, memory / 1e6, "MB")
+            lines, _ = alternative(python, tool, "read", root, out)
+        except RuntimeError as error:
+            emit("skipped", tool, 0, "", reason=str(error))
+            continue
+        for line in lines:
+            emit(line["figure"], tool, line["value"], "items/s")
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def table() -> str:
+    def value(figure: str, tool: str) -> float | None:
+        found = [r["value"] for r in ROWS if r["figure"] == figure and r["tool"] == tool]
+        return found[0] if found else None
+
+    figures = [
+        "build",
+        "random_batches_by_index",
+        "random_batches_by_id",
+        "scan",
+        "dataloader_epoch",
+    ]
+    tools = ["h5bank", "h5py", "raw", "h5mapper", "hf", "litdata"]
+    lines = ["| tool | build (files/s) | batches of 64 by index | by id | scan | DataLoader epoch |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tool in tools:
+        cells = [value(f, tool) for f in figures]
+        if any(c is not None for c in cells):
+            shown = ["" if c is None else f"{c:,.0f}" for c in cells]
+            lines.append(f"| {tool} | " + " | ".join(shown) + " |")
+    lines.append("")
+    for row in ROWS:
+        if row["tool"] == "h5bank" and row["figure"] not in figures:
+            extra = {k: v for k, v in row.items() if k not in ("figure", "tool", "value", "unit")}
+            lines.append(
+                f"- {row['figure']}: {row['value']:,} {row['unit']} {extra or ''}".rstrip()
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--files", type=int, default=20000)
+    parser.add_argument("--tiny", type=int, default=1_000_000)
+    parser.add_argument("--scale", type=int, default=1, help="also build a corpus SCALE x larger")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/h5bank-bench/performance"))
+    parser.add_argument(
+        "--h5mapper-python", default=os.environ.get("H5MAPPER_PYTHON", "/tmp/h5m/bin/python")
+    )
+    parser.add_argument("--alternatives-python", default=os.environ.get("ALTERNATIVES_PYTHON", "/tmp/alt/bin/python"))  # fmt: skip
+    args = parser.parse_args()
+    work = args.work
+    root = work / f"pngs-{args.files}"
+    paths = png_corpus(root, args.files)
+    emit("corpus", "files", len(paths), "files", bytes=sum(p.stat().st_size for p in paths))
+
+    imageio_seconds = decode_seconds(paths, _imread)
+    own_seconds = decode_seconds(paths, _h5bank_decode)
+    emit("decode_limit", "imageio.imread, 2 processes", len(paths) / imageio_seconds, "files/s")
+    emit("decode_limit", "h5bank Image decoder, 2 processes", len(paths) / own_seconds, "files/s")
+
+    from distributed import Client, LocalCluster
+
+    bank = work / f"h5bank-{args.files}.h5"
+    with LocalCluster(n_workers=WORKERS, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+        build_h5bank(Pictures, work / "warm.h5", root, client)  # workers import and warm up
+        seconds, memory, summary = build_h5bank(Pictures, bank, root, client)
+        emit("build", "h5bank", len(paths) / seconds, "files/s", seconds=seconds, cluster="running")
+        emit("build_peak_memory", "h5bank", memory / 1e6, "MB")
+        emit("writer_busy_share", "h5bank", summary.writer_seconds / seconds, "ratio")
+        emit("ratio_build_to_decode_limit", "h5bank", seconds / imageio_seconds, "x",
+             decode="imageio.imread")  # fmt: skip
+        emit("ratio_build_to_decode_limit", "h5bank", seconds / own_seconds, "x",
+             decode="h5bank decoder")  # fmt: skip
+        gzip2, _, _ = build_h5bank(Gzipped, work / "gzip-2.h5", root, client)
+        emit("build_gzip4", "h5bank", len(paths) / gzip2, "files/s", workers=2)
+        ragged = ragged_corpus(work / "ragged")
+        seconds, memory, _ = build_h5bank(Ragged, work / "ragged.h5", work / "ragged", client)
+        emit("build_ragged", "h5bank", len(ragged) / seconds, "files/s")
+        emit("build_peak_memory_ragged", "h5bank", memory / 1e6, "MB")
+        if args.scale > 1:
+            big = work / f"pngs-{args.files * args.scale}"
+            png_corpus(big, args.files * args.scale)
+            seconds, memory, _ = build_h5bank(Pictures, work / "big.h5", big, client)
+            emit("build_peak_memory_scaled", "h5bank", memory / 1e6, "MB", scale=args.scale,
+                 files_per_second=args.files * args.scale / seconds)  # fmt: skip
+        dask_scan(bank, client)
+        if args.tiny:
+            ids = (f"s{i:07d}" for i in range(args.tiny))
+            seconds, memory, _ = build_h5bank(Tiny, work / "tiny.h5", ids, client)
+            emit("tiny_sources", "h5bank", args.tiny / seconds, "sources/s", peak_mb=memory / 1e6)
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+        build_h5bank(Gzipped, work / "warm1.h5", root, client)
+        gzip1, _, _ = build_h5bank(Gzipped, work / "gzip-1.h5", root, client)
+        emit("build_gzip4", "h5bank", len(paths) / gzip1, "files/s", workers=1)
+        emit("ratio_gzip4_speedup_2_workers", "h5bank", gzip1 / gzip2, "x")
+    started = time.perf_counter()
+    default = Pictures.create(work / "default.h5", root, progress=False)  # the embedded default
+    emit(
+        "build_embedded_default", "h5bank", len(paths) / (time.perf_counter() - started), "files/s"
+    )
+    default.close()
+
+    read_h5bank(bank, root)
+    run_alternatives(args, root, work, len(paths))
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
