@@ -63,6 +63,18 @@ class Runner:
         present = sum(w.get("nthreads", 1) for w in _workers(self.client).values())
         return max(present, self.expected_threads) or 1
 
+    def decode_workers(self) -> list[str] | None:
+        """Where decode task ``k`` goes: entry ``k % len`` (each worker once per thread), when
+        every expected worker is connected; ``None`` for a cluster still growing (and in
+        process), whose decode tasks Dask places as workers arrive."""
+        if self.client is None:
+            return None
+        workers = _workers(self.client)
+        present = sum(w.get("nthreads", 1) for w in workers.values())
+        if not workers or present < self.expected_threads:
+            return None
+        return [a for a in sorted(workers) for _ in range(max(1, workers[a].get("nthreads", 1)))]
+
     def writer_worker(self) -> str | None:
         """The worker the writer chain is pinned to: the first, in address order."""
         if self.client is None:
@@ -248,8 +260,9 @@ def _workers(client: Any) -> dict[str, Any]:
         return client.scheduler_info()["workers"]
 
 
-def placement(scheduler: Any = None) -> tuple[str | None, int]:
-    """Where a build graph made for ``scheduler`` pins its writer, and how many threads run it.
+def placement(scheduler: Any = None) -> tuple[str | None, int, list[str] | None]:
+    """Where a build graph made for ``scheduler`` pins its writer, how many threads run it, and
+    where its decode tasks go (:meth:`Runner.decode_workers`).
 
     Unlike :func:`runner_for`, ``None`` starts nothing: without a default
     client the graph is unpinned and runs on the threaded scheduler. A
@@ -257,7 +270,7 @@ def placement(scheduler: Any = None) -> tuple[str | None, int]:
     ``"slurm"`` are refused: the cluster would be gone before the graph runs.
     """
     if isinstance(scheduler, Runner):
-        return scheduler.writer_worker(), scheduler.threads
+        return scheduler.writer_worker(), scheduler.threads, scheduler.decode_workers()
     if scheduler in ("local", "slurm"):
         raise SchedulerError(
             f"a graph cannot be made for scheduler={scheduler!r}: that cluster would be closed "
@@ -265,9 +278,9 @@ def placement(scheduler: Any = None) -> tuple[str | None, int]:
             "dask_jobqueue.SLURMCluster()) and pass a Client to it, or use create()"
         )
     if scheduler is None and _default_client() is None:
-        return None, os.cpu_count() or 1
+        return None, os.cpu_count() or 1, None
     with runner_for(scheduler) as runner:
-        return runner.writer_worker(), runner.threads
+        return runner.writer_worker(), runner.threads, runner.decode_workers()
 
 
 def _delayed_keys(build: Build) -> list[Any]:

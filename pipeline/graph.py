@@ -13,16 +13,19 @@ Its result goes to one writer task; the writer tasks form a chain (task k
 depends on task k-1) and are pinned to one worker process, so the bank is
 opened once and written by exactly one process.
 
-Memory does not grow with the bank. With the threaded and synchronous
-schedulers decode task k+W depends on writer task k, so at most W decoded
-partitions wait for the writer. On a distributed cluster the decode tasks
-have no such dependency: Dask would place each one where the writer task's
-result lives, the writer's worker, and leave every other worker idle (measured:
-20,000 PNGs took 3.7 s on one of 2 workers, 2.4 s spread over both). They are
-root tasks instead, which Dask's scheduler queues and hands out as worker
-threads free up, in order; the writer only moves bytes and keeps up with
-them, and a worker short of memory pauses (Dask's memory manager). Setting
-``h5bank.build.max-pending`` brings the window back on a cluster too.
+Memory does not grow with the bank: decode task k+W depends on writer task
+k, so at most W decoded partitions wait for the writer. On a cluster that
+dependency alone would make Dask place every decode task where the writer
+task's result lives, the writer's worker (it places a task by its
+dependencies), and leave the other workers idle: 20,000 PNGs took 3.7 s on one
+of 2 workers. So each decode task also names its worker, round robin over
+every worker thread (a loose restriction: another worker takes it if that one
+is gone). Without the window the decode tasks spread by themselves, but the
+writer's worker then ran one write per decode of its own while the others
+decoded on, and decoded partitions piled up: 800 MB a worker for 200,000
+images. A cluster still growing (Slurm jobs pending) gets no window: its
+decode tasks are queued root tasks that Dask hands to workers as they come,
+and Dask's memory manager pauses a worker short of memory.
 """
 
 from __future__ import annotations
@@ -275,12 +278,15 @@ def build_graph(
     storage_options: Mapping[str, Any] | None = None,
     writer: str | None = None,
     threads: int | None = None,
+    decoders: list[str] | None = None,
 ) -> Build:
     """The Dask graph that builds the bank at ``path`` from ``sources``.
 
     ``writer`` is the address of the worker the writer chain is pinned to
     (``None`` for in-process schedulers); ``threads`` the number of worker
-    threads, used for the default partition size and back-pressure window.
+    threads, used for the default partition size and back-pressure window;
+    ``decoders`` where decode task ``k`` goes (entry ``k % len``), for a
+    cluster whose workers are all there (see the module docstring).
     """
     if not features:
         raise SchemaError("the bank type has no features: add Feature class attributes to it")
@@ -297,14 +303,8 @@ def build_graph(
         sources, storage_options, partition_size, threads, skip, reads_bytes
     )
     window = config.get("build.max-pending", max_pending)
-    if window is None and writer is None:
+    if window is None and (writer is None or decoders):
         window = 2 * threads
-    # On a cluster, a decode task that depended on writer task k - W would run where that
-    # result lives, the writer's worker (Dask places a task by its dependencies): every decode
-    # ran there and the other workers idled. Without it the decode tasks are root tasks, which
-    # Dask queues and spreads over every worker thread; the writer only moves bytes and keeps
-    # up, and a worker short of memory pauses (Dask's memory manager). An explicit
-    # max-pending keeps the window anyway.
     token = uuid.uuid4().hex
     plan = _plan(
         token=token,
@@ -326,13 +326,32 @@ def build_graph(
     options = dict(storage_options or {})
     fetch_settings = config.section("fetch")
 
+    schedule = _decode_schedule(decoders, writer) if decoders and writer is not None else []
+
     def decode(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
-        return delayed(decode_partition, pure=False)(
-            partitions[k], features_task, dict(bases), options, after, fetch_settings,
-            dask_key_name=f"h5bank-decode-{k}-{token}",
-        )  # fmt: skip
+        where = (
+            dask.annotate(workers=[schedule[k % len(schedule)]], allow_other_workers=True)
+            if schedule
+            else contextlib.nullcontext()
+        )
+        with where:
+            return delayed(decode_partition, pure=False)(
+                partitions[k], features_task, dict(bases), options, after, fetch_settings,
+                dask_key_name=f"h5bank-decode-{k}-{token}",
+            )  # fmt: skip
 
     return writer_chain(plan, writer, [len(p) for p in partitions], window, decode, write_partition)
+
+
+def _decode_schedule(decoders: list[str], writer: str) -> list[str]:
+    """Decode task ``k`` goes to entry ``k % len``: every worker thread in turn, 8 times, less
+    one turn per thread of the writer's worker, which also writes (about an eighth of a core
+    in a build of small images, measured)."""
+    schedule = [worker for _ in range(8) for worker in decoders]
+    for _ in range(decoders.count(writer)):
+        if len(set(schedule)) > 1:
+            del schedule[len(schedule) - 1 - schedule[::-1].index(writer)]
+    return schedule
 
 
 def _plan(**fields: Any) -> BuildPlan:

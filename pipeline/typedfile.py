@@ -413,7 +413,7 @@ class TypedFile:
                 f"a build graph writes a local file; build {redact(os.fspath(path))} with "
                 "create(), which builds locally and uploads the bank when it is complete"
             )
-        writer, threads = placement(scheduler)
+        writer, threads, decoders = placement(scheduler)
         storage_options = config.storage_options(storage_options)
         return build_graph(
             cls.__schema__,
@@ -427,6 +427,7 @@ class TypedFile:
             storage_options=storage_options,
             writer=writer,
             threads=threads,
+            decoders=decoders,
         )
 
     @property

@@ -59,11 +59,19 @@ def test_writer_tasks_are_pinned_to_one_worker(images, tmp_path, client):
     # Every writer key carried the same worker restriction.
     assert build.write_keys
     graph = build.__dask_graph__()
-    annotations = [
-        layer.annotations for layer in graph.layers.values() if layer.annotations is not None
+    pinned = [
+        layer.annotations
+        for name, layer in graph.layers.items()
+        if layer.annotations is not None and not str(name).startswith("h5bank-decode")
     ]
-    assert {tuple(a.get("workers", ())) for a in annotations} == {(build.writer,)}
-    assert all(a["allow_other_workers"] is False for a in annotations)
+    assert {tuple(a.get("workers", ())) for a in pinned} == {(build.writer,)}
+    assert all(a["allow_other_workers"] is False for a in pinned)
+    decodes = [
+        layer.annotations
+        for name, layer in graph.layers.items()
+        if str(name).startswith("h5bank-decode")
+    ]
+    assert len(decodes) == 12 and all(a["allow_other_workers"] is True for a in decodes)
 
 
 def test_back_pressure_bounds_pending_partitions(images, tmp_path):
@@ -78,25 +86,36 @@ def test_back_pressure_bounds_pending_partitions(images, tmp_path):
             assert not any(d.startswith("h5bank-write") for d in deps)
 
 
-def test_on_a_cluster_decode_tasks_spread_over_every_worker(tmp_path, client):
-    """Without a window the decode tasks depend on no writer task, so Dask does not place
-    them all on the writer's worker (where a dependency's result would pull them)."""
+def test_on_a_cluster_decode_tasks_spread_over_every_worker_within_the_window(tmp_path, client):
+    """Decode task k+W waits for write k (memory stays bounded) yet runs on its own worker,
+    round robin, not where that dependency's result lives (the writer's worker)."""
     from distributed import get_task_stream
 
     images = tmp_path / "images"
     write_images(images, classes=("a", "b"), per_class=40, seed=5)
     build = Pictures.graph(tmp_path / "b.h5", images, scheduler=client, partition_size=2)
     graph = dict(build.__dask_graph__())
-    decodes = [key for key in graph if str(key).startswith("h5bank-decode")]
-    assert len(decodes) == 40
-    for key in decodes:
-        assert not any(str(d).startswith("h5bank-write") for d in graph[key].dependencies)
+    window = 2 * sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    for k in range(40):
+        deps = {str(d) for d in graph[f"h5bank-decode-{k}-{build.token}"].dependencies}
+        assert (f"h5bank-write-{k - window}-{build.token}" in deps) == (k >= window)
     with get_task_stream(client) as stream:
         client.compute(build).result()
-    workers = {t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-decode")}
-    assert len(workers) == len(client.scheduler_info()["workers"]) == 2
+    ran = [t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-decode")]
+    assert len(ran) == 40 and len(set(ran)) == len(client.scheduler_info()["workers"]) == 2
+    assert min(ran.count(w) for w in set(ran)) >= 15  # about half each, not all on the writer's
     with Pictures(tmp_path / "b.h5") as bank:
         assert len(bank) == 80
+
+
+def test_the_writers_worker_decodes_one_share_less():
+    from pipeline.graph import _decode_schedule
+
+    schedule = _decode_schedule(["a", "b"], "a")
+    assert schedule.count("a") == 7 and schedule.count("b") == 8
+    assert schedule[:4] == ["a", "b", "a", "b"]  # interleaved, so neighbouring tasks spread
+    assert _decode_schedule(["a"], "a") == ["a"] * 8  # a lone worker keeps every turn
+    assert _decode_schedule(["a", "a", "b"], "a").count("a") == 14
 
 
 def test_threads_and_cluster_builds_are_identical(images, tmp_path, client):
