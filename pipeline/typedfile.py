@@ -291,8 +291,8 @@ class TypedFile:
             through untouched; default ``h5bank.storage-options`` (config).
         max_pending
             Decoded partitions allowed to wait for the writer (config
-            ``h5bank.build.max-pending``; default: 2 x threads in process, no
-            window on a cluster, see :mod:`pipeline.graph`).
+            ``h5bank.build.max-pending``; default: 2 x threads, none on a
+            cluster still growing; see :mod:`pipeline.graph`).
         """
         from pipeline.cluster import runner_for
 
