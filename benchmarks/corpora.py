@@ -7,59 +7,58 @@ environments import it too.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 
 
-def png_corpus(
-    root: Path, files: int, classes: int = 10, size: int = 64, seed: int = 11
-) -> list[Path]:
-    """``files`` RGB PNGs of ``size`` x ``size``, ``class_<k>/img_<i>.png``: gradients plus noise.
-
-    About 8 KB a 64x64 file, near the 139 MB per 20,000 of the issue's corpus.
-    """
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size]
+def _write(root: Path, files: int, classes: int, pixels: Callable[[int], np.ndarray]) -> list[Path]:
+    """``class_<k>/img_<i>.png`` for ``i < files`` (``k = i % classes``), each written once."""
     paths = []
     for i in range(files):
         folder = root / f"class_{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img_{i:07d}.png"
         paths.append(path)
-        if path.exists():
-            continue
+        if not path.exists():
+            iio.imwrite(path, pixels(i))
+    return sorted(paths)
+
+
+def png_corpus(
+    root: Path, files: int, classes: int = 10, size: int = 64, seed: int = 11
+) -> list[Path]:
+    """``files`` RGB PNGs of ``size`` x ``size``: gradients plus noise.
+
+    About 8 KB a 64x64 file, near the 139 MB per 20,000 of the issue's corpus.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+
+    def pixels(i: int) -> np.ndarray:
         a, b, c = rng.integers(0, 4, size=3)
         base = np.stack([(x * a) % 256, (y * b) % 256, ((x + y) * c) % 256], axis=2)
-        noise = rng.integers(0, 24, size=(size, size, 3))
-        iio.imwrite(path, (base + noise).astype(np.uint8))
-    return sorted(paths)
+        return (base + rng.integers(0, 24, size=(size, size, 3))).astype(np.uint8)
+
+    return _write(root, files, classes, pixels)
 
 
 def ragged_corpus(root: Path, files: int = 2000, classes: int = 4, seed: int = 5) -> list[Path]:
     """``files`` PNGs of 96-384 px a side, a third each RGB, RGBA and grayscale."""
     rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(files):
-        folder = root / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"img_{i:06d}.png"
-        paths.append(path)
-        if path.exists():
-            continue
+
+    def pixels(i: int) -> np.ndarray:
         height, width = (int(v) for v in rng.integers(96, 385, size=2))
         y, x = np.mgrid[0:height, 0:width]
         rgb = np.stack([x % 256, y % 256, (x * y) % 256], axis=2)
         rgb = (rgb + rng.integers(0, 16, size=rgb.shape)).astype(np.uint8)
         if i % 3 == 1:
-            pixels = np.concatenate([rgb, np.full((height, width, 1), 200, np.uint8)], axis=2)
-        elif i % 3 == 2:
-            pixels = rgb.mean(axis=2).astype(np.uint8)
-        else:
-            pixels = rgb
-        iio.imwrite(path, pixels)
-    return sorted(paths)
+            return np.concatenate([rgb, np.full((height, width, 1), 200, np.uint8)], axis=2)
+        return rgb.mean(axis=2).astype(np.uint8) if i % 3 == 2 else rgb
+
+    return _write(root, files, classes, pixels)
 
 
 def label_of(path: Path | str) -> int:
