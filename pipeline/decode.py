@@ -23,6 +23,7 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from features.base import Feature
+from pipeline import layout
 from pipeline.errors import FeatureTypeError, SourceError
 from pipeline.readers import ColumnSpec, LazyFile, RawRows, decode_rows, read_rows_lazily
 from pipeline.schema import feature_for_value, feature_of
@@ -84,6 +85,7 @@ class PackedColumn:
     lengths: list[int] = field(default_factory=list)
     data: Any = None
     shapes: list[tuple[int, ...]] | None = None
+    chunks: list[bytes] | None = None  # each entry's row compressed (layout.precompressed)
 
 
 @dataclass
@@ -108,6 +110,7 @@ def _packed_bytes(packed: Packed) -> int:
     total = sizeof(packed.ids) + sizeof(packed.failures)
     for column in packed.columns.values():
         total += sizeof(column.data) + 16 * len(column.rows)
+        total += sum(len(chunk) for chunk in column.chunks or ())
     return total
 
 
@@ -358,6 +361,10 @@ def pack(
             column.data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         else:
             column.data = parts
+        gzip = layout.precompressed(column.storage, features[column.feature].dataset_options)
+        if gzip is not None and isinstance(column.data, np.ndarray):
+            # Compressed here, on every worker, not in the single writer.
+            column.chunks = [layout.compress_row(row, *gzip) for row in column.data]
     return Packed(index, ids, columns, failures)
 
 

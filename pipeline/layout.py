@@ -41,6 +41,7 @@ import json
 import math
 import os
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -347,6 +348,48 @@ def iter_columns(f: h5py.File) -> Iterator[str]:
     yield from found
 
 
+def precompressed(storage: str, options: dict[str, Any]) -> tuple[int, bool] | None:
+    """``(gzip level, shuffle)`` when a column's chunks are compressed by the decode tasks.
+
+    That is an ``item`` column (one row per source) whose only filters are
+    gzip and optionally shuffle, with chunks h5bank picks: its chunks are one
+    row each, so each source's row is a whole chunk a decode task compresses
+    with zlib, in parallel, and the writer stores with HDF5's direct chunk
+    write. The bank is a plain gzip dataset any HDF5 reader decompresses.
+    """
+    if storage != "item" or options.get("chunks") not in (None, True):
+        return None
+    compression = options.get("compression")
+    if compression not in ("gzip", h5py.h5z.FILTER_DEFLATE):
+        return None
+    if options.get("fletcher32") or options.get("scaleoffset") is not None:
+        return None
+    level = options.get("compression_opts")
+    return (4 if level is None else int(level)), bool(options.get("shuffle"))
+
+
+def compress_row(row: np.ndarray, level: int, shuffle: bool) -> bytes:
+    """One row as the chunk HDF5's shuffle and deflate filters would store."""
+    data = np.ascontiguousarray(row).view(np.uint8).reshape(-1)
+    size = row.dtype.itemsize
+    if shuffle and size > 1:
+        data = data.reshape(-1, size).T
+    return zlib.compress(data.tobytes(), level)
+
+
+def takes_direct_chunks(dataset: h5py.Dataset, level: int, shuffle: bool) -> bool:
+    """Whether ``dataset`` stores rows as :func:`compress_row` makes them (a bank made before
+    one-row chunks, or with other filters, is written through h5py instead)."""
+    return (
+        dataset.chunks == (1, *dataset.shape[1:])
+        and dataset.compression == "gzip"
+        and dataset.compression_opts == level
+        and bool(dataset.shuffle) == shuffle
+        and not dataset.fletcher32
+        and dataset.scaleoffset is None
+    )
+
+
 def create_column(
     f: h5py.File,
     path: str,
@@ -378,6 +421,8 @@ def create_column(
         rows = max(1, target // row_bytes)
         if storage == "category":
             rows = TABLE_ROWS  # one code per source: chunk it like the other per-source tables
+        if precompressed(storage, options) is not None:
+            rows = 1  # a chunk per source, compressed by the decode tasks
         chunks = (rows, *row_shape)
     data = group.create_dataset(
         DATA,

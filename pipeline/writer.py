@@ -379,13 +379,30 @@ class BankWriter:
         start = column.data.shape[0]
         if len(data):
             column.data.resize(start + len(data), axis=0)
-            column.data[start:] = data
+            if not self._store_compressed(column, packed, entries, start):
+                column.data[start:] = data
         stops = start + np.cumsum(lengths)
         refs = np.stack([stops - lengths, stops], axis=1)
         layout.resize_sources(column, n_new)
         layout.write_refs(column, rows, refs)
         if column.shape is not None and packed.shapes is not None:
             layout.write_shapes(column, rows, [packed.shapes[j] for j in entries])
+
+    def _store_compressed(
+        self, column: layout.Column, packed: PackedColumn, entries: list[int], start: int
+    ) -> bool:
+        """Store the rows a decode task compressed as they are (HDF5 direct chunk writes), if
+        the dataset takes them; ``False`` to write ``data`` through h5py instead."""
+        if packed.chunks is None:
+            return False
+        gzip = layout.precompressed(packed.storage, self.features[packed.feature].dataset_options)
+        if gzip is None or not layout.takes_direct_chunks(column.data, *gzip):
+            return False
+        zeros = (0,) * (column.data.ndim - 1)
+        write = column.data.id.write_direct_chunk
+        for i, j in enumerate(entries):
+            write((start + i, *zeros), packed.chunks[j])
+        return True
 
     def _codes_for(self, key: str, packed: PackedColumn, entries: list[int]) -> np.ndarray:
         column = self.column(key)
