@@ -361,8 +361,11 @@ def pack(
             column.data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         else:
             column.data = parts
-        gzip = layout.precompressed(column.storage, features[column.feature].dataset_options)
-        if gzip is not None and isinstance(column.data, np.ndarray):
+        gzip = None
+        if isinstance(column.data, np.ndarray) and len(column.data):
+            options = features[column.feature].dataset_options
+            gzip = layout.precompressed(column.storage, options, column.data[0].nbytes)
+        if gzip is not None:
             # Compressed here, on every worker, not in the single writer.
             column.chunks = [layout.compress_row(row, *gzip) for row in column.data]
     return Packed(index, ids, columns, failures)

@@ -285,18 +285,16 @@ class Column:
     @classmethod
     def open(cls, f: h5py.File, path: str) -> Column:
         group = f[path]
-        return cls(
-            path,
-            str(group.attrs[ATTR_STORAGE]),
-            group,
-            open_dataset(group, DATA),
-            open_dataset(group, REFS),
-            open_dataset(group, SHAPE) if SHAPE in group else None,
-        )
+        storage = str(group.attrs[ATTR_STORAGE])
+        # Items are read a row at a time at random (batches, get_rows): no chunk cache.
+        # Sequences (rows, flat) are read in windows and strides, which the cache serves.
+        data = open_dataset(group, DATA) if storage == "item" else group[DATA]
+        return cls(path, storage, group, data, group[REFS], group.get(SHAPE))
 
 
 def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
-    """``group[name]``; read-only, unfiltered, with large chunks, it has no chunk cache.
+    """``group[name]``; read-only, local, unfiltered, with large chunks and the file's
+    default cache, it has no chunk cache.
 
     Then a read of a few rows reads those rows, not their whole chunk: with
     HDF5's default 1 MiB cache and 1 MiB chunks, each random row of a 64x64
@@ -305,8 +303,8 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
     file's cache (a chunk must be decompressed whole), and so does a file
     open for writing.
     """
-    if group.file.mode != "r":
-        return group[name]
+    if group.file.mode != "r" or group.file.driver != "sec2" or _cache_set(group.file):
+        return group[name]  # writing, a remote file, or a cache the caller chose: keep it
     # The cache is made when HDF5 first opens the dataset: open it without one, then check.
     access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
     access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
@@ -320,6 +318,12 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
         return dataset
     dataset.id.close()  # small chunks (refs tables) gain from the cache: it holds many
     return group[name]
+
+
+def _cache_set(f: h5py.File) -> bool:
+    """Whether ``f`` was opened with a chunk cache other than HDF5's default (``rdcc_nbytes``)."""
+    default = h5py.h5p.create(h5py.h5p.FILE_ACCESS).get_cache()[1:]
+    return f.id.get_access_plist().get_cache()[1:] != default
 
 
 # Unfiltered chunks at least this large are read without a chunk cache (see open_dataset).
@@ -348,24 +352,30 @@ def iter_columns(f: h5py.File) -> Iterator[str]:
     yield from found
 
 
-def precompressed(storage: str, options: dict[str, Any]) -> tuple[int, bool] | None:
+def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> tuple[int, bool] | None:
     """``(gzip level, shuffle)`` when a column's chunks are compressed by the decode tasks.
 
-    That is an ``item`` column (one row per source) whose only filters are
-    gzip and optionally shuffle, with chunks h5bank picks: its chunks are one
-    row each, so each source's row is a whole chunk a decode task compresses
-    with zlib, in parallel, and the writer stores with HDF5's direct chunk
-    write. The bank is a plain gzip dataset any HDF5 reader decompresses.
+    That is an ``item`` column (one row per source) of rows of at least
+    :data:`PRECOMPRESSED_ROW_BYTES` whose only filters are gzip and optionally
+    shuffle, with chunks h5bank picks: its chunks are one row each, so each
+    source's row is a whole chunk a decode task compresses with zlib, in
+    parallel, and the writer stores with HDF5's direct chunk write. The bank
+    is a plain gzip dataset any HDF5 reader decompresses. Smaller rows keep
+    larger chunks (a chunk per 64-byte row doubled a file and made a scan 60x
+    slower) and are compressed by the writer.
     """
     if storage != "item" or options.get("chunks") not in (None, True):
         return None
-    compression = options.get("compression")
-    if compression not in ("gzip", h5py.h5z.FILTER_DEFLATE):
+    if row_bytes < PRECOMPRESSED_ROW_BYTES or options.get("compression") != "gzip":
         return None
     if options.get("fletcher32") or options.get("scaleoffset") is not None:
         return None
     level = options.get("compression_opts")
     return (4 if level is None else int(level)), bool(options.get("shuffle"))
+
+
+# Rows at least this large are compressed by the decode tasks (see precompressed).
+PRECOMPRESSED_ROW_BYTES = 4096
 
 
 def compress_row(row: np.ndarray, level: int, shuffle: bool) -> bytes:
@@ -421,7 +431,7 @@ def create_column(
         rows = max(1, target // row_bytes)
         if storage == "category":
             rows = TABLE_ROWS  # one code per source: chunk it like the other per-source tables
-        if precompressed(storage, options) is not None:
+        if precompressed(storage, options, sample[:1].nbytes) is not None:
             rows = 1  # a chunk per source, compressed by the decode tasks
         chunks = (rows, *row_shape)
     data = group.create_dataset(

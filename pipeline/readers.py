@@ -43,6 +43,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -254,8 +255,56 @@ def open_remote(url: str, storage_options: Mapping[str, Any] | None, **options: 
     return f
 
 
+# Local HDF5 files open in this process: id(file) -> (descriptor, path, writable, (dev, ino)).
+_OPEN: dict[int, tuple[int, str, bool, tuple[int, int]]] = {}
+
+
+def track(f: h5py.File) -> None:
+    """Remember ``f``'s descriptor, for :func:`_after_fork` (no-op for a remote file)."""
+    try:
+        fd = f.id.get_vfd_handle()
+        if not isinstance(fd, int):
+            return
+        st = os.fstat(fd)
+    except Exception:  # a remote bank (fsspec file object): no descriptor, no lock
+        return
+    key = id(f)
+    _OPEN[key] = (fd, f.filename, f.mode != "r", (st.st_dev, st.st_ino))
+    weakref.finalize(f, _OPEN.pop, key, None)
+
+
+def _after_fork() -> None:
+    """In a forked child, give each HDF5 file the parent has open a descriptor of its own.
+
+    HDF5's file lock is a ``flock`` on the open file description, which a
+    forked child shares: a ``DataLoader`` worker (``persistent_workers=True``)
+    kept a bank the parent opened for writing locked after the parent closed
+    it. So each inherited descriptor is replaced: by a fresh read-only open of
+    the same file for a file open read-only (HDF5 in the child, and every
+    handle sharing that file, go on reading correct bytes), by ``/dev/null``
+    for a writable one (the child must not write; its bank refuses to be
+    used). A descriptor that no longer is that file is left alone. HDF5 is not
+    called here.
+    """
+    for fd, path, writable, identity in list(_OPEN.values()):
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                continue
+            fresh = os.open(os.devnull, os.O_RDWR) if writable else os.open(path, os.O_RDONLY)
+            if not writable and (os.fstat(fresh).st_dev, os.fstat(fresh).st_ino) != identity:
+                os.close(fresh)  # the path is another file now (rebuilt): read nothing
+                fresh = os.open(os.devnull, os.O_RDWR)
+            os.dup2(fresh, fd)
+            os.close(fresh)
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def close_file(f: h5py.File) -> None:
     """Close ``f`` and, for a remote bank, its file object."""
+    _OPEN.pop(id(f), None)
     f.close()
     raw = getattr(f, "_h5bank_raw", None)
     if raw is not None:
@@ -317,7 +366,9 @@ def open_for_reading(
     if is_url(path):
         return open_remote(path, storage_options, **options)
     try:
-        return h5py.File(path, "r", **{**READ_OPTIONS, **options})
+        f = h5py.File(path, "r", **{**READ_OPTIONS, **options})
+        track(f)
+        return f
     except FileNotFoundError:
         if os.path.exists(layout.partial_path(path)):
             raise BuildInProgressError(

@@ -34,7 +34,6 @@ import shutil
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -58,6 +57,12 @@ from pipeline.sources import is_url, redact
 from pipeline.writer import BankWriter, BuildSummary, check_schema, human_bytes, library_version
 
 T = TypeVar("T", bound="TypedFile")
+
+# What pickling a bank leaves behind: the open file and what was read from it.
+_NOT_PICKLED = frozenset(
+    {"_file", "_pid", "_features", "_columns", "_refs_cache", "_ids", "_index", "_writer",
+     "summary"}
+)  # fmt: skip
 
 # Set on every TypedFile instance; a feature of the same name would hide them.
 _INSTANCE_ATTRIBUTES = frozenset({"path", "mode", "summary"})
@@ -163,9 +168,7 @@ class TypedFile:
     @_h5.setter
     def _h5(self, f: h5py.File) -> None:
         self._file, self._pid = f, os.getpid()
-        self._fd = _descriptor(f)
-        if self._fd is not None:
-            _OPEN_BANKS.add(self)
+        readers.track(f)  # a forked child gets its own descriptor (readers.track)
 
     def _adopt(self) -> None:
         if self.mode != "r":
@@ -175,13 +178,14 @@ class TypedFile:
                 "(mode='r') in the process that shares it"
             )
         with contextlib.suppress(Exception):
-            self._file.close()  # this process's copy of the parent's handle only
+            readers.close_file(self._file)  # this process's copy of the parent's handle only
         self._h5 = self._open()
         self._check_file()
         self._forget()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle the recipe (path, storage and h5py options), not the open file.
+        """Pickle the recipe (path, storage and h5py options, the instance's own attributes),
+        not the open file.
 
         This is what lets a bank type that is also a ``torch.utils.data.Dataset``
         go to ``DataLoader`` workers started with ``spawn`` or ``forkserver``:
@@ -192,17 +196,13 @@ class TypedFile:
                 f"{self._shown} is open with mode {self.mode!r}: only read-only banks can be "
                 "sent to other processes; open it with mode='r'"
             )
-        return {
-            "path": self.path,
-            "storage_options": self._storage_options,
-            "options": self._options,
-        }
+        # The recipe, and what a subclass set on the instance (self.split = "val"), not the
+        # file, nor what was read from it.
+        return {k: v for k, v in vars(self).items() if k not in _NOT_PICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path, self.mode, self.summary = state["path"], "r", None
-        self.remote = is_url(self.path)
-        self._storage_options = state["storage_options"]
-        self._options = state["options"]
+        self.__dict__.update(state)
+        self.mode, self.summary = "r", None
         self._h5 = self._open()
         self._check_file()
         self._forget()
@@ -984,7 +984,6 @@ class TypedFile:
 
     def close(self) -> None:
         """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
-        _OPEN_BANKS.discard(self)
         if self._pid == os.getpid() and self._file:  # a copy of a parent's handle is not ours
             readers.close_file(self._file)
         readers.release(self.path)
@@ -998,42 +997,11 @@ class TypedFile:
 
 def _row_list(item: Any) -> bool:
     """Whether ``item`` is a 1-D list or array of row numbers (not a mask, not a tuple)."""
-    if isinstance(item, list):
-        return bool(item) and all(isinstance(i, (int, np.integer)) for i in item)
+    if isinstance(item, list):  # not bools: [True, False] is a mask
+        return bool(item) and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in item
+        )
     return isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype.kind in "iu" and len(item)
-
-
-# Banks with a file descriptor open in this process, for _let_go_after_fork.
-_OPEN_BANKS: weakref.WeakSet[TypedFile] = weakref.WeakSet()
-
-
-def _descriptor(f: h5py.File) -> int | None:
-    try:
-        handle = f.id.get_vfd_handle()
-    except Exception:  # a remote bank (fsspec file object): no descriptor, no lock
-        return None
-    return handle if isinstance(handle, int) else None
-
-
-def _let_go_after_fork() -> None:
-    """In a forked child, point the parent's bank descriptors at ``/dev/null``.
-
-    HDF5's file lock is a ``flock`` on the open file, which a forked child
-    shares: a ``DataLoader`` worker (``persistent_workers=True``) would keep a
-    bank the parent opened for writing locked after the parent closed it, so
-    nobody could read it. Replacing the child's copy of the descriptor drops
-    the child's share of the lock; HDF5 in the child is not called (its
-    handle is reopened, or refused for a writable bank, on first use).
-    """
-    for bank in list(_OPEN_BANKS):
-        fd = bank._fd
-        with contextlib.suppress(OSError):
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, fd)
-            os.close(null)
-
-
-os.register_at_fork(after_in_child=_let_go_after_fork)
 
 
 class MapResult(dict):
@@ -1251,7 +1219,8 @@ class FeatureProxy(_Proxy):
 
     def get_rows(self, rows: Any) -> list[Any]:
         """The data of the sources at ``rows`` (positions in :attr:`TypedFile.ids`), as ``get``
-        returns each, read in one request per table: ``proxy.get_rows([bank.index(i) for i in ids])``.
+        returns each: ``proxy.get_rows([bank.index(i) for i in ids])``. The refs, and the data
+        of a fixed-shape feature, are read in one pass of slices; other data source by source.
 
         Every one of those sources must have data for this feature.
         """

@@ -393,9 +393,11 @@ class BankWriter:
     ) -> bool:
         """Store the rows a decode task compressed as they are (HDF5 direct chunk writes), if
         the dataset takes them; ``False`` to write ``data`` through h5py instead."""
-        if packed.chunks is None:
-            return False
-        gzip = layout.precompressed(packed.storage, self.features[packed.feature].dataset_options)
+        if packed.chunks is None or packed.data.dtype != column.data.dtype:
+            return False  # rows of another type (float64 into a float32 column) are cast by h5py
+        gzip = layout.precompressed(
+            packed.storage, self.features[packed.feature].dataset_options, packed.data[0].nbytes
+        )
         if gzip is None or not layout.takes_direct_chunks(column.data, *gzip):
             return False
         zeros = (0,) * (column.data.ndim - 1)

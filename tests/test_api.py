@@ -629,6 +629,7 @@ def test_a_list_of_rows_reads_in_the_order_asked_with_repeats(tmp_path):
         mask = np.zeros(40, bool)
         mask[[3, 4]] = True  # a boolean mask is h5py's business, not a row list
         np.testing.assert_array_equal(bank.thumbs[mask], everything[mask])
+        np.testing.assert_array_equal(bank.thumbs[mask.tolist()], everything[mask])
         ids = [bank.ids[i] for i in (7, 3, 7)]
         got = bank.thumbs.get_rows([bank.index(i) for i in ids])
         assert all(np.array_equal(g, bank.thumbs.get(i)) for g, i in zip(got, ids, strict=True))

@@ -104,3 +104,47 @@ def test_only_read_only_banks_pickle(tmp_path):
         assert type(copy) is Experiment and copy.ids == ["run-1"]
         assert copy.h5 is not bank.h5 and copy._pid == os.getpid()
         copy.close()
+
+
+def _read_through(bank: TypedFile, queue) -> None:
+    try:
+        queue.put(("ok", bank.logs.loss.get("run-1").tolist(), bank.ids))
+    except Exception as error:
+        queue.put((type(error).__name__, str(error), []))
+
+
+def test_a_forked_child_reads_correctly_while_the_parent_has_other_handles(tmp_path):
+    """HDF5 shares one file (one descriptor) between all handles on it in a process: the
+    child's reopened bank reads through it, so that descriptor must still be the file."""
+    path = tmp_path / "experiment.h5"
+    with Experiment(path, mode="a") as bank:
+        bank.logs.add("run-1", {"loss": np.arange(3.0)})
+    train, val = Experiment(path), Experiment(path)  # two handles on one file
+    train.logs.loss.get("run-1")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_through, args=(val, queue))
+    child.start()
+    assert queue.get(timeout=60) == ("ok", [0.0, 1.0, 2.0], ["run-1"])
+    child.join()
+    assert train.ids == ["run-1"] and val.logs.loss.get("run-1").tolist() == [0.0, 1.0, 2.0]
+    train.close()
+    val.close()
+
+
+class Split(Experiment):
+    def __init__(self, path, split: str) -> None:
+        super().__init__(path)
+        self.split = split
+
+
+def test_pickling_keeps_what_a_subclass_set_on_the_instance(tmp_path):
+    import pickle
+
+    path = tmp_path / "experiment.h5"
+    with Experiment(path, mode="a") as bank:
+        bank.logs.add("run-1", {"loss": np.arange(3.0)})
+    with Split(path, "val") as bank:
+        copy = pickle.loads(pickle.dumps(bank))
+        assert copy.split == "val" and copy.ids == ["run-1"] and copy.h5 is not bank.h5
+        copy.close()
