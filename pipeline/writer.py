@@ -47,6 +47,7 @@ from pipeline.errors import (
     SourceError,
     WriterError,
 )
+from pipeline.ids import IdIndex
 from pipeline.readers import ColumnSpec, RawRows, read_raw, register_plugin_filters
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
@@ -97,7 +98,7 @@ class BankWriter:
         self.opened: dict[str, Any] = {}
         self.links: dict[int, dict[str, Any]] = {}
         self._marks: list[int] = []  # self.n when each failure this writer recorded was
-        self._index: dict[str, int] | None = None
+        self._index: IdIndex | None = None
         self._columns: dict[str, layout.Column] = {}
         self._listed = False
         self._codes: dict[str, dict[str, int]] = {}
@@ -107,11 +108,10 @@ class BankWriter:
     # -- ids ----------------------------------------------------------------
 
     @property
-    def index(self) -> dict[str, int]:
+    def index(self) -> IdIndex:
         """Committed id -> row, read from the id table on first use."""
         if self._index is None:
-            ids = layout.read_strings(layout.ids_table(self.f))
-            self._index = {id_: row for row, id_ in enumerate(ids)}
+            self._index = IdIndex(layout.ids_table(self.f), self.n)
         return self._index
 
     # -- columns ------------------------------------------------------------
@@ -222,7 +222,7 @@ class BankWriter:
         :class:`SourceError` before anything of the partition is written.
         """
         started = time.perf_counter()
-        skip = {row for row, id_ in enumerate(packed.ids) if id_ in self.index}
+        skip = set(np.flatnonzero(self.index.rows(packed.ids) >= 0).tolist())
         failures = list(packed.failures)
         rejected = self._screen(packed, skip, failures, on_error)
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
@@ -242,8 +242,7 @@ class BankWriter:
                     layout.resize_sources(column, n_new)
             new_ids = [packed.ids[row] for row in keep]
             layout.append_strings(layout.ids_table(self.f), new_ids)
-            for row, id_ in enumerate(new_ids):
-                self.index[id_] = self.n + row
+            self.index.add(new_ids, self.n)
             self.n = n_new
             self._record(failures)
             self._durable()
@@ -502,18 +501,19 @@ class BankWriter:
         started = time.perf_counter()
         self.register(packed.features)
         failures = list(packed.failures)
-        unknown = {p for p, id_ in enumerate(packed.ids) if id_ not in self.index}
+        rows = self.index.rows(packed.ids)
+        unknown = set(np.flatnonzero(rows < 0).tolist())
         failures.extend(
             Failure(packed.ids[p], "", "UnknownIdError: the source is not in the bank")
             for p in sorted(unknown)
         )
         skip = set(unknown)
         for key, column in packed.columns.items():
-            skip |= self._rows_with_data(key, column, packed.ids)
+            skip |= self._rows_with_data(key, column, rows)
         rejected = self._screen(packed, skip, failures, on_error)
         keep = {
-            position: self.index[id_]
-            for position, id_ in enumerate(packed.ids)
+            position: int(rows[position])
+            for position in range(len(packed.ids))
             if position not in skip and position not in rejected
         }
         with self._rollback_on_error():
@@ -530,13 +530,14 @@ class BankWriter:
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip - unknown)}
 
-    def _rows_with_data(self, key: str, packed: PackedColumn, ids: list[str]) -> set[int]:
-        """Positions (in ``ids``) of the sources that already have data in column ``key``."""
+    def _rows_with_data(self, key: str, packed: PackedColumn, bank_rows: np.ndarray) -> set[int]:
+        """Positions (in the partition) of the sources that already have data in column ``key``;
+        ``bank_rows`` is each position's row in the bank (``-1``: not in it)."""
         column = self.column(key)
-        positions = [p for p in packed.rows if ids[p] in self.index]
+        positions = [p for p in packed.rows if bank_rows[p] >= 0]
         if column is None or not positions:
             return set()
-        rows = np.array([self.index[ids[p]] for p in positions])
+        rows = bank_rows[positions]
         low = int(rows.min())
         starts = column.refs[low : int(rows.max()) + 1, 0]
         return {p for p, row in zip(positions, rows, strict=True) if starts[row - low] >= 0}
@@ -578,8 +579,8 @@ class BankWriter:
         # A source not in the bank keeps its latest failure; a source in the bank keeps
         # one per feature (maps into different outputs fail independently).
         latest: dict[tuple[str, str | None], Failure] = {}
-        for (id_, feature, error), mark in zip(rows, marks, strict=True):
-            row = self.index.get(id_, -1)
+        bank_rows = self.index.rows([id_ for id_, _, _ in rows]).tolist()
+        for (id_, feature, error), mark, row in zip(rows, marks, bank_rows, strict=True):
             key = (id_, feature if 0 <= row < mark else None)
             latest.pop(key, None)
             if row >= mark:
