@@ -166,7 +166,11 @@ class Runner:
     def _run_distributed(self, build: Build, bar: Any) -> BuildSummary:
         if bar.disable is False and getattr(self.client, "dashboard_link", None):
             bar.write(f"h5bank: Dask dashboard at {self.client.dashboard_link}", file=sys.stderr)
-        final, *writes = self.client.compute([build, *_delayed_keys(build)])
+        # One submission of the graph for every key: computing a collection per writer task
+        # copied the graph's layer maps once each.
+        final, *writes = self.client.get(
+            build.__dask_graph__(), [build.final_key, *build.write_keys], sync=False
+        )
         sizes = dict(zip(writes, build.partitions, strict=True))
         done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for future in (*writes, final):
@@ -281,14 +285,6 @@ def placement(scheduler: Any = None) -> tuple[str | None, int, list[str] | None]
         return None, os.cpu_count() or 1, None
     with runner_for(scheduler) as runner:
         return runner.writer_worker(), runner.threads, runner.decode_workers()
-
-
-def _delayed_keys(build: Build) -> list[Any]:
-    """Delayed objects for the writer tasks of ``build`` (their results feed the progress bar)."""
-    from dask.delayed import Delayed
-
-    graph = build.__dask_graph__()
-    return [Delayed(key, graph) for key in build.write_keys]
 
 
 @contextlib.contextmanager

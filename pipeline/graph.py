@@ -31,24 +31,27 @@ and Dask's memory manager pauses a worker short of memory.
 from __future__ import annotations
 
 import contextlib
-import functools
+import itertools
 import math
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import dask
 import h5py
+import numpy as np
 from dask.base import DaskMethodsMixin
-from dask.delayed import Delayed, delayed
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.task_spec import DataNode, Task, TaskRef
 
 from features.base import Feature
 from pipeline import config, layout
 from pipeline.decode import Failure, Partition, decode_partition, map_partition
 from pipeline.errors import DuplicateIdError, SchemaError
 from pipeline.readers import ColumnSpec
-from pipeline.sources import SourceSpec, expand, redact
+from pipeline.sources import SourceSpec, expand, is_url, redact
 from pipeline.writer import (
     BuildPlan,
     abort_build,
@@ -94,6 +97,11 @@ class Build(DaskMethodsMixin):
     @property
     def path(self) -> str:
         return self.plan.path
+
+    @property
+    def final_key(self) -> str:
+        """The key of the task that finishes the build (its result is the summary)."""
+        return self._final.key
 
     @property
     def token(self) -> str:
@@ -148,11 +156,72 @@ class Build(DaskMethodsMixin):
         )
 
 
-def _pinned(writer: str | None) -> contextlib.AbstractContextManager[Any]:
-    """Annotations that keep a writer-chain task on the writer's worker (none in-process)."""
-    if writer is None:
-        return contextlib.nullcontext()
-    return dask.annotate(workers=[writer], allow_other_workers=False, priority=WRITER_PRIORITY)
+class Graph:
+    """A build's tasks as they are made: one materialized layer, annotated task by task.
+
+    The graph of Delayed calls it replaces made a layer per task, and
+    distributed copied every layer map once per collection computed: 80 MB
+    and seconds for a 200,000-source build. Annotations (:class:`_PerTask`)
+    pin the writer chain to the writer's worker and name each placed task's
+    worker loosely. Annotations of the ``dask.annotate`` context the graph is
+    made in apply to every task (a ``workers=`` there replaces the placement;
+    the writer chain stays pinned).
+    """
+
+    def __init__(self, token: str, writer: str | None) -> None:
+        self.token = token
+        self.name = f"h5bank-build-{token}"
+        self.tasks: dict[str, Any] = {}
+        self.context = dask.get_annotations()
+        self.annotations: dict[str, dict[str, Any]] = {
+            "workers": {},
+            "allow_other_workers": {},
+            "priority": {},
+        }
+        self._pinned = [writer] if writer is not None else None
+
+    def add(self, task: Task, pinned: bool = False, worker: str | None = None) -> TaskRef:
+        """Add ``task``; ``pinned`` to the writer's worker (if any), or placed on ``worker``."""
+        self.tasks[task.key] = task
+        if pinned and self._pinned is not None:
+            self._annotate(task.key, workers=self._pinned, allow_other_workers=False)
+            self._annotate(task.key, priority=WRITER_PRIORITY)
+        elif worker is not None and "workers" not in self.context:
+            self._annotate(task.key, workers=[worker], allow_other_workers=True)
+        return TaskRef(task.key)
+
+    def _annotate(self, key: str, **values: Any) -> None:
+        for name, value in values.items():
+            self.annotations[name][key] = value
+
+    def constant(self, name: str, value: Any) -> TaskRef:
+        """A value tasks share (the plan, the features, a function), sent once."""
+        key = f"h5bank-{name}-{self.token}"
+        if key not in self.tasks:
+            self.tasks[key] = DataNode(key, value)
+        return TaskRef(key)
+
+    def delayed(self, key: str) -> Delayed:
+        """The graph as a Delayed computing task ``key``."""
+        names = {name for name, values in self.annotations.items() if values} | set(self.context)
+        annotations = {
+            name: _PerTask(self.annotations.get(name, {}), self.context.get(name)) for name in names
+        }
+        layer = MaterializedLayer(self.tasks, annotations=annotations or None)
+        return Delayed(key, HighLevelGraph({self.name: layer}, {self.name: set()}), layer=self.name)
+
+
+class _PerTask:
+    """A layer annotation whose value differs by task: its own, else ``default`` (``None``:
+    the task has none)."""
+
+    def __init__(self, values: dict[str, Any], default: Any = None) -> None:
+        self.values = values
+        self.default = default
+
+    def __call__(self, key: str) -> Any:
+        value = self.values.get(key, self.default)
+        return value(key) if callable(value) else value
 
 
 def committed_ids(path: str) -> set[str]:
@@ -184,69 +253,144 @@ def partition_sources(
 ) -> tuple[list[Partition], int]:
     """Expand ``sources`` into partitions; return them and how many ids were skipped.
 
-    The default size spreads a known list over 4 tasks per worker thread, at
-    most 256 sources a task when sources are fetched (a partition of images
-    is tens of milliseconds of work) and at most 4,096 when no feature reads
-    bytes (sources made from their ids cost microseconds each, and Dask's
-    per-task cost would dominate: a million 16-float sources went at 24,000/s
-    in tasks of 256, 62,000/s in tasks of 2,048).
+    The default size is at most 256 sources a task when sources are fetched
+    (a partition of images is tens of milliseconds of work), fewer when the
+    first files are large (about ``PARTITION_BYTES`` of source bytes a task,
+    so that the partitions waiting for the writer stay small), and at most
+    4,096 when no feature reads bytes (sources made from their ids cost
+    microseconds each, and Dask's per-task cost would dominate: a million
+    16-float sources went at 24,000/s in tasks of 256, 62,000/s in tasks of
+    2,048). A list known up front is spread over at least 4 tasks per worker
+    thread.
+
+    Sources are listed once, lazily: only the first ``4 x threads x size``
+    specs are held to choose the size, and partitions are compact
+    (:class:`Partition`).
 
     Duplicate ids in a list known up front raise :class:`DuplicateIdError`
     before anything is built; in a stream, the later duplicate becomes a
     failure and the first one is kept.
     """
     known = isinstance(sources, (str, os.PathLike, list, tuple))
-    specs: Iterable[SourceSpec] = expand(sources, storage_options)
-    if known:
-        specs = list(specs)
+    specs = iter(expand(sources, storage_options))
     if partition_size is None:
         partition_size = config.get("build.partition-size")
     if partition_size is None:
         partition_size = 256 if reads_bytes else 4096
-        if known:
-            spread = math.ceil(len(specs) / (4 * max(threads, 1)))
-            partition_size = max(1, min(partition_size, spread))
+        head = list(itertools.islice(specs, 4 * max(threads, 1) * partition_size))
+        if reads_bytes:
+            partition_size = min(partition_size, _size_for_bytes(head))
+        if known and len(head) < 4 * max(threads, 1) * partition_size:
+            partition_size = max(1, math.ceil(len(head) / (4 * max(threads, 1))))
+        specs = itertools.chain(head, specs)
+        del head
     if partition_size < 1:
         raise ValueError(f"partition_size must be at least 1, got {partition_size}")
-    seen: dict[str, str | None] = {}  # id -> where its first source is
-    duplicates: list[str] = []
     skipped = 0
-    partitions: list[Partition] = [Partition(0, [])]
+    partitions: list[Partition] = []
+    hashes: list[np.ndarray] = []  # each partition's ids, hashed: duplicates are found at the end
+    current: list[SourceSpec] = []
     for spec in specs:
-        current = partitions[-1]
-        if len(current) >= partition_size:
-            current = Partition(len(partitions), [])
-            partitions.append(current)
         if spec.id in skip:
             skipped += 1
-        elif spec.id in seen:
-            first, this = seen[spec.id], spec.url
-            both = f" ({redact(first)} and {redact(this)})" if first and this else ""
-            if known:
-                duplicates.append(f"{spec.id!r}{both}")
-            else:
-                which = f" ({redact(first)})" if first else ""
-                current.failures.append(
-                    Failure(
-                        spec.id,
-                        "",
-                        f"DuplicateIdError: an earlier source of this build{which} has the same "
-                        f"id; the first one is kept"
-                        + (f", this one ({redact(this)}) is not" if this else ""),
-                    )
-                )
-        else:
-            seen[spec.id] = spec.url
-            current.specs.append(spec)
-    if duplicates:
-        shown = ", ".join(duplicates[:10])
+            continue
+        current.append(spec)
+        if len(current) >= partition_size:
+            hashes.append(np.fromiter((hash(s.id) for s in current), np.int64, len(current)))
+            partitions.append(Partition(len(partitions), current))
+            current = []
+    if current:
+        hashes.append(np.fromiter((hash(s.id) for s in current), np.int64, len(current)))
+        partitions.append(Partition(len(partitions), current))
+    duplicates = _duplicates(partitions, hashes)
+    if duplicates and known:
+        shown = ", ".join(
+            f"{later.id!r}"
+            + (f" ({redact(first.url)} and {redact(later.url)})" if first.url and later.url else "")
+            for _, later, first in duplicates[:10]
+        )
         more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
         raise DuplicateIdError(
             f"{len(duplicates)} duplicate source ids, nothing was written: {shown}{more}. Files "
             "found under a directory or glob get ids relative to it, so two roots holding the same "
             "relative path collide; build them into separate groups or give explicit paths"
         )
-    return [p for p in partitions if len(p)], skipped
+    if duplicates:
+        _fail_duplicates(partitions, duplicates)
+    return partitions, skipped
+
+
+def _duplicates(
+    partitions: list[Partition], hashes: list[np.ndarray]
+) -> list[tuple[int, SourceSpec, SourceSpec]]:
+    """Each source whose id an earlier one has: ``(position, it, the first)``, in source order.
+
+    Ids are compared by hash (8 bytes a source, where a set of 200,000 ids
+    held 30 MB); sources whose hashes agree are then compared by id.
+    """
+    flat = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
+    order = np.argsort(flat, kind="stable")
+    same = np.flatnonzero(flat[order][1:] == flat[order][:-1])
+    if not len(same):
+        return []
+    candidates = np.unique(np.concatenate([order[same], order[same + 1]]))
+    starts = np.cumsum([0, *(len(h) for h in hashes)])
+    where = np.searchsorted(starts, candidates, side="right") - 1
+    specs: dict[int, SourceSpec] = {}
+    for k in np.unique(where).tolist():
+        listed = partitions[k].specs
+        for position in candidates[where == k].tolist():
+            specs[position] = listed[position - int(starts[k])]
+    first: dict[str, SourceSpec] = {}
+    found = []
+    for position in candidates.tolist():
+        spec = specs[position]
+        if spec.id in first:
+            found.append((position, spec, first[spec.id]))
+        else:
+            first[spec.id] = spec
+    return found
+
+
+def _fail_duplicates(
+    partitions: list[Partition], duplicates: list[tuple[int, SourceSpec, SourceSpec]]
+) -> None:
+    """Replace each later duplicate of a stream by a failure in its partition; keep the first."""
+    starts = np.cumsum([0, *(len(p) for p in partitions)])
+    by_partition: dict[int, dict[int, Failure]] = {}
+    for position, later, first in duplicates:
+        k = int(np.searchsorted(starts, position, side="right") - 1)
+        which = f" ({redact(first.url)})" if first.url else ""
+        by_partition.setdefault(k, {})[position - int(starts[k])] = Failure(
+            later.id,
+            "",
+            f"DuplicateIdError: an earlier source of this build{which} has the same id; the "
+            "first one is kept" + (f", this one ({redact(later.url)}) is not" if later.url else ""),
+        )
+    for k, failed in by_partition.items():
+        listed = partitions[k].specs
+        kept = [spec for j, spec in enumerate(listed) if j not in failed]
+        partitions[k] = Partition(k, kept, list(failed.values()))
+
+
+# Source bytes a decode task aims at when the default partition size is chosen: the decoded
+# partitions waiting for the writer (2 per worker thread) stay tens of MB even for large images.
+PARTITION_BYTES = 4 << 20
+
+
+def _size_for_bytes(head: list[SourceSpec], sample: int = 32) -> int:
+    """Sources a partition of about ``PARTITION_BYTES`` holds, from the sizes of up to ``sample``
+    local files among the first sources (any number when none is a local file)."""
+    sizes = []
+    for spec in head:
+        if len(sizes) >= sample:
+            break
+        if spec.url and not is_url(spec.url):
+            with contextlib.suppress(OSError):
+                sizes.append(os.stat(spec.url).st_size)
+    if not sizes:
+        return 1 << 62
+    return max(16, PARTITION_BYTES * len(sizes) // max(1, sum(sizes)))
 
 
 def describe_sources(sources: Any, limit: int = 50) -> Any:
@@ -322,23 +466,18 @@ def build_graph(
         pinned=writer is not None,
     )
 
-    features_task = delayed(dict(features), name=f"h5bank-features-{token}", traverse=False)
     options = dict(storage_options or {})
     fetch_settings = config.section("fetch")
-
     schedule = _decode_schedule(decoders, writer) if decoders and writer is not None else []
 
-    def decode(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
-        where = (
-            dask.annotate(workers=[schedule[k % len(schedule)]], allow_other_workers=True)
-            if schedule
-            else contextlib.nullcontext()
-        )
-        with where:
-            return delayed(decode_partition, pure=False)(
-                partitions[k], features_task, dict(bases), options, after, fetch_settings,
-                dask_key_name=f"h5bank-decode-{k}-{token}",
-            )  # fmt: skip
+    def decode(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
+        return graph.add(
+            Task(
+                f"h5bank-decode-{k}-{token}", decode_partition, partitions[k], graph.constant("features", dict(features)),
+                dict(bases), options, after, fetch_settings,
+            ),
+            worker=schedule[k % len(schedule)] if schedule else None,
+        )  # fmt: skip
 
     return writer_chain(plan, writer, [len(p) for p in partitions], window, decode, write_partition)
 
@@ -373,31 +512,27 @@ def writer_chain(
 ) -> Build:
     """``open ─▶ link(produce(0)) ─▶ ... ─▶ link(produce(N-1)) ─▶ finalize``, as a :class:`Build`.
 
-    ``produce(k, plan_task, opened, after)`` makes the task whose result the
-    ``k``-th link writes (it runs anywhere; ``after`` is link ``k - window``,
-    for back-pressure, or ``None`` without a window). Open, the links and
-    finalize are pinned to ``writer``.
+    ``produce(k, graph, after)`` adds to ``graph`` (a :class:`Graph`) the
+    tasks whose result the ``k``-th link writes, and returns a reference to
+    it (``after`` is link ``k - window``, for back-pressure, or ``None``
+    without a window). Open, the links and finalize are pinned to ``writer``.
     """
-    pinned = functools.partial(_pinned, writer)
     token = plan.token
-    plan_task = delayed(plan, name=f"h5bank-plan-{token}", traverse=False)
-    with pinned():
-        opened = delayed(open_build, pure=False)(plan_task, dask_key_name=f"h5bank-open-{token}")
-    state = opened
-    writes: list[Delayed] = []
+    graph = Graph(token, writer)
+    plan_ref = graph.constant("plan", plan)
+    state = graph.add(Task(f"h5bank-open-{token}", open_build, plan_ref), pinned=True)
+    writes: list[TaskRef] = []
     for k in range(len(sizes)):
         after = writes[k - window] if window and k >= window else None
-        result = produce(k, plan_task, opened, after)
-        with pinned():
-            state = delayed(link, pure=False)(
-                plan_task, result, state, k, dask_key_name=f"h5bank-write-{k}-{token}"
-            )
-        writes.append(state)
-    with pinned():
-        final = delayed(finalize_build, pure=False)(
-            plan_task, state, dask_key_name=f"h5bank-finalize-{token}"
+        result = produce(k, graph, after)
+        state = graph.add(
+            Task(f"h5bank-write-{k}-{token}", link, plan_ref, result, state, k), pinned=True
         )
-    return Build(final, [w.key for w in writes], sizes, plan, writer)
+        writes.append(state)
+    final = graph.add(
+        Task(f"h5bank-finalize-{token}", finalize_build, plan_ref, state), pinned=True
+    )
+    return Build(graph.delayed(final.key), [w.key for w in writes], sizes, plan, writer)
 
 
 def map_graph(
@@ -413,6 +548,7 @@ def map_graph(
     max_pending: int | None = None,
     writer: str | None = None,
     threads: int | None = None,
+    decoders: list[str] | None = None,
 ) -> Build:
     """The Dask graph of ``bank.map(func, ..., output=output)`` over the bank at ``path``.
 
@@ -426,7 +562,9 @@ def map_graph(
     one partition's results as ``output`` at the rows of its sources. The
     writer process also reads each partition's inputs (no other process may
     open a file being written), so ``func`` runs on any worker. ``partitions``
-    are arrays of source rows; read ``k+W`` waits for attach ``k``.
+    are arrays of source rows; read ``k+W`` waits for attach ``k``. The
+    ``func`` tasks are placed like a build's decode tasks (``decoders``):
+    else Dask would run every one where its input was read.
     """
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
@@ -450,18 +588,24 @@ def map_graph(
         skipped=skipped,
         pinned=writer is not None,
     )
-    func_task = delayed(func, name=f"h5bank-function-{token}", traverse=False)
-    pinned = functools.partial(_pinned, writer)
+    schedule = _decode_schedule(decoders, writer) if decoders and writer is not None else []
 
-    def read_and_map(k: int, plan_task: Delayed, opened: Delayed, after: Delayed | None) -> Delayed:
-        with pinned():
-            records = delayed(read_partition, pure=False)(
-                plan_task, opened, columns, partitions[k], after,
-                dask_key_name=f"h5bank-read-{k}-{token}",
-            )  # fmt: skip
-        return delayed(map_partition, pure=False)(
-            func_task, columns, records, output, feature, k, dask_key_name=f"h5bank-map-{k}-{token}"
-        )
+    def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
+        opened = TaskRef(f"h5bank-open-{token}")
+        records = graph.add(
+            Task(
+                f"h5bank-read-{k}-{token}", read_partition, graph.constant("plan", plan), opened,
+                columns, partitions[k], after,
+            ),
+            pinned=True,
+        )  # fmt: skip
+        return graph.add(
+            Task(
+                f"h5bank-map-{k}-{token}", map_partition, graph.constant("function", func), columns,
+                records, output, feature, k,
+            ),
+            worker=schedule[k % len(schedule)] if schedule else None,
+        )  # fmt: skip
 
     sizes = [len(p) for p in partitions]
     return writer_chain(plan, writer, sizes, window, read_and_map, attach_partition)

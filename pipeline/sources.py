@@ -161,42 +161,73 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
         # an existing file, whatever its name holds
         yield SourceSpec(storable(text), os.path.abspath(text))
     elif _MAGIC.search(text) and not os.path.isdir(text):
-        root = _glob_root(text)
+        # Only relative names are held while sorting (a million of them is tens of MB).
+        base = os.path.abspath(_glob_root(text) or ".")
         found = []
         for path in globlib.glob(text, recursive=True):
             if os.path.isdir(path):
                 continue
-            relative = _posix(os.path.relpath(path, root or "."))
+            relative = _posix(os.path.relpath(path, base))
             if not _hidden(relative):
-                found.append((relative, os.path.abspath(path)))
-        _warn_if_empty(text, found)
-        for relative, absolute in sorted(found):
-            yield SourceSpec(storable(relative), absolute)
+                found.append(relative)
+        yield from _under(text, base, found)
     elif os.path.isdir(text):
-        found = []
-        root = os.path.abspath(text)
-        for directory, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            # paths relative to the root, computed once per directory (not per file)
-            inner = _posix(os.path.relpath(directory, root))
-            prefix = "" if inner == "." else inner + "/"
-            found.extend(
-                (prefix + name, os.path.join(directory, name))
-                for name in filenames
-                if not name.startswith(".")
-            )
-        _warn_if_empty(text, found)
-        for relative, absolute in sorted(found):
-            yield SourceSpec(storable(relative), absolute)
+        base = os.path.abspath(text)
+        listed = 0
+        for relative in _walk_sorted(base):
+            listed += 1
+            yield SourceSpec(storable(relative), os.path.join(base, relative))
+        _warn_if_empty(text, listed)
     else:
         yield SourceSpec(text, None)
+
+
+def _walk_sorted(base: str, inner: str = "") -> Iterator[str]:
+    """Paths of the visible files under ``base``, relative to it, sorted, one directory at a time.
+
+    Siblings are sorted with a ``/`` after each directory's name, so visiting
+    them depth first yields exactly the sorted list of every relative path
+    (``a-b/x`` < ``a.png`` < ``a/x``) while holding one directory's names,
+    not the whole tree's. Like ``os.walk``, symbolic links to directories
+    are not followed and directories that cannot be read are skipped.
+    """
+    try:
+        with os.scandir(os.path.join(base, inner) if inner else base) as entries:
+            names = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    directory = entry.is_dir()
+                    if directory and entry.is_symlink():
+                        continue
+                except OSError:
+                    directory = False
+                names.append(entry.name + "/" if directory else entry.name)
+    except OSError:
+        return
+    names.sort()
+    prefix = inner + "/" if inner else ""
+    for name in names:
+        if name.endswith("/"):
+            yield from _walk_sorted(base, prefix + name[:-1])
+        else:
+            yield prefix + name
+
+
+def _under(root: str, base: str, found: list[str]) -> Iterator[SourceSpec]:
+    """The files ``found`` under the absolute directory ``base``, sorted by relative path."""
+    _warn_if_empty(root, len(found))
+    found.sort()
+    for relative in found:
+        yield SourceSpec(storable(relative), os.path.join(base, relative))
 
 
 class EmptySourceWarning(UserWarning):
     """A directory or glob given as a source holds no files."""
 
 
-def _warn_if_empty(root: str, found: list[Any]) -> None:
+def _warn_if_empty(root: str, found: int) -> None:
     if not found:
         warnings.warn(
             f"h5bank: {root!r} holds no (visible) files", EmptySourceWarning, stacklevel=4
@@ -246,7 +277,7 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
             relative = found_path[len(stripped_root) :].lstrip("/")
             if relative and not _hidden(relative):
                 found.append(f"{given_root}/{relative}")
-        _warn_if_empty(redact(url), found)
+        _warn_if_empty(redact(url), len(found))
         for full in sorted(found):
             yield SourceSpec(storable(redact(full)), full)
     else:

@@ -902,6 +902,7 @@ class TypedFile:
             max_pending=max_pending,
             writer=runner.writer_worker(),
             threads=runner.threads,
+            decoders=runner.decode_workers(),
         )
         try:
             return runner.run(build, progress=progress)

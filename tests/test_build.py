@@ -52,26 +52,29 @@ def test_writer_tasks_are_pinned_to_one_worker(images, tmp_path, client):
     build = Pictures.graph(tmp_path / "b.h5", images, scheduler=client, partition_size=1)
     assert build.writer in client.scheduler_info()["workers"]
     assert len(build.partitions) == 12
-    # Ask the scheduler where each writer task ran.
-    summary = client.compute(build).result()
-    assert summary.ok == 12
+    from distributed import get_task_stream
 
-    # Every writer key carried the same worker restriction.
-    assert build.write_keys
-    graph = build.__dask_graph__()
-    pinned = [
-        layer.annotations
-        for name, layer in graph.layers.items()
-        if layer.annotations is not None and not str(name).startswith("h5bank-decode")
-    ]
-    assert {tuple(a.get("workers", ())) for a in pinned} == {(build.writer,)}
-    assert all(a["allow_other_workers"] is False for a in pinned)
-    decodes = [
-        layer.annotations
-        for name, layer in graph.layers.items()
-        if str(name).startswith("h5bank-decode")
-    ]
-    assert len(decodes) == 12 and all(a["allow_other_workers"] is True for a in decodes)
+    with get_task_stream(client) as stream:
+        summary = client.compute(build).result()
+    assert summary.ok == 12
+    ran = {str(t["key"]): t["worker"] for t in stream.data}
+    chain = [k for k in ran if k.startswith(("h5bank-open", "h5bank-write", "h5bank-finalize"))]
+    assert len(chain) == 14 and {ran[k] for k in chain} == {build.writer}
+
+    # Every writer key carried the same hard worker restriction; decode tasks a loose one.
+    (layer,) = build.__dask_graph__().layers.values()
+
+    def annotation(name: str, key: str) -> object:
+        value = layer.annotations[name]
+        return value(key) if callable(value) else value
+
+    keys = [str(k) for k in layer]
+    pinned = [k for k in keys if k.startswith(("h5bank-open", "h5bank-write", "h5bank-finalize"))]
+    assert len(pinned) == 14
+    assert all(annotation("workers", k) == [build.writer] for k in pinned)
+    assert all(annotation("allow_other_workers", k) is False for k in pinned)
+    decodes = [k for k in keys if k.startswith("h5bank-decode")]
+    assert len(decodes) == 12 and all(annotation("allow_other_workers", k) is True for k in decodes)
 
 
 def test_back_pressure_bounds_pending_partitions(images, tmp_path):
