@@ -1089,6 +1089,35 @@ def test_map_inputs_are_decoded_where_the_function_runs(pictures, client, tmp_pa
         bank.close()
 
 
+def called_in(data):
+    """The process this call runs in."""
+    return np.array([os.getpid()], dtype=np.int64)
+
+
+def test_map_functions_spread_over_every_worker(pictures, client):
+    """The function tasks go round robin over the workers, like a build's decode tasks, not
+    all where their inputs were read (the writer's worker)."""
+    from distributed import get_task_stream
+
+    workers = client.run(os.getpid)
+    assert len(workers) == 2
+    with get_task_stream(client) as stream:
+        summary = pictures.map(
+            called_in, "labels", "pid", scheduler=client, partition_size=1, progress=False
+        )
+    n = len(CLASSES) * PER_CLASS
+    assert summary.ok == len(pictures) == n
+    ran = [t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-map-")]
+    assert len(ran) == n and set(ran) == set(workers)
+    assert min(ran.count(w) for w in workers) >= n // 3, [ran.count(w) for w in workers]
+    # The inputs are read where the results are written: one worker.
+    reads = {t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-read-")}
+    writes = {t["worker"] for t in stream.data if str(t["key"]).startswith("h5bank-write-")}
+    assert len(reads) == 1 and reads == writes
+    pids = [int(pictures.pid.get(id_)[0]) for id_ in pictures.ids]
+    assert set(pids) == set(workers.values())
+
+
 def test_to_dask_warns_when_item_or_category_rows_are_not_the_sources(pictures):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

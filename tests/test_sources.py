@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import uuid
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from features import Bytes, DirLabels, Feature, Image, SourceReadError, String
 from pipeline import DuplicateIdError, TypedFile
+from pipeline import sources as sources_module
 from pipeline.graph import partition_sources
 from pipeline.sources import Source, SourceSpec, expand, fetch, is_url, redact, route
 
@@ -237,13 +240,18 @@ def test_fetch_is_one_batched_call_and_reads_never_fetch_again(memory_root, coun
         sources[2].read()
 
 
-def test_a_source_read_twice_is_fetched_once(tree, count_calls):
+def test_a_source_read_twice_is_fetched_once(tree, count_calls, monkeypatch):
     calls = count_calls(LocalFileSystem)
+    reads = []
+    read_local = sources_module._read_local
+    monkeypatch.setattr(sources_module, "_read_local", lambda p: reads.append(p) or read_local(p))
     source = Source(next(expand(str(tree / "readme.txt"))))
     assert source.read() == b"hello"
     assert source.open().read() == b"hello"
     assert source.read() == b"hello"
-    assert calls["cat_file"] == 1 and calls["cat"] == []
+    # Local files are read directly, once; fsspec's local layer is not used.
+    assert reads == [str(tree / "readme.txt")]
+    assert calls["cat_file"] == 0 and calls["cat"] == []
 
 
 def test_fetch_keeps_each_failure_with_its_source(tree):
@@ -523,3 +531,261 @@ def test_memory_urls_on_worker_processes_fail_with_a_hint_to_use_threads(
     failures = bank.failures()
     assert [f.id for f in failures] == urls
     assert all("scheduler='threads'" in f.error for f in failures)
+
+
+# -- compact partitions, sorted walks, partition sizes, duplicates (how a build holds sources) --
+
+ROOT = "/r/"
+MIXED = [
+    SourceSpec("a.png", ROOT + "a.png"),  # a file under the partition's root
+    SourceSpec("http://h/x.png", "http://h/x.png?X-Amz-Signature=abc"),  # a URL not its id
+    SourceSpec("run-7"),  # a plain id
+    SourceSpec("bad\udcff.png", ROOT + "bad\udcff.png"),  # a name holding a stray byte
+    SourceSpec("é/ü.png", ROOT + "é/ü.png"),
+    SourceSpec(""),  # an empty plain id
+    SourceSpec("", "/elsewhere/"),  # an empty id whose URL ends with it
+    SourceSpec("x.png", "/other/x.png"),  # ends with its id, but under another root
+    SourceSpec("sub/b.png", ROOT + "sub/b.png"),
+    SourceSpec("http://h/y.png", "http://h/y.png"),  # an explicit URL kept as its id
+    SourceSpec("plain/é"),
+]
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        MIXED,
+        MIXED[::-1],
+        [MIXED[k] for k in np.random.default_rng(3).permutation(len(MIXED))],
+        [MIXED[5], *MIXED],  # the empty id first: its URL must not become the root
+        [MIXED[6], *MIXED],
+        *([spec] for spec in MIXED),
+        [],
+    ],
+    ids=lambda specs: f"{len(specs)}-specs",
+)
+def test_a_partition_gives_back_exactly_the_specs_it_was_given_in_order(specs):
+    from pipeline.decode import Failure, Partition
+
+    partition = Partition(5, specs)
+    assert partition.specs == specs
+    assert [type(s) for s in partition.specs] == [SourceSpec] * len(specs)
+    assert partition.index == 5 and partition.failures == [] and len(partition) == len(specs)
+    failures = [Failure("gone", "images", "no such file"), Failure("a", "", "DuplicateIdError")]
+    failing = Partition(2, specs, failures)
+    assert failing.specs == specs and failing.failures == failures
+    assert len(failing) == len(specs) + 2
+    restored = pickle.loads(pickle.dumps(failing))
+    assert restored.specs == specs and restored.index == 2
+    assert restored.failures == failures and len(restored) == len(specs) + 2
+
+
+def test_an_empty_partition_has_no_specs():
+    from pipeline.decode import Partition
+
+    assert Partition(0, []).specs == [] and len(Partition(0, [])) == 0
+    assert Partition(0).specs == [] and pickle.loads(pickle.dumps(Partition(0))).specs == []
+
+
+def test_a_partition_of_files_under_one_root_pickles_smaller_than_its_ids():
+    """The memory guarantee: a build holds its sources in a few bytes each, not as specs."""
+    from pipeline.decode import Partition
+
+    names = sorted(f"class_{i % 8}/image_{i:06d}.png" for i in range(256))
+    root = "/data/some/long/root/of/the/images/"
+    specs = [SourceSpec(name, root + name) for name in names]
+    partition = Partition(0, specs)
+    assert partition.specs == specs
+    pickled = len(pickle.dumps(partition))
+    assert pickled < sum(len(name) for name in names) / 4, pickled
+    plain = Partition(1, [SourceSpec(name) for name in names])
+    assert len(pickle.dumps(plain)) < sum(len(name) for name in names) / 4
+
+
+def _visible_files(root: str) -> list[str]:
+    """Every visible file under ``root`` as ``os.walk`` finds them (hidden names skipped,
+    symbolic links to directories not followed), relative, in POSIX form, unsorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        relative = os.path.relpath(folder, root)
+        for name in files:
+            if not name.startswith("."):
+                path = name if relative == "." else os.path.join(relative, name)
+                found.append(path.replace(os.sep, "/"))
+    return found
+
+
+def test_a_directory_walk_yields_exactly_the_sorted_list_of_its_files(tmp_path):
+    """Walking one directory at a time must agree with sorting the whole tree, where names
+    sort before, between and after directories of the same prefix."""
+    root = tmp_path / "tree"
+    names = ["a-b/x", "a.png", "a/x", "a/y/z", "a/y0", "a/y.png", "ab", "Z/1", "c d/e",
+             "é/1", "e/1", ".h", "b/.hid/q", ".hidden/a", "a/.h2", "0", "a0/x", "a_/x"]  # fmt: skip
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode())
+    (root / "link").symlink_to(root / "a", target_is_directory=True)  # not followed
+    (root / "alias.png").symlink_to(root / "a.png")  # a link to a file is a file
+    (root / "empty").mkdir()
+    expected = sorted(_visible_files(str(root)))
+    assert "a/y/z" in expected and "alias.png" in expected and "link/x" not in expected
+    assert not any(part.startswith(".") for name in expected for part in name.split("/"))
+    assert expected != sorted(expected, key=lambda n: n.split("/"))  # the walks disagree
+    specs = list(expand(str(root)))
+    assert ids(specs) == expected
+    assert [s.url for s in specs] == [os.path.join(str(root), n) for n in expected]
+    assert list(expand(str(root) + "/")) == specs
+    from pipeline.sources import _walk_sorted
+
+    assert list(_walk_sorted(str(root))) == expected
+    assert list(_walk_sorted(str(root), "a")) == [n for n in expected if n.startswith("a/")]
+
+
+def _write_files(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"f{i:04d}.bin").write_bytes(rng.bytes(size))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def large_files(tmp_path_factory) -> Path:
+    """128 files of 256 KiB of random bytes."""
+    return _write_files(tmp_path_factory.mktemp("large") / "files", 128, 256 << 10)
+
+
+@pytest.mark.parametrize(
+    ("n", "threads", "stream"), [(64, 1, True), (64, 8, True), (128, 1, False)]
+)
+def test_the_default_partition_size_follows_file_sizes(large_files, n, threads, stream):
+    """About PARTITION_BYTES of files a partition (at least 16) when files are large.
+
+    A list of 64 files is already spread to 16 a partition on one thread, so a list known up
+    front is checked with 128 (the spread rule alone would give 32)."""
+    from pipeline.graph import PARTITION_BYTES
+
+    files = sorted(str(p) for p in large_files.iterdir())[:n]
+    limit = max(16, PARTITION_BYTES // (256 << 10))
+    sources = iter(files) if stream else files
+    partitions, _ = partition_sources(sources, None, None, threads, set())
+    sizes = [len(p) for p in partitions]
+    assert sum(sizes) == n and max(sizes) <= limit, sizes
+    assert [s.url for p in partitions for s in p.specs] == files
+    if stream:
+        assert sizes == [limit] * (n // limit)
+    # Features that read no bytes do not care how large the files are.
+    partitions, _ = partition_sources(iter(files), None, None, threads, set(), reads_bytes=False)
+    assert [len(p) for p in partitions] == [n]
+
+
+def test_a_streamed_directory_of_large_files_is_partitioned_by_bytes(large_files):
+    from pipeline.graph import PARTITION_BYTES
+
+    limit = max(16, PARTITION_BYTES // (256 << 10))
+    partitions, _ = partition_sources(iter([str(large_files)]), None, None, 1, set())
+    assert [len(p) for p in partitions] == [limit] * (128 // limit)
+    partitions, _ = partition_sources(str(large_files), None, None, 1, set())
+    assert max(len(p) for p in partitions) <= limit
+
+
+@pytest.mark.parametrize(("n", "threads"), [(100, 2), (20, 4), (3000, 1), (700, 1)])
+def test_tiny_files_keep_the_count_based_default_partition_size(tmp_path, n, threads):
+    folder = _write_files(tmp_path / "tiny", n, 10)
+    (folder / "empty").write_bytes(b"")
+    n += 1
+    expected = min(256, math.ceil(n / (4 * threads)))
+    for sources in (str(folder), [str(folder)]):
+        partitions, _ = partition_sources(sources, None, None, threads, set())
+        assert [len(p) for p in partitions][:-1] == [expected] * (len(partitions) - 1)
+        assert sum(len(p) for p in partitions) == n
+    partitions, _ = partition_sources(iter([str(folder)]), None, None, threads, set())
+    assert [len(p) for p in partitions] == [256] * (n // 256) + ([n % 256] if n % 256 else [])
+
+
+@pytest.mark.parametrize(("n", "threads"), [(64, 1), (100, 2), (5000, 1)])
+def test_plain_ids_keep_the_count_based_default_partition_size(tmp_path, n, threads):
+    """Ids that are no files (even if they look like large files' names) are not sized by bytes."""
+    names = [str(tmp_path / f"missing-{i:05d}.png") for i in range(n)]
+    partitions, _ = partition_sources(names, None, None, threads, set())
+    assert [s.url for p in partitions for s in p.specs] == [None] * n
+    expected = min(256, math.ceil(n / (4 * threads)))
+    assert [len(p) for p in partitions][:-1] == [expected] * (len(partitions) - 1)
+    partitions, _ = partition_sources(iter(names), None, None, threads, set())
+    assert [len(p) for p in partitions] == [256] * (n // 256) + ([n % 256] if n % 256 else [])
+
+
+def test_duplicates_of_a_stream_in_other_partitions_fail_where_they_appear():
+    stream = (name for name in ["a", "b", "c", "a", "d", "b", "e", "a"])
+    partitions, _ = partition_sources(stream, None, 2, 4, set())
+    assert [p.index for p in partitions] == [0, 1, 2, 3]
+    assert [[s.id for s in p.specs] for p in partitions] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [[f.id for f in p.failures] for p in partitions] == [[], ["a"], ["b"], ["a"]]
+    assert [len(p) for p in partitions] == [2, 2, 2, 2]
+    kept = [s.id for p in partitions for s in p.specs]
+    assert sorted(kept) == sorted(set(kept)) == ["a", "b", "c", "d", "e"]
+    for p in partitions:
+        for failure in p.failures:
+            assert "DuplicateIdError" in failure.error and "first one is kept" in failure.error
+            assert failure.feature == ""
+
+
+def test_a_duplicate_file_of_a_stream_names_both_files(tmp_path):
+    first, later = tmp_path / "one", tmp_path / "two"
+    for folder, names in ((first, ["x.png", "y.png"]), (later, ["w.png", "x.png", "z.png"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(name.encode())
+    partitions, _ = partition_sources(iter([str(first), str(later)]), None, 2, 4, set())
+    assert [[s.url for s in p.specs] for p in partitions] == [
+        [str(first / "x.png"), str(first / "y.png")],
+        [str(later / "w.png")],
+        [str(later / "z.png")],
+    ]
+    (failure,) = [f for p in partitions for f in p.failures]
+    assert partitions[1].failures == [failure] and failure.id == "x.png"
+    assert f"an earlier source of this build ({first / 'x.png'}) has the same id" in failure.error
+    assert f"this one ({later / 'x.png'}) is not" in failure.error
+
+
+def test_duplicate_ids_of_a_list_are_listed_in_source_order():
+    names = [f"k{i}" for i in range(12)]
+    order = [names[k] for k in np.random.default_rng(7).permutation(12)]
+    sources = names + order
+    with pytest.raises(DuplicateIdError) as caught:
+        partition_sources(sources, None, None, 4, set())
+    shown = ", ".join(repr(name) for name in order[:10])
+    assert f"12 duplicate source ids, nothing was written: {shown} and 2 more." in str(caught.value)
+    with pytest.raises(DuplicateIdError, match=r"2 duplicate source ids.*: 'c', 'b'\. "):
+        partition_sources(["a", "b", "c", "c", "b"], None, 1, 4, set())
+
+
+def test_duplicate_files_of_a_list_name_both_files(tmp_path):
+    first, later = tmp_path / "one", tmp_path / "two"
+    for folder in (first, later):
+        folder.mkdir()
+        (folder / "x.png").write_bytes(b"x")
+    with pytest.raises(DuplicateIdError) as caught:
+        partition_sources([str(first), str(later)], None, None, 4, set())
+    assert f"'x.png' ({first / 'x.png'} and {later / 'x.png'})" in str(caught.value)
+
+
+def test_a_large_stream_finds_exactly_its_duplicates():
+    def stream():
+        for i in range(20_000):
+            yield f"source-{i:05d}"
+            if i == 9_000:
+                yield "source-00003"
+            elif i == 14_500:
+                yield "source-12000"
+            elif i == 19_999:
+                yield "source-00000"
+
+    partitions, _ = partition_sources(stream(), None, None, 4, set())
+    kept = [s.id for p in partitions for s in p.specs]
+    assert kept == [f"source-{i:05d}" for i in range(20_000)]
+    failed = [(p.index, f.id) for p in partitions for f in p.failures]
+    # Positions 9,001, 14,502 and 20,002 of the stream, in partitions of 256.
+    assert failed == [(35, "source-00003"), (56, "source-12000"), (78, "source-00000")]
+    assert sum(len(p) for p in partitions) == 20_003
