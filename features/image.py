@@ -157,7 +157,11 @@ class Image(Feature):
                         f"limit of {self.max_pixels:,} (Image(max_pixels=...)); refused before "
                         "decoding (a decompression bomb, or an image larger than this bank takes)"
                     )
-            return file.read(index=0, mode=self.mode) if self.mode else file.read(index=0)
+            # An image already in the wanted mode is not converted (Pillow would copy it); the
+            # plugin changes "P" and "I" images even without a mode, so those keep it.
+            image = getattr(file, "_image", None)
+            same = image is not None and image.mode == self.mode not in ("P", "I")
+            return file.read(index=0, mode=None if same else self.mode)
 
     def convert(self, array: np.ndarray) -> np.ndarray:
         """Apply this feature's mode and size to an already decoded image array."""

@@ -398,18 +398,26 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]], settings: Mapping[s
         time.sleep(min(delay * 2**attempt, float(settings["max-backoff"])))
 
 
-def _not_regular(path: str) -> OSError | None:
-    """A local path that is no regular file (reading a FIFO would wait for a writer for ever)."""
+def _read_local(path: str) -> bytes:
+    """A local file's bytes, read directly (fsspec's local layer cost 10 us more a file).
+
+    It is opened without blocking and checked to be a regular file first:
+    reading a FIFO would wait for a writer for ever.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None  # reading it reports why
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: reading it says how to walk it
-        return None
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
-    kind = next((name for test, name in kinds if test(mode)), "not a file")
-    return OSError(errno.EINVAL, f"it is not a regular file but {kind}")
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+            kind = next((name for test, name in kinds if test(mode)), "not a file")
+            raise OSError(errno.EINVAL, f"it is not a regular file but {kind}")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
 
 
 def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:
@@ -417,9 +425,11 @@ def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, Base
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & {"file", "local"}:
         for source, path in members:
-            if (problem := _not_regular(path)) is not None:
-                errors[source] = problem
-        members = [(s, p) for s, p in members if s not in errors]
+            try:
+                source._data = _read_local(path)
+            except Exception as error:
+                errors[source] = error
+        return errors
     # One call for the whole group (remote filesystems fetch concurrently), except for
     # names holding wildcards, which fs.cat would expand as globs.
     plain = [path for _, path in members if not _MAGIC.search(path)]
