@@ -168,7 +168,11 @@ def decode_seconds(paths: list[Path], function: Callable[[list[str]], int]) -> f
 
 
 def build_h5bank(bank_type: type, out: Path, sources: Any, client: Any) -> tuple[float, float, Any]:
-    """Seconds, peak memory of the client and the cluster's processes, summary."""
+    """Seconds, peak memory of the client and the cluster's processes, summary. A bank left
+    by an earlier run is removed first, outside the timing, as the alternatives' outputs are
+    (replacing it would add the file system's unlink of the old bank to the build)."""
+    for old in (out, Path(f"{out}.partial")):
+        old.unlink(missing_ok=True)
     pids = [os.getpid(), *client.run(os.getpid).values()]
     with peak_memory(lambda: pids) as peak:
         started = time.perf_counter()
