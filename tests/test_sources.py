@@ -19,7 +19,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from features import Bytes, DirLabels, Feature, Image, SourceReadError, String
 from pipeline import DuplicateIdError, TypedFile
 from pipeline import sources as sources_module
-from pipeline.graph import partition_sources
+from pipeline.graph import PARTITION_SOURCES, partition_sources
 from pipeline.sources import Source, SourceSpec, expand, fetch, is_url, redact, route
 
 
@@ -400,10 +400,12 @@ def test_automatic_partition_size_spreads_small_lists_over_threads(n, threads):
 
 
 def test_automatic_partition_size_is_capped_for_large_lists_and_streams():
-    partitions, _ = partition_sources([f"s{i}" for i in range(3000)], None, None, 1, set())
-    assert max(len(p) for p in partitions) == 256
-    partitions, _ = partition_sources((f"s{i}" for i in range(600)), None, None, 64, set())
-    assert [len(p) for p in partitions] == [256, 256, 88]
+    cap = PARTITION_SOURCES
+    partitions, _ = partition_sources([f"s{i}" for i in range(8 * cap)], None, None, 1, set())
+    assert max(len(p) for p in partitions) == cap
+    stream = (f"s{i}" for i in range(2 * cap + 88))
+    partitions, _ = partition_sources(stream, None, None, 64, set())
+    assert [len(p) for p in partitions] == [cap, cap, 88]
 
 
 def test_an_explicit_partition_size_is_used():
@@ -695,13 +697,14 @@ def test_tiny_files_keep_the_count_based_default_partition_size(tmp_path, n, thr
     folder = _write_files(tmp_path / "tiny", n, 10)
     (folder / "empty").write_bytes(b"")
     n += 1
-    expected = min(256, math.ceil(n / (4 * threads)))
+    expected = min(PARTITION_SOURCES, math.ceil(n / (4 * threads)))
     for sources in (str(folder), [str(folder)]):
         partitions, _ = partition_sources(sources, None, None, threads, set())
         assert [len(p) for p in partitions][:-1] == [expected] * (len(partitions) - 1)
         assert sum(len(p) for p in partitions) == n
     partitions, _ = partition_sources(iter([str(folder)]), None, None, threads, set())
-    assert [len(p) for p in partitions] == [256] * (n // 256) + ([n % 256] if n % 256 else [])
+    cap = PARTITION_SOURCES
+    assert [len(p) for p in partitions] == [cap] * (n // cap) + ([n % cap] if n % cap else [])
 
 
 @pytest.mark.parametrize(("n", "threads"), [(64, 1), (100, 2), (5000, 1)])
@@ -710,10 +713,11 @@ def test_plain_ids_keep_the_count_based_default_partition_size(tmp_path, n, thre
     names = [str(tmp_path / f"missing-{i:05d}.png") for i in range(n)]
     partitions, _ = partition_sources(names, None, None, threads, set())
     assert [s.url for p in partitions for s in p.specs] == [None] * n
-    expected = min(256, math.ceil(n / (4 * threads)))
+    expected = min(PARTITION_SOURCES, math.ceil(n / (4 * threads)))
     assert [len(p) for p in partitions][:-1] == [expected] * (len(partitions) - 1)
     partitions, _ = partition_sources(iter(names), None, None, threads, set())
-    assert [len(p) for p in partitions] == [256] * (n // 256) + ([n % 256] if n % 256 else [])
+    cap = PARTITION_SOURCES
+    assert [len(p) for p in partitions] == [cap] * (n // cap) + ([n % cap] if n % cap else [])
 
 
 def test_duplicates_of_a_stream_in_other_partitions_fail_where_they_appear():
@@ -786,6 +790,8 @@ def test_a_large_stream_finds_exactly_its_duplicates():
     kept = [s.id for p in partitions for s in p.specs]
     assert kept == [f"source-{i:05d}" for i in range(20_000)]
     failed = [(p.index, f.id) for p in partitions for f in p.failures]
-    # Positions 9,001, 14,502 and 20,002 of the stream, in partitions of 256.
-    assert failed == [(35, "source-00003"), (56, "source-12000"), (78, "source-00000")]
+    # Positions 9,001, 14,502 and 20,002 of the stream, in partitions of the default size.
+    where = [(position // PARTITION_SOURCES, id_) for position, id_ in
+             [(9_001, "source-00003"), (14_502, "source-12000"), (20_002, "source-00000")]]  # fmt: skip
+    assert failed == where
     assert sum(len(p) for p in partitions) == 20_003
