@@ -294,21 +294,21 @@ class Column:
 
 def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
     """``group[name]``; read-only, local, unfiltered, with large chunks and the file's
-    default cache, it has no chunk cache.
+    default cache, a :class:`RowsDataset`: no chunk cache, rows read at their offsets.
 
     Then a read of a few rows reads those rows, not their whole chunk: with
     HDF5's default 1 MiB cache and 1 MiB chunks, each random row of a 64x64
     RGB image column cost about 60 us (its chunk read into the cache, then
-    evicted by the next); without, about 4 us. Compressed datasets keep the
-    file's cache (a chunk must be decompressed whole), and so does a file
-    open for writing.
+    evicted by the next); without, about 20 us through h5py, 3 us with
+    :meth:`RowsDataset.read_rows`. Compressed datasets keep the file's cache
+    (a chunk must be decompressed whole), and so does a file open for writing.
     """
     if group.file.mode != "r" or group.file.driver != "sec2" or _cache_set(group.file):
         return group[name]  # writing, a remote file, or a cache the caller chose: keep it
     # The cache is made when HDF5 first opens the dataset: open it without one, then check.
     access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
     access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
-    dataset = h5py.Dataset(h5py.h5d.open(group.id, name.encode(), access))
+    dataset = RowsDataset(h5py.h5d.open(group.id, name.encode(), access))
     chunks = dataset.chunks
     if (
         chunks is not None
@@ -318,6 +318,81 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
         return dataset
     dataset.id.close()  # small chunks (refs tables) gain from the cache: it holds many
     return group[name]
+
+
+class RowsDataset(h5py.Dataset):
+    """An unfiltered chunked dataset of a file open read-only, whose rows can be read
+    straight from the file: :meth:`read_rows`.
+
+    A chunk of a dataset without filters is its rows' bytes as they are in
+    memory, at the address HDF5's chunk index gives (``get_chunk_info``): a
+    row is ``os.preadv`` at that address plus its place in the chunk, into
+    the array being filled. That skips h5py's selection machinery, which cost
+    about 20 us a read; 64 random rows of 12 KB took 1.4 ms through h5py and
+    0.2 ms this way. Rows of chunks HDF5 never wrote, and datasets whose
+    chunks do not span whole rows, are read through h5py.
+    """
+
+    def read_rows(self, wanted: np.ndarray) -> np.ndarray:
+        """Rows ``wanted`` (sorted, unique, in range) as one array."""
+        if not self._direct():
+            return read_runs(self, wanted)
+        out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
+        per_chunk = self.chunks[0]
+        row_bytes = out.itemsize * math.prod(self.shape[1:])
+        fd = self.file.id.get_vfd_handle()
+        rows = wanted.tolist()
+        a = 0
+        while a < len(rows):  # a run of consecutive rows within one chunk, read at once
+            first = rows[a]
+            end = min(len(rows), a + per_chunk - first % per_chunk)
+            b = a + 1
+            while b < end and rows[b] == first + (b - a):
+                b += 1
+            address = self._address(first // per_chunk)
+            target = memoryview(out[a:b]).cast("B")
+            if address is None or os.preadv(
+                fd, [target], address + (first % per_chunk) * row_bytes
+            ) != len(target):
+                out[a:b] = self[first : first + b - a]
+            a = b
+        return out
+
+    def _direct(self) -> bool:
+        """Whether rows can be read at their offsets: chunks of whole rows, plain numbers in
+        this machine's byte order, no user block."""
+        known = getattr(self, "_direct_ok", None)
+        if known is None:
+            chunks = self.chunks
+            self._addresses: dict[int, int | None] = {}
+            known = self._direct_ok = bool(
+                chunks is not None
+                and tuple(chunks[1:]) == tuple(self.shape[1:])
+                and self.dtype.kind in "biuf"
+                and self.dtype.isnative
+                and self.file.userblock_size == 0
+                and isinstance(self.file.id.get_vfd_handle(), int)
+            )
+        return known
+
+    def _address(self, chunk: int) -> int | None:
+        addresses = self._addresses
+        if chunk not in addresses:
+            coord = (chunk * self.chunks[0],) + (0,) * (len(self.shape) - 1)
+            info = self.id.get_chunk_info_by_coord(coord)
+            addresses[chunk] = info.byte_offset if info.size else None
+        return addresses[chunk]
+
+
+def read_runs(dataset: h5py.Dataset, wanted: np.ndarray) -> np.ndarray:
+    """Rows ``wanted`` (sorted, unique) of ``dataset``, one h5py slice per run of consecutive
+    rows, into one array."""
+    out = np.empty((len(wanted), *dataset.shape[1:]), dtype=dataset.dtype)
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
+        start = int(wanted[a])
+        out[a:b] = dataset[start : start + b - a]
+    return out
 
 
 def _cache_set(f: h5py.File) -> bool:

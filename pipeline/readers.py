@@ -311,28 +311,41 @@ def close_file(f: h5py.File) -> None:
         raw.close()
 
 
+def absolute_rows(indices: Any, n: int) -> np.ndarray:
+    """``indices`` of ``n`` rows as non-negative int64 (negative ones count from the end);
+    ``IndexError`` for any out of range."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(indices) and (indices.min() < -n or indices.max() >= n):
+        bad = indices[(indices < -n) | (indices >= n)][0]
+        raise IndexError(f"row {int(bad)} out of range for {n} rows")
+    return np.where(indices < 0, indices + n, indices)
+
+
+# A batch's rows are read as one slice from the first to the last when that slice is at most
+# this big (refs, labels: a few bytes a row), else one slice per run of consecutive rows.
+SPAN_BYTES = 1 << 20
+
+
 def take_rows(data: Any, indices: Any) -> np.ndarray:
     """``data[indices]`` along axis 0, in the order asked, read as one slice per run of rows.
 
     h5py's fancy indexing (``data[[3, 70, 512]]``) builds an HDF5 union of
     hyperslabs, which cost about 40 ms for 64 rows of a chunked dataset here,
     and wants the rows sorted and unique; reading each run of consecutive rows
-    as a plain slice into one array cost about 1 ms. Any order and repeats are
-    fine; negative rows count from the end.
+    as a plain slice into one array cost about 0.4 ms, and small rows (refs,
+    labels) spanning at most ``SPAN_BYTES`` are read as one slice. Any order
+    and repeats are fine; negative rows count from the end.
     """
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    n = data.shape[0]
-    if len(indices) and (indices.min() < -n or indices.max() >= n):
-        bad = indices[(indices < -n) | (indices >= n)][0]
-        raise IndexError(f"row {int(bad)} out of range for {n} rows")
-    wanted, where = np.unique(np.where(indices < 0, indices + n, indices), return_inverse=True)
-    out = np.empty((len(wanted), *data.shape[1:]), dtype=data.dtype)
-    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
-        if b > a:
-            low = int(wanted[a])
-            out[a:b] = data[low : low + b - a]
-    return out[where]
+    wanted, where = np.unique(absolute_rows(indices, data.shape[0]), return_inverse=True)
+    if not len(wanted):
+        return np.empty((0, *data.shape[1:]), dtype=data.dtype)
+    low, high = int(wanted[0]), int(wanted[-1]) + 1
+    row_bytes = data.dtype.itemsize * math.prod(data.shape[1:])
+    if (high - low) * row_bytes <= max(SPAN_BYTES, 2 * len(wanted) * row_bytes):
+        return data[low:high][wanted[where] - low]
+    if isinstance(data, layout.RowsDataset):
+        return data.read_rows(wanted)[where]
+    return layout.read_runs(data, wanted)[where]
 
 
 @functools.cache

@@ -60,8 +60,8 @@ T = TypeVar("T", bound="TypedFile")
 
 # What pickling a bank leaves behind: the open file and what was read from it.
 _NOT_PICKLED = frozenset(
-    {"_file", "_pid", "_features", "_columns", "_refs_cache", "_ids", "_index", "_writer",
-     "summary"}
+    {"_file", "_pid", "_features", "_columns", "_refs_cache", "_dense", "_ids", "_index",
+     "_writer", "summary"}
 )  # fmt: skip
 
 # Set on every TypedFile instance; a feature of the same name would hide them.
@@ -212,6 +212,7 @@ class TypedFile:
         self._features = self._known_features()
         self._columns: dict[str, layout.Column] = {}
         self._refs_cache: dict[str, np.ndarray] = {}
+        self._dense: dict[str, bool] = {}
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
         self._writer: BankWriter | None = None
@@ -536,6 +537,23 @@ class TypedFile:
             cached = self._refs_cache[column.path] = (refs[order, 0], order, refs[order, 1])
         return cached
 
+    def _is_dense(self, column: layout.Column) -> bool:
+        """Whether source ``i``'s data is exactly row ``i`` of a one-row-a-source column (item,
+        category) for every source: a batch then reads its rows without the refs. Read once
+        (16 bytes a source), and forgotten when this bank writes."""
+        self._h5  # noqa: B018 (in a forked child: reopen first, which drops the caches)
+        dense = self._dense.get(column.path)
+        if dense is None:
+            dense = False
+            if column.storage in ("item", "category"):
+                refs = column.refs[:]
+                n = np.arange(len(refs) + 1, dtype=refs.dtype)
+                dense = len(refs) == column.data.shape[0] and bool(
+                    np.array_equal(refs[:, 0], n[:-1]) and np.array_equal(refs[:, 1], n[1:])
+                )
+            self._dense[column.path] = dense
+        return dense
+
     def _column(self, path: str) -> layout.Column | None:
         self._h5  # noqa: B018 (in a forked child: reopen first, which drops the cached columns)
         column = self._columns.get(path)
@@ -605,6 +623,7 @@ class TypedFile:
             raise
         finally:
             self._refs_cache.clear()
+            self._dense.clear()
             if layout.committed(self._h5) != len(self.ids):
                 self._ids = self._index = None  # a failed commit was rolled back
 
@@ -1215,7 +1234,10 @@ class FeatureProxy(_Proxy):
         column = self._require()
         if type(self.feature).from_stored is not Feature.from_stored:
             return None
-        refs = readers.take_rows(column.refs, np.asarray(rows, dtype=np.int64).reshape(-1))
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.bank._is_dense(column):
+            return readers.take_rows(column.data, rows)
+        refs = readers.take_rows(column.refs, rows)
         return None if (refs[:, 0] < 0).any() else self._stacked(column, refs)
 
     def get_rows(self, rows: Any) -> list[Any]:
@@ -1229,7 +1251,11 @@ class FeatureProxy(_Proxy):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if not len(rows):
             return []
-        refs = readers.take_rows(column.refs, rows)
+        if self.bank._is_dense(column):
+            starts = readers.absolute_rows(rows, column.refs.shape[0])
+            refs = np.stack([starts, starts + 1], axis=1)
+        else:
+            refs = readers.take_rows(column.refs, rows)
         missing = np.flatnonzero(refs[:, 0] < 0)
         if len(missing):
             source = self.bank.ids[int(rows[missing[0]])]
