@@ -135,7 +135,7 @@ class PackedColumn:
     lengths: list[int] = field(default_factory=list)
     data: Any = None
     shapes: list[tuple[int, ...]] | None = None
-    chunks: list[bytes] | None = None  # each entry's row compressed (layout.precompressed)
+    filtered: layout.FilteredRows | None = None  # each entry's row compressed (precompressed)
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _packed_bytes(packed: Packed) -> int:
     total = sizeof(packed.ids) + sizeof(packed.failures)
     for column in packed.columns.values():
         total += sizeof(column.data) + 16 * len(column.rows)
-        total += sum(len(chunk) for chunk in column.chunks or ())
+        total += sum(len(chunk) for chunk in column.filtered.chunks) if column.filtered else 0
     return total
 
 
@@ -411,13 +411,11 @@ def pack(
             column.data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         else:
             column.data = parts
-        gzip = None
         if isinstance(column.data, np.ndarray) and len(column.data):
             options = features[column.feature].dataset_options
-            gzip = layout.precompressed(column.storage, options, column.data[0].nbytes)
-        if gzip is not None:
-            # Compressed here, on every worker, not in the single writer.
-            column.chunks = [layout.compress_row(row, *gzip) for row in column.data]
+            if layout.precompressed(column.storage, options, column.data[0].nbytes):
+                # Compressed here, on every worker, not in the single writer.
+                column.filtered = layout.filter_rows(column.data, options)
     return Packed(index, ids, columns, failures)
 
 

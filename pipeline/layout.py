@@ -37,6 +37,8 @@ makes a killed build resumable.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -427,52 +429,101 @@ def iter_columns(f: h5py.File) -> Iterator[str]:
     yield from found
 
 
-def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> tuple[int, bool] | None:
-    """``(gzip level, shuffle)`` when a column's chunks are compressed by the decode tasks.
+def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> bool:
+    """Whether a column's chunks are filtered (compressed) by the decode tasks.
 
     That is an ``item`` column (one row per source) of rows of at least
-    :data:`PRECOMPRESSED_ROW_BYTES` whose only filters are gzip and optionally
-    shuffle, with chunks h5bank picks: its chunks are one row each, so each
-    source's row is a whole chunk a decode task compresses with zlib, in
-    parallel, and the writer stores with HDF5's direct chunk write. The bank
-    is a plain gzip dataset any HDF5 reader decompresses. Smaller rows keep
-    larger chunks (a chunk per 64-byte row doubled a file and made a scan 60x
-    slower) and are compressed by the writer.
+    :data:`PRECOMPRESSED_ROW_BYTES`, with a compression filter (gzip, lzf,
+    or any of hdf5plugin's: Zstd, Blosc, LZ4...) and chunks h5bank picks:
+    its chunks are one row each, so each source's row is a whole chunk, which
+    a decode task filters (:func:`filter_rows`) in parallel with the others
+    and the writer stores as it is (HDF5's direct chunk write). The bank is a
+    plain dataset with that filter, which any HDF5 reader with the filter
+    reads. Smaller rows keep larger chunks (a chunk per 64-byte row doubled a
+    file and made a scan 60x slower) and are compressed by the writer.
     """
-    if storage != "item" or options.get("chunks") not in (None, True):
-        return None
-    if row_bytes < PRECOMPRESSED_ROW_BYTES or options.get("compression") != "gzip":
-        return None
-    if options.get("fletcher32") or options.get("scaleoffset") is not None:
-        return None
-    level = options.get("compression_opts")
-    return (4 if level is None else int(level)), bool(options.get("shuffle"))
+    return (
+        storage == "item"
+        and options.get("chunks") in (None, True)
+        and row_bytes >= PRECOMPRESSED_ROW_BYTES
+        and options.get("compression") is not None
+    )
 
 
 # Rows at least this large are compressed by the decode tasks (see precompressed).
 PRECOMPRESSED_ROW_BYTES = 4096
 
 
-def compress_row(row: np.ndarray, level: int, shuffle: bool) -> bytes:
-    """One row as the chunk HDF5's shuffle and deflate filters would store."""
-    data = np.ascontiguousarray(row).view(np.uint8).reshape(-1)
-    size = row.dtype.itemsize
-    if shuffle and size > 1:
-        data = data.reshape(-1, size).T
-    return zlib.compress(data.tobytes(), level)
+@dataclass
+class FilteredRows:
+    """Rows as the chunks HDF5 stores for a dataset of one-row chunks: each row's bytes after
+    the filter ``pipeline`` (:func:`filter_pipeline`), and the mask of filters it skipped."""
+
+    pipeline: tuple[Any, ...]
+    chunks: list[bytes]
+    masks: list[int]
 
 
-def takes_direct_chunks(dataset: h5py.Dataset, level: int, shuffle: bool) -> bool:
-    """Whether ``dataset`` stores rows as :func:`compress_row` makes them (a bank made before
-    one-row chunks, or with other filters, is written through h5py instead)."""
-    return (
-        dataset.chunks == (1, *dataset.shape[1:])
-        and dataset.compression == "gzip"
-        and dataset.compression_opts == level
-        and bool(dataset.shuffle) == shuffle
-        and not dataset.fletcher32
-        and dataset.scaleoffset is None
-    )
+def filter_rows(rows: np.ndarray, options: dict[str, Any]) -> FilteredRows:
+    """Each of ``rows`` filtered as a one-row chunk of a column created with ``options``.
+
+    HDF5 does the filtering itself, in a file held in memory, with the
+    dataset options :func:`create_column` uses: every filter (and its
+    parameters, computed from the dtype and the chunk shape) is the one the
+    bank's column has, byte for byte. h5py lets one thread of a process into
+    HDF5 at a time, so gzip (with or without shuffle), which zlib does the
+    same way while letting other threads run, is done with zlib: a worker of
+    several threads compresses on all of them.
+    """
+    pipeline = _pipeline(rows.dtype.str, rows.shape[1:], _hashable(options))
+    filters = pipeline[2]
+    if [f[0] for f in filters] in ([_DEFLATE], [_SHUFFLE, _DEFLATE]):
+        level = filters[-1][2][0]
+        size = rows.dtype.itemsize if len(filters) == 2 else 1
+        flat = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1, size)
+        chunks = [zlib.compress(row.T.tobytes(), level) for row in flat]
+        return FilteredRows(pipeline, chunks, [0] * len(chunks))
+    with _memory_dataset(rows, options) as data:
+        zeros = (0,) * (rows.ndim - 1)
+        masks, chunks = [], []
+        for i in range(len(rows)):
+            mask, chunk = data.id.read_direct_chunk((i, *zeros))
+            masks.append(mask)
+            chunks.append(chunk)
+        return FilteredRows(pipeline, chunks, masks)
+
+
+_DEFLATE, _SHUFFLE = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE
+
+
+@contextlib.contextmanager
+def _memory_dataset(rows: np.ndarray, options: dict[str, Any]) -> Iterator[h5py.Dataset]:
+    """``rows`` in a dataset of one-row chunks made with ``options``, in a file in memory."""
+    options = {k: v for k, v in options.items() if k != "chunks"}
+    name = f"h5bank-filter-{uuid.uuid4().hex}"
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
+        yield f.create_dataset(
+            DATA, data=rows, maxshape=(None, *rows.shape[1:]), chunks=(1, *rows.shape[1:]),
+            **options,
+        )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline(dtype: str, row_shape: tuple[int, ...], options: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The :func:`filter_pipeline` of a column of such rows, from a one-row dataset in memory."""
+    with _memory_dataset(np.zeros((1, *row_shape), dtype), dict(options)) as data:
+        return filter_pipeline(data)
+
+
+def _hashable(options: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+def filter_pipeline(dataset: h5py.Dataset) -> tuple[Any, ...]:
+    """What decides a chunk's stored bytes: dtype, chunk shape, each filter and its values."""
+    plist = dataset.id.get_create_plist()
+    filters = tuple(plist.get_filter(i)[:3] for i in range(plist.get_nfilters()))
+    return (dataset.dtype.str, dataset.chunks, filters)
 
 
 def create_column(
@@ -506,7 +557,7 @@ def create_column(
         rows = max(1, target // row_bytes)
         if storage == "category":
             rows = TABLE_ROWS  # one code per source: chunk it like the other per-source tables
-        if precompressed(storage, options, sample[:1].nbytes) is not None:
+        if precompressed(storage, options, sample[:1].nbytes):
             rows = 1  # a chunk per source, compressed by the decode tasks
         chunks = (rows, *row_shape)
     data = group.create_dataset(

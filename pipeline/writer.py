@@ -390,19 +390,16 @@ class BankWriter:
     def _store_compressed(
         self, column: layout.Column, packed: PackedColumn, entries: list[int], start: int
     ) -> bool:
-        """Store the rows a decode task compressed as they are (HDF5 direct chunk writes), if
-        the dataset takes them; ``False`` to write ``data`` through h5py instead."""
-        if packed.chunks is None or packed.data.dtype != column.data.dtype:
-            return False  # rows of another type (float64 into a float32 column) are cast by h5py
-        gzip = layout.precompressed(
-            packed.storage, self.features[packed.feature].dataset_options, packed.data[0].nbytes
-        )
-        if gzip is None or not layout.takes_direct_chunks(column.data, *gzip):
+        """Store the rows a decode task filtered as they are (HDF5 direct chunk writes), if
+        the dataset's filters made them; ``False`` to write ``data`` through h5py instead
+        (a bank made before one-row chunks, rows of another dtype that h5py casts)."""
+        filtered = packed.filtered
+        if filtered is None or filtered.pipeline != layout.filter_pipeline(column.data):
             return False
         zeros = (0,) * (column.data.ndim - 1)
         write = column.data.id.write_direct_chunk
         for i, j in enumerate(entries):
-            write((start + i, *zeros), packed.chunks[j])
+            write((start + i, *zeros), filtered.chunks[j], filter_mask=filtered.masks[j])
         return True
 
     def _codes_for(self, key: str, packed: PackedColumn, entries: list[int]) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Compressed banks: the decode tasks compress each source's row (one chunk each) and the
-writer stores those chunks as they are; the bank stays a plain gzip dataset."""
+writer stores those chunks as they are; the bank stays a plain dataset with that filter
+(gzip, lzf, hdf5plugin's Zstd, Blosc...)."""
 
 from __future__ import annotations
 
-import zlib
-
 import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 from conftest import write_images
@@ -68,46 +68,127 @@ def test_shuffled_float_rows_round_trip(tmp_path, client):
 
 
 def test_the_writer_stores_the_chunks_the_decode_tasks_made(tmp_path, monkeypatch):
-    """The decode tasks here compress at level 9 while the dataset says 4: the stored chunk
+    """The decode tasks here compress at level 9 while the dataset says 5: the stored chunk
     is theirs (level 9), so the writer did not compress again."""
-    real = layout.compress_row
-    monkeypatch.setattr(layout, "compress_row", lambda row, level, shuffle: real(row, 9, shuffle))
+    real = layout.filter_rows
+
+    def level9(rows, options):
+        made = real(rows, options)
+        made.chunks = real(rows, {**options, "compression_opts": 9}).chunks
+        return made
+
+    monkeypatch.setattr(layout, "filter_rows", level9)
     Waves.create(tmp_path / "w.h5", ["w-3"], scheduler="threads", progress=False).close()
+    row = expected_wave(3)
+    options = Waves.__schema__["wave"].dataset_options
+    nine, five = (real(row[None], {**options, "compression_opts": c}).chunks[0] for c in (9, 5))
+    assert nine != five  # the test can tell them apart
     with h5py.File(tmp_path / "w.h5", "r") as f:
         data = f["wave/data"]
         _, stored = data.id.read_direct_chunk((0, 0, 0))
-        row = expected_wave(3)
-        assert real(row, 9, True) != real(row, 5, True)  # the test can tell them apart
-        assert stored == real(row, 9, True)
+        assert stored == nine
         np.testing.assert_array_equal(data[0], row)
 
 
-def test_compress_row_matches_hdf5s_own_filters(tmp_path):
-    row = expected_wave(7)
+FILTERS = {
+    "gzip": {"compression": "gzip", "compression_opts": 6},
+    "gzip+shuffle": {"compression": "gzip", "compression_opts": 6, "shuffle": True},
+    "gzip+fletcher32": {"compression": "gzip", "fletcher32": True},
+    "lzf": {"compression": "lzf"},
+    "zstd": dict(hdf5plugin.Zstd(clevel=3)),
+    "blosc": dict(hdf5plugin.Blosc(cname="lz4", shuffle=hdf5plugin.Blosc.SHUFFLE)),
+    "lz4": dict(hdf5plugin.LZ4()),
+}
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_filter_rows_makes_the_chunks_hdf5_stores(tmp_path, name):
+    """Whatever the filter, each row comes out as HDF5 writing the dataset itself stores it."""
+    rows = np.stack([expected_wave(k) for k in range(5)])
+    made = layout.filter_rows(rows, FILTERS[name])
     with h5py.File(tmp_path / "x.h5", "w") as f:
-        for shuffle in (False, True):
-            name = f"s{int(shuffle)}"
-            f.create_dataset(name, data=row[None], chunks=(1, 64, 32), compression="gzip",
-                             compression_opts=6, shuffle=shuffle)  # fmt: skip
-            _, stored = f[name].id.read_direct_chunk((0, 0, 0))
-            assert zlib.decompress(stored) == zlib.decompress(layout.compress_row(row, 6, shuffle))
+        data = f.create_dataset("x", data=rows, maxshape=(None, 64, 32), chunks=(1, 64, 32),
+                                **FILTERS[name])  # fmt: skip
+        assert made.pipeline == layout.filter_pipeline(data)
+        for k in range(5):
+            mask, stored = data.id.read_direct_chunk((k, 0, 0))
+            assert (made.masks[k], made.chunks[k]) == (mask, stored), k
+
+
+def test_filtered_rows_of_other_dtypes_and_filters_have_other_pipelines():
+    rows = np.stack([expected_wave(k) for k in range(2)])
+    pipelines = {
+        layout.filter_rows(rows, {"compression": "gzip", "compression_opts": 4}).pipeline,
+        layout.filter_rows(rows, {"compression": "gzip", "compression_opts": 5}).pipeline,
+        layout.filter_rows(rows, {"compression": "gzip", "shuffle": True}).pipeline,
+        layout.filter_rows(rows.astype(np.float64), {"compression": "gzip"}).pipeline,
+        layout.filter_rows(rows[:, :32], {"compression": "gzip"}).pipeline,
+        layout.filter_rows(rows, dict(hdf5plugin.Zstd())).pipeline,
+    }
+    assert len(pipelines) == 6
 
 
 @pytest.mark.parametrize(
     "options, taken",
     [
-        ({"compression": "gzip"}, (4, False)),
-        ({"compression": "gzip", "compression_opts": 9, "shuffle": True}, (9, True)),
-        ({"compression": "gzip", "chunks": (10, 4)}, None),  # the user's chunks are kept
-        ({"compression": "lzf"}, None),
-        ({"compression": "gzip", "fletcher32": True}, None),
-        ({}, None),
+        ({"compression": "gzip"}, True),
+        ({"compression": "gzip", "compression_opts": 9, "shuffle": True}, True),
+        ({"compression": "gzip", "chunks": (10, 4)}, False),  # the user's chunks are kept
+        ({"compression": "lzf"}, True),
+        ({"compression": "gzip", "fletcher32": True}, True),
+        (dict(hdf5plugin.Zstd()), True),
+        ({"shuffle": True}, False),  # nothing compresses
+        ({}, False),
     ],
 )
 def test_which_columns_the_decode_tasks_compress(options, taken):
-    assert layout.precompressed("item", options, 12288) == taken
-    assert layout.precompressed("rows", options, 12288) is None
-    assert layout.precompressed("item", options, 64) is None  # small rows keep larger chunks
+    assert layout.precompressed("item", options, 12288) is taken
+    assert layout.precompressed("rows", options, 12288) is False
+    assert layout.precompressed("item", options, 64) is False  # small rows keep larger chunks
+
+
+class Zstandard(TypedFile):
+    wave = Wave(compression=hdf5plugin.Zstd(clevel=5))
+
+
+class Blosced(TypedFile):
+    wave = Wave(compression=hdf5plugin.Blosc(cname="zstd", clevel=4))
+
+
+@pytest.mark.parametrize("bank_type", [Zstandard, Blosced])
+def test_hdf5plugin_banks_are_compressed_by_the_decode_tasks(tmp_path, client, bank_type):
+    """Built on worker processes; the chunks stored are those the decode tasks made (the
+    writer did not filter them), and a plain h5py with hdf5plugin reads the bank."""
+    ids = [f"w-{k}" for k in range(24)]
+    bank_type.create(tmp_path / "z.h5", ids, scheduler=client, partition_size=5,
+                     progress=False).close()  # fmt: skip
+    options = bank_type.__schema__["wave"].dataset_options
+    with h5py.File(tmp_path / "z.h5", "r") as f:
+        data = f["wave/data"]
+        assert data.chunks == (1, 64, 32)
+        order = [i.decode() for i in f["__sources__/id"][:]]
+        assert sorted(order) == sorted(ids)
+        for row, id_ in enumerate(order):
+            wave = expected_wave(int(id_.split("-")[1]))
+            np.testing.assert_array_equal(data[row], wave)
+            _, stored = data.id.read_direct_chunk((row, 0, 0))
+            assert stored == layout.filter_rows(wave[None], options).chunks[0]
+
+
+def test_the_writer_refuses_chunks_made_for_another_pipeline(tmp_path, monkeypatch):
+    """Chunks filtered otherwise than the column (here: level 1 for a level-5 column) are not
+    stored raw: h5py writes the rows, which HDF5 filters as the column says."""
+    real = layout.filter_rows
+    monkeypatch.setattr(
+        layout, "filter_rows", lambda rows, options: real(rows, {**options, "compression_opts": 1})
+    )
+    Waves.create(tmp_path / "w.h5", ["w-2"], scheduler="threads", progress=False).close()
+    row = expected_wave(2)
+    options = Waves.__schema__["wave"].dataset_options
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        _, stored = f["wave/data"].id.read_direct_chunk((0, 0, 0))
+        assert stored == real(row[None], options).chunks[0]
+        assert stored != real(row[None], {**options, "compression_opts": 1}).chunks[0]
 
 
 class SmallRow(Feature):
@@ -155,12 +236,14 @@ def test_rows_of_another_type_are_cast_not_stored_raw(tmp_path):
 
 
 def test_a_dataset_chunked_otherwise_is_written_through_h5py(tmp_path):
+    """A column of many rows a chunk (a bank made before one-row chunks) has another pipeline
+    than the decode tasks' rows: the writer writes those through h5py."""
+    rows = np.stack([expected_wave(k) for k in range(3)])
+    made = layout.filter_rows(rows, {"compression": "gzip"})
     with h5py.File(tmp_path / "x.h5", "w") as f:
-        old = f.create_dataset("old", shape=(0, 4), dtype="f4", maxshape=(None, 4), chunks=(85, 4),
-                               compression="gzip", compression_opts=4)  # fmt: skip
-        new = f.create_dataset("new", shape=(0, 4), dtype="f4", maxshape=(None, 4), chunks=(1, 4),
-                               compression="gzip", compression_opts=4)  # fmt: skip
-        assert not layout.takes_direct_chunks(old, 4, False)
-        assert layout.takes_direct_chunks(new, 4, False)
-        assert not layout.takes_direct_chunks(new, 5, False)
-        assert not layout.takes_direct_chunks(new, 4, True)
+        old = f.create_dataset("old", shape=(0, 64, 32), dtype="f4", maxshape=(None, 64, 32),
+                               chunks=(85, 64, 32), compression="gzip")  # fmt: skip
+        new = f.create_dataset("new", shape=(0, 64, 32), dtype="f4", maxshape=(None, 64, 32),
+                               chunks=(1, 64, 32), compression="gzip")  # fmt: skip
+        assert layout.filter_pipeline(old) != made.pipeline
+        assert layout.filter_pipeline(new) == made.pipeline
