@@ -14,6 +14,7 @@ records, so the writer chain always runs and can close its file.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import posixpath
 import zlib
@@ -414,8 +415,10 @@ def pack(
         if isinstance(column.data, np.ndarray) and len(column.data):
             options = features[column.feature].dataset_options
             if layout.precompressed(column.storage, options, column.data[0].nbytes):
-                # Compressed here, on every worker, not in the single writer.
-                column.filtered = layout.filter_rows(column.data, options)
+                # Compressed here, on every worker, not in the single writer. Only a speed-up:
+                # if it fails (a filter this worker lacks), the writer filters the rows.
+                with contextlib.suppress(Exception):
+                    column.filtered = layout.filter_rows(column.data, options)
     return Packed(index, ids, columns, failures)
 
 

@@ -374,6 +374,7 @@ class RowsDataset(h5py.Dataset):
                 and self.dtype.isnative
                 and self.file.userblock_size == 0
                 and isinstance(self.file.id.get_vfd_handle(), int)
+                and hasattr(os, "preadv")
             )
         return known
 
@@ -499,6 +500,9 @@ _DEFLATE, _SHUFFLE = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE
 @contextlib.contextmanager
 def _memory_dataset(rows: np.ndarray, options: dict[str, Any]) -> Iterator[h5py.Dataset]:
     """``rows`` in a dataset of one-row chunks made with ``options``, in a file in memory."""
+    from pipeline.readers import register_plugin_filters
+
+    register_plugin_filters()  # a decode worker may never have opened a bank
     options = {k: v for k, v in options.items() if k != "chunks"}
     name = f"h5bank-filter-{uuid.uuid4().hex}"
     with h5py.File(name, "w", driver="core", backing_store=False) as f:

@@ -401,23 +401,33 @@ def _fetch_group(fs: Any, members: list[tuple[Source, str]], settings: Mapping[s
 def _read_local(path: str) -> bytes:
     """A local file's bytes, read directly (fsspec's local layer cost 10 us more a file).
 
-    It is opened without blocking and checked to be a regular file first:
-    reading a FIFO would wait for a writer for ever.
+    Only a regular file is opened (opening a FIFO, a socket or a device can
+    block, or act on it), and it is opened without blocking and checked again,
+    in case it was replaced in between; the read itself blocks as usual.
     """
+    _regular(os.stat(path).st_mode, path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(mode):
-            kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
-            kind = next((name for test, name in kinds if test(mode)), "not a file")
-            raise OSError(errno.EINVAL, f"it is not a regular file but {kind}")
+        _regular(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as file:
-            return file.read()
+            data = file.read()
+        if data is None:  # pragma: no cover (a file system that ignores blocking mode)
+            raise OSError(errno.EAGAIN, "the file system had no data to give yet")
+        return data
     finally:
         os.close(fd)
+
+
+def _regular(mode: int, path: str) -> None:
+    """Raise unless ``mode`` is a regular file's (a directory: the error says it is one)."""
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+        kind = next((name for test, name in kinds if test(mode)), "not a file")
+        raise OSError(errno.EINVAL, f"it is not a regular file but {kind}")
 
 
 def _fetch_once(fs: Any, members: list[tuple[Source, str]]) -> dict[Source, BaseException]:

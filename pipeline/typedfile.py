@@ -545,12 +545,18 @@ class TypedFile:
         dense = self._dense.get(column.path)
         if dense is None:
             dense = False
-            if column.storage in ("item", "category"):
-                refs = column.refs[:]
-                n = np.arange(len(refs) + 1, dtype=refs.dtype)
-                dense = len(refs) == column.data.shape[0] and bool(
-                    np.array_equal(refs[:, 0], n[:-1]) and np.array_equal(refs[:, 1], n[1:])
-                )
+            n = column.refs.shape[0]
+            if column.storage in ("item", "category") and n == column.data.shape[0]:
+                dense = True
+                for start in range(0, n, 1 << 20):  # in blocks: 16 MB at most held at once
+                    refs = column.refs[start : start + (1 << 20)]
+                    rows = np.arange(start, start + len(refs) + 1, dtype=refs.dtype)
+                    if not (
+                        np.array_equal(refs[:, 0], rows[:-1])
+                        and np.array_equal(refs[:, 1], rows[1:])
+                    ):
+                        dense = False
+                        break
             self._dense[column.path] = dense
         return dense
 

@@ -247,3 +247,20 @@ def test_a_dataset_chunked_otherwise_is_written_through_h5py(tmp_path):
                                chunks=(1, 64, 32), compression="gzip")  # fmt: skip
         assert layout.filter_pipeline(old) != made.pipeline
         assert layout.filter_pipeline(new) == made.pipeline
+
+
+def test_rows_the_decode_tasks_cannot_filter_are_filtered_by_the_writer(tmp_path, monkeypatch):
+    """Filtering in the decode tasks is only a speed-up: when it fails there (a filter a worker
+    lacks), the build goes on and the writer filters the rows through h5py."""
+
+    def broken(rows, options):
+        raise ValueError("Unknown compression filter number: 32015")
+
+    monkeypatch.setattr(layout, "filter_rows", broken)
+    ids = [f"w-{k}" for k in range(6)]
+    with Waves.create(tmp_path / "w.h5", ids, scheduler="threads", progress=False) as bank:
+        assert bank.summary.ok == 6 and not bank.failures()
+        for id_ in ids:
+            np.testing.assert_array_equal(bank.wave.get(id_), expected_wave(int(id_[2:])))
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        assert f["wave/data"].compression == "gzip" and f["wave/data"].chunks == (1, 64, 32)
