@@ -168,8 +168,11 @@ class Graph:
     the writer chain stays pinned).
     """
 
-    def __init__(self, token: str, writer: str | None) -> None:
+    def __init__(self, token: str, writer: str | None, decoders: list[str] | None = None) -> None:
         self.token = token
+        self.schedule = (
+            _decode_schedule(decoders, writer) if decoders and writer is not None else []
+        )
         self.name = f"h5bank-build-{token}"
         self.tasks: dict[str, Any] = {}
         self.context = dask.get_annotations()
@@ -180,13 +183,15 @@ class Graph:
         }
         self._pinned = [writer] if writer is not None else None
 
-    def add(self, task: Task, pinned: bool = False, worker: str | None = None) -> TaskRef:
-        """Add ``task``; ``pinned`` to the writer's worker (if any), or placed on ``worker``."""
+    def add(self, task: Task, pinned: bool = False, place: int | None = None) -> TaskRef:
+        """Add ``task``: ``pinned`` to the writer's worker (if any), or, as the ``place``-th
+        task spread over the cluster, on the worker the decode schedule names (if any)."""
         self.tasks[task.key] = task
         if pinned and self._pinned is not None:
             self._annotate(task.key, workers=self._pinned, allow_other_workers=False)
             self._annotate(task.key, priority=WRITER_PRIORITY)
-        elif worker is not None and "workers" not in self.context:
+        elif place is not None and self.schedule and "workers" not in self.context:
+            worker = self.schedule[place % len(self.schedule)]
             self._annotate(task.key, workers=[worker], allow_other_workers=True)
         return TaskRef(task.key)
 
@@ -473,7 +478,6 @@ def build_graph(
 
     options = dict(storage_options or {})
     fetch_settings = config.section("fetch")
-    schedule = _decode_schedule(decoders, writer) if decoders and writer is not None else []
 
     def decode(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
         return graph.add(
@@ -481,10 +485,11 @@ def build_graph(
                 f"h5bank-decode-{k}-{token}", decode_partition, partitions[k], graph.constant("features", dict(features)),
                 dict(bases), options, after, fetch_settings,
             ),
-            worker=schedule[k % len(schedule)] if schedule else None,
+            place=k,
         )  # fmt: skip
 
-    return writer_chain(plan, writer, [len(p) for p in partitions], window, decode, write_partition)
+    sizes = [len(p) for p in partitions]
+    return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
 
 
 def _decode_schedule(decoders: list[str], writer: str) -> list[str]:
@@ -510,6 +515,7 @@ def _plan(**fields: Any) -> BuildPlan:
 def writer_chain(
     plan: BuildPlan,
     writer: str | None,
+    decoders: list[str] | None,
     sizes: list[int],
     window: int | None,
     produce: Any,
@@ -520,10 +526,12 @@ def writer_chain(
     ``produce(k, graph, after)`` adds to ``graph`` (a :class:`Graph`) the
     tasks whose result the ``k``-th link writes, and returns a reference to
     it (``after`` is link ``k - window``, for back-pressure, or ``None``
-    without a window). Open, the links and finalize are pinned to ``writer``.
+    without a window); a task it adds with ``place=k`` goes where the decode
+    schedule over ``decoders`` says. Open, the links and finalize are pinned
+    to ``writer``.
     """
     token = plan.token
-    graph = Graph(token, writer)
+    graph = Graph(token, writer, decoders)
     plan_ref = graph.constant("plan", plan)
     state = graph.add(Task(f"h5bank-open-{token}", open_build, plan_ref), pinned=True)
     writes: list[TaskRef] = []
@@ -593,7 +601,6 @@ def map_graph(
         skipped=skipped,
         pinned=writer is not None,
     )
-    schedule = _decode_schedule(decoders, writer) if decoders and writer is not None else []
 
     def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
         opened = TaskRef(f"h5bank-open-{token}")
@@ -609,8 +616,8 @@ def map_graph(
                 f"h5bank-map-{k}-{token}", map_partition, graph.constant("function", func), columns,
                 records, output, feature, k,
             ),
-            worker=schedule[k % len(schedule)] if schedule else None,
+            place=k,
         )  # fmt: skip
 
     sizes = [len(p) for p in partitions]
-    return writer_chain(plan, writer, sizes, window, read_and_map, attach_partition)
+    return writer_chain(plan, writer, decoders, sizes, window, read_and_map, attach_partition)
