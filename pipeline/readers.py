@@ -311,13 +311,13 @@ def close_file(f: h5py.File) -> None:
         raw.close()
 
 
-def absolute_rows(indices: Any, n: int) -> np.ndarray:
-    """``indices`` of ``n`` rows as non-negative int64 (negative ones count from the end);
-    ``IndexError`` for any out of range."""
+def absolute_rows(indices: Any, n: int, unit: str = "row") -> np.ndarray:
+    """``indices`` of ``n`` rows (or items, ``unit``) as non-negative int64 (negative ones
+    count from the end); ``IndexError`` naming the first one out of range."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(indices) and (indices.min() < -n or indices.max() >= n):
         bad = indices[(indices < -n) | (indices >= n)][0]
-        raise IndexError(f"row {int(bad)} out of range for {n} rows")
+        raise IndexError(f"{unit} {int(bad)} out of range for {n} {unit}s")
     return np.where(indices < 0, indices + n, indices)
 
 

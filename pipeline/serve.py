@@ -269,12 +269,7 @@ class BankDataset:
         return self._length
 
     def _check(self, asked: np.ndarray) -> np.ndarray:
-        n = self._length
-        indices = np.where(asked < 0, asked + n, asked)
-        bad = (indices < 0) | (indices >= n)
-        if bad.any():
-            raise IndexError(f"item {int(asked[bad][0])} out of range for {n} items")
-        return indices
+        return readers.absolute_rows(asked, self._length, "item")
 
     def __getitem__(self, index: Any) -> Any:
         """Item ``index``; or, for a list of indices, the whole batch collated (see :meth:`batch`)."""
