@@ -12,18 +12,24 @@
 
 Dask's multiprocessing scheduler (``"processes"``) is refused: it runs each
 task in whichever process is free, and a bank has exactly one writer process.
+
+The embedded cluster's worker processes do not import the user's ``__main__``
+(see :class:`_SpawnWithoutMain`), so a script with no
+``if __name__ == "__main__":`` guard builds on it like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing.spawn
 import os
 import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -55,11 +61,12 @@ class Runner:
     client: Any = None
     local: str | None = None
     expected_threads: int = 0
+    num_workers: int | None = None  # the threaded scheduler's threads (None: one per core)
 
     @property
     def threads(self) -> int:
         if self.client is None:
-            return 1 if self.local == "sync" else (os.cpu_count() or 1)
+            return 1 if self.local == "sync" else (self.num_workers or os.cpu_count() or 1)
         present = sum(w.get("nthreads", 1) for w in _workers(self.client).values())
         return max(present, self.expected_threads) or 1
 
@@ -139,7 +146,7 @@ class Runner:
             if self.client is None:
                 by_key = {part.key: size for part, size in zip(parts, sizes, strict=True)}
                 with _progress(by_key, bar):
-                    return list(dask.compute(*parts, scheduler=self.local))
+                    return list(dask.compute(*parts, **self._local_options()))
             from distributed import as_completed
 
             futures = self.client.compute(parts)
@@ -154,10 +161,16 @@ class Runner:
                 self.client.cancel(futures)
                 raise
 
+    def _local_options(self) -> dict[str, Any]:
+        """``dask.compute`` keywords for the local scheduler."""
+        if self.local == "threads" and self.num_workers:
+            return {"scheduler": self.local, "num_workers": self.num_workers}
+        return {"scheduler": self.local}
+
     def _run_local(self, build: Build, bar: Any) -> BuildSummary:
         try:
             with _progress(dict(zip(build.write_keys, build.partitions, strict=True)), bar):
-                (summary,) = dask.compute(build, scheduler=self.local)
+                (summary,) = dask.compute(build, **self._local_options())
         except BaseException:
             abort_build(build.token)
             raise
@@ -287,13 +300,63 @@ def placement(scheduler: Any = None) -> tuple[str | None, int, list[str] | None]
         return runner.writer_worker(), runner.threads, runner.decode_workers()
 
 
+# h5mapper's create(parallelism=...): its three kinds of parallelism, as h5bank schedulers.
+PARALLELISM = {"mp": "local", "threads": "threads", "none": "sync"}
+
+
+def scheduler_for(
+    scheduler: Any = None, parallelism: str | None = None, n_workers: int | None = None
+) -> Any:
+    """The ``scheduler`` that h5mapper's ``parallelism`` and ``n_workers`` arguments ask for.
+
+    ``parallelism`` is ``"mp"`` (the embedded local cluster of worker
+    processes), ``"threads"`` or ``"none"`` (one thread, in this process).
+    ``n_workers`` sizes what h5bank starts (the local cluster's worker
+    processes, or the threads); it cannot resize a cluster that is already
+    running, so with a client or an address it is refused, saying what to
+    write instead.
+    """
+    if parallelism is not None:
+        if parallelism not in PARALLELISM:
+            raise ValueError(
+                f"parallelism must be one of {sorted(PARALLELISM)} (h5mapper's), got "
+                f"{parallelism!r}; or give h5bank's scheduler= ('local', 'threads', 'sync', a "
+                "distributed Client, a scheduler address, 'slurm')"
+            )
+        if scheduler is not None and scheduler != PARALLELISM[parallelism]:
+            raise ValueError(
+                f"give scheduler= or parallelism=, not both (parallelism={parallelism!r} is "
+                f"scheduler={PARALLELISM[parallelism]!r})"
+            )
+        scheduler = PARALLELISM[parallelism]
+    if n_workers is None:
+        return scheduler
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be a whole number >= 1, got {n_workers!r}")
+    where = scheduler
+    if where is None:
+        where = _default_client() or config.get("build.scheduler") or "local"
+    if where in ("local", *LOCAL):  # one thread ("sync") has nothing to size: accepted
+        return where
+    shown = getattr(where, "scheduler", None) and getattr(where.scheduler, "address", None)
+    raise ValueError(
+        f"n_workers={n_workers} sizes a cluster h5bank starts (the embedded local cluster, or "
+        f"the threads of scheduler='threads'), but this build runs on "
+        f"{shown or where!r}, which is sized where it was started. Leave n_workers out, or "
+        f"pass scheduler='local' to build on a local cluster of {n_workers} workers"
+    )
+
+
 @contextlib.contextmanager
-def runner_for(scheduler: Any = None, progress: bool = False) -> Iterator[Runner]:
+def runner_for(
+    scheduler: Any = None, progress: bool = False, n_workers: int | None = None
+) -> Iterator[Runner]:
     """A :class:`Runner` for ``scheduler`` (see the module table); closes what it opened.
 
     With ``progress``, says on stderr what it starts: the Slurm jobs and when
     their first worker connected, or the size of a local cluster fitted to a
-    Slurm allocation.
+    Slurm allocation. ``n_workers`` sizes the local cluster or the threads it
+    starts (see :func:`scheduler_for`).
     """
     if scheduler is None:
         current = _default_client()
@@ -302,7 +365,7 @@ def runner_for(scheduler: Any = None, progress: bool = False) -> Iterator[Runner
             return
         scheduler = config.get("build.scheduler") or "local"
     if isinstance(scheduler, str) and scheduler in LOCAL:
-        yield Runner(local=LOCAL[scheduler])
+        yield Runner(local=LOCAL[scheduler], num_workers=n_workers)
         return
     if scheduler in ("processes", "multiprocessing"):
         raise SchedulerError(
@@ -315,7 +378,7 @@ def runner_for(scheduler: Any = None, progress: bool = False) -> Iterator[Runner
         yield Runner(client=scheduler)
         return
     if scheduler == "local":
-        with _local_cluster(progress) as cluster, _closing(Client(cluster)) as client:
+        with _local_cluster(progress, n_workers) as cluster, _closing(Client(cluster)) as client:
             yield Runner(client=client)
         return
     if scheduler == "slurm":
@@ -427,8 +490,9 @@ class LocalSize:
         return text
 
 
-def local_cluster_size() -> LocalSize:
-    """The embedded cluster's size: ``h5bank.local-cluster``, else this machine or Slurm job.
+def local_cluster_size(n_workers: int | None = None) -> LocalSize:
+    """The embedded cluster's size: ``n_workers``, else ``h5bank.local-cluster``, else this
+    machine or Slurm job.
 
     Inside a Slurm job it is sized to the job's allocation: Slurm may not
     confine the job to it, and a cluster the size of the whole node would
@@ -439,7 +503,7 @@ def local_cluster_size() -> LocalSize:
     allocation = slurm_allocation()
     threads = int(settings.get("threads-per-worker") or 1)
     cpus = (allocation and allocation.cpus) or os.cpu_count() or 1
-    n_workers = int(settings.get("n-workers") or max(1, cpus // threads))
+    n_workers = int(n_workers or settings.get("n-workers") or max(1, cpus // threads))
     memory = settings.get("memory-limit", "auto")
     local_directory = settings.get("local-directory")
     if allocation is not None:
@@ -449,26 +513,112 @@ def local_cluster_size() -> LocalSize:
     return LocalSize(n_workers, memory, local_directory, allocation)
 
 
+class _SpawnWithoutMain:
+    """Worker processes of h5bank's local clusters that do not import the user's ``__main__``.
+
+    Dask's nannies start worker processes with ``multiprocessing``'s
+    ``spawn``, which runs the parent's main script again in each child (as
+    ``__mp_main__``) before the worker starts. A script without an ``if
+    __name__ == "__main__":`` guard (the first one most people write) would
+    then build a bank again in every worker, start a cluster there, and fail
+    with 300 lines ending in ``Nanny failed to start``. Dask's answer is the
+    guard; h5bank's embedded cluster needs none: while one of its clusters is
+    open, the preparation data that ``spawn`` (and ``forkserver``) send to a
+    *Dask worker process* leave out the main module. Everything else is sent
+    as before: ``sys.path`` (the script's folder included, so its sibling
+    modules import), the working directory, the process name.
+
+    What a worker then lacks is only the objects defined in the script; Dask
+    pickles those by value (cloudpickle), so a feature class or a function
+    written in the script still reaches the workers. Worker processes of
+    other clusters are left alone, unless they start while an h5bank
+    cluster is open (and then only their copy of ``__main__`` is skipped).
+    """
+
+    _open = 0
+    _lock = threading.Lock()
+    _original: Any = None
+    # What distributed's Nanny names the process it starts (distributed.nanny.WorkerProcess).
+    PROCESS_NAME = "Dask Worker process"
+
+    @classmethod
+    def _preparation_data(cls, name: str) -> dict[str, Any]:
+        data = cls._original(name)
+        if cls._open and str(name).startswith(cls.PROCESS_NAME):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    @classmethod
+    @contextlib.contextmanager
+    def active(cls) -> Iterator[None]:
+        with cls._lock:
+            if cls._original is None:
+                cls._original = multiprocessing.spawn.get_preparation_data
+                multiprocessing.spawn.get_preparation_data = cls._preparation_data
+            cls._open += 1
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._open -= 1
+
+
 @contextlib.contextmanager
-def _local_cluster(progress: bool = False) -> Iterator[Any]:
-    """The embedded default: a ``LocalCluster`` of worker processes (:func:`local_cluster_size`)."""
+def _local_cluster(progress: bool = False, n_workers: int | None = None) -> Iterator[Any]:
+    """The embedded default: a ``LocalCluster`` of worker processes (:func:`local_cluster_size`),
+    which do not import the user's ``__main__`` (:class:`_SpawnWithoutMain`)."""
     from distributed import LocalCluster
 
     settings = config.section("local-cluster")
-    size = local_cluster_size()
+    size = local_cluster_size(n_workers)
     if size.allocation is not None:
         _say(progress, f"starting {size}")
-    cluster = LocalCluster(
-        n_workers=size.n_workers,
-        threads_per_worker=settings.get("threads-per-worker") or 1,
-        processes=True,
-        memory_limit=size.memory,
-        dashboard_address=settings.get("dashboard-address", ":0"),
-        local_directory=size.local_directory,
-        silence_logs=logging.CRITICAL,  # task errors reach the caller as exceptions
-    )
-    with _closing(cluster):
-        yield cluster
+    with _SpawnWithoutMain.active():
+        try:
+            cluster = LocalCluster(
+                n_workers=size.n_workers,
+                threads_per_worker=settings.get("threads-per-worker") or 1,
+                processes=True,
+                memory_limit=size.memory,
+                dashboard_address=settings.get("dashboard-address", ":0"),
+                local_directory=size.local_directory,
+                silence_logs=logging.CRITICAL,  # task errors reach the caller as exceptions
+            )
+        except Exception as error:
+            while error.__cause__ is not None:  # the innermost reason (Dask wraps it twice)
+                error = error.__cause__  # type: ignore[assignment]
+            raise SchedulerError(
+                f"the embedded local cluster could not start its {size.n_workers} worker "
+                f"processes ({type(error).__name__}: {error}). Build in this process instead "
+                "(scheduler='threads'), or start a Dask cluster yourself and pass its Client"
+            ) from None  # Dask's internal traceback says nothing more to a user
+        with _closing(cluster):
+            yield cluster
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int | None = None, progress: bool = False) -> Iterator[Any]:
+    """h5bank's embedded local cluster, kept open for several calls; yields its ``Client``.
+
+    ::
+
+        with local_cluster() as client:       # one cluster for everything below
+            bank = Photos.create("photos.h5", "photos/")
+            bank.map(summarise, inputs="images")
+            mean = bank.images.to_dask().mean(axis=0).compute()
+
+    Inside the block the client is Dask's default, so ``create``, ``map`` and
+    ``.compute()`` all run on it instead of each starting (and closing) a
+    cluster of its own. Like the embedded default, and unlike ``Client()``, it
+    works in a script without an ``if __name__ == "__main__":`` guard. Sized
+    by ``n_workers``, else ``h5bank.local-cluster`` (one worker process per
+    core, or fitted to a Slurm job's allocation); closed at the end.
+    """
+    from distributed import Client
+
+    with _local_cluster(progress, n_workers) as cluster, _closing(Client(cluster)) as client:
+        yield client
 
 
 @contextlib.contextmanager
