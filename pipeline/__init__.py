@@ -1,8 +1,12 @@
 """h5bank: many small raw files into one HDF5 bank, built with Dask, read back fast.
 
 The public API: :class:`TypedFile` (a bank type is a subclass of it) and
-:class:`Group`; features live in the ``features`` package; serving to PyTorch
-with :class:`Input` / :class:`Target` batch specs is in :mod:`pipeline.serve`.
+:class:`Group`; the features (``Image``, ``Sound``, ``Array``, ``DirLabels``,
+``String``, ``Bytes`` and the ``Feature`` base class) live in the ``features``
+package and are re-exported here, so code written for h5mapper runs with one
+import changed (``import pipeline as h5m``); serving to PyTorch with
+:class:`Input` / :class:`Target` batch specs is in :mod:`pipeline.serve`;
+:func:`local_cluster` keeps the embedded Dask cluster open for several calls.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -12,6 +16,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
+from features import Array, Bytes, DirLabels, Feature, Image, Sound, String
 from pipeline import config
 from pipeline.errors import (
     BankBusyError,
@@ -38,15 +43,19 @@ from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
 from pipeline.writer import BuildSummary
 
 __all__ = [
+    "Array",
     "AsSlice",
     "BankBusyError",
     "BankChangedError",
     "BankDataset",
     "BuildInProgressError",
     "BuildSummary",
+    "Bytes",
     "ConfigError",
+    "DirLabels",
     "DiskFullError",
     "DuplicateIdError",
+    "Feature",
     "FeatureProxy",
     "FeatureTypeError",
     "FormatVersionError",
@@ -56,13 +65,16 @@ __all__ = [
     "Group",
     "GroupProxy",
     "H5BankError",
+    "Image",
     "Input",
     "NotABankError",
     "ReadOnlyError",
     "RefsView",
     "SchedulerError",
     "SchemaError",
+    "Sound",
     "SourceError",
+    "String",
     "Target",
     "TypedFile",
     "UnknownIdError",
@@ -70,5 +82,16 @@ __all__ = [
     "WriterError",
     "__version__",
     "config",
+    "local_cluster",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # local_cluster lives with the schedulers (pipeline.cluster), imported on first use:
+    # importing pipeline stays cheap (no tqdm, no graph code).
+    if name == "local_cluster":
+        from pipeline.cluster import local_cluster
+
+        return local_cluster
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

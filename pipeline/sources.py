@@ -325,6 +325,22 @@ class Source:
         """A binary file object over the source's bytes."""
         return io.BytesIO(self.read())
 
+    def __fspath__(self) -> str:
+        """The local file's path, for ``load`` code written for h5mapper, which got a path:
+        ``open(source)``, ``soundfile.read(source)``, ``imageio.v3.imread(source)``.
+
+        A URL or a plain id has no local path: ``TypeError`` says to use
+        :meth:`read` or :meth:`open`, which work for every source (and share
+        one fetch between features).
+        """
+        if self.url is None or is_url(self.url):
+            where = f"the URL {redact(self.url)}" if self.url else "a plain id (no file)"
+            raise TypeError(
+                f"source {redact(self.id)!r} is {where}, not a local file, so it has no path: "
+                "read it with source.read() (bytes) or source.open() (a file object)"
+            )
+        return self.url
+
     def __repr__(self) -> str:
         return f"Source(id={self.id!r}, url={redact(self.url) if self.url else None!r})"
 

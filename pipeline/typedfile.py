@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -61,8 +62,12 @@ T = TypeVar("T", bound="TypedFile")
 # What pickling a bank leaves behind: the open file and what was read from it.
 _NOT_PICKLED = frozenset(
     {"_file", "_pid", "_features", "_columns", "_refs_cache", "_dense", "_ids", "_index",
-     "_writer", "summary"}
+     "_writer", "summary", "_evicted", "_writable"}
 )  # fmt: skip
+
+# Every bank object of this process, so one opening a file for writing can close the
+# read-only handles the others hold on it (HDF5 refuses a writer while they are open).
+_LIVE: weakref.WeakSet[TypedFile] = weakref.WeakSet()
 
 # Set on every TypedFile instance; a feature of the same name would hide them.
 _INSTANCE_ATTRIBUTES = frozenset({"path", "mode", "summary"})
@@ -79,6 +84,10 @@ class TypedFile:
         ``"r"`` (read only, the default), ``"r+"`` (read and write an existing
         bank) or ``"a"`` (read and write, creating an empty bank if the file is
         missing). Use :meth:`create` to build a bank from sources.
+    keep_open
+        Accepted for h5mapper code, and changes nothing: h5bank keeps a bank's
+        file open from opening to :meth:`close` (h5mapper reopened it for every
+        access unless ``keep_open=True``).
     storage_options
         fsspec options when ``path`` is a URL (``s3://...``, ``https://...``):
         the bank then opens read-only through fsspec, reading its metadata in
@@ -104,6 +113,7 @@ class TypedFile:
         self,
         path: str | os.PathLike[str],
         mode: str = "r",
+        keep_open: bool | None = None,
         *,
         storage_options: Mapping[str, Any] | None = None,
         **h5py_options: Any,
@@ -115,6 +125,8 @@ class TypedFile:
             )
         self.path = os.fspath(path)
         self.mode = mode
+        self._evicted = False  # another bank object of this process took the file for writing
+        self._writable = mode != "r"  # create() makes its bank writable on demand
         self.summary: BuildSummary | None = None
         self.remote = is_url(self.path)
         self._storage_options = config.storage_options(storage_options)
@@ -163,6 +175,9 @@ class TypedFile:
         """
         if self._pid != os.getpid():
             self._adopt()
+        elif self._evicted:  # closed for another object of this process that writes the file
+            self._evicted = False
+            self._reopen()
         return self._file
 
     @_h5.setter
@@ -203,12 +218,14 @@ class TypedFile:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.mode, self.summary = "r", None
+        self._evicted = self._writable = False
         self._h5 = self._open()
         self._check_file()
         self._forget()
 
     def _forget(self) -> None:
         """Drop everything read from the file (it was reopened, or changed under us)."""
+        _LIVE.add(self)
         self._features = self._known_features()
         self._columns: dict[str, layout.Column] = {}
         self._refs_cache: dict[str, np.ndarray] = {}
@@ -261,8 +278,11 @@ class TypedFile:
         *,
         storage_options: Mapping[str, Any] | None = None,
         max_pending: int | None = None,
+        n_workers: int | None = None,
+        parallelism: str | None = None,
+        keep_open: bool | None = None,
     ) -> T:
-        """Build a bank from ``sources`` and return it opened for reading.
+        """Build a bank from ``sources`` and return it, open for reading and writable on demand.
 
         Parameters
         ----------
@@ -294,19 +314,36 @@ class TypedFile:
             Decoded partitions allowed to wait for the writer (config
             ``h5bank.build.max-pending``; default: 2 x threads, none on a
             cluster still growing; see :mod:`pipeline.graph`).
-        """
-        from pipeline.cluster import runner_for
+        n_workers
+            h5mapper's argument: the number of worker processes of the
+            embedded local cluster (or of threads, with
+            ``scheduler="threads"``). A running cluster is sized where it was
+            started: with a client or an address it is refused.
+        parallelism
+            h5mapper's argument: ``"mp"`` (the embedded local cluster),
+            ``"threads"`` or ``"none"`` (one thread); the same as
+            ``scheduler="local"``, ``"threads"`` or ``"sync"``.
+        keep_open
+            Accepted for h5mapper code; changes nothing (see :class:`TypedFile`).
 
+        The bank returned reads like one opened with ``mode="r"`` (so Dask
+        workers and ``DataLoader`` workers can open it too) and, as h5mapper's
+        does, takes writes: the first ``add``, ``set`` or item assignment
+        reopens it with ``mode="r+"``.
+        """
+        from pipeline.cluster import runner_for, scheduler_for
+
+        scheduler = scheduler_for(scheduler, parallelism, n_workers)
         storage_options = config.storage_options(storage_options)
         if is_url(os.fspath(path)):
             return cls._create_remote(
                 os.fspath(path), sources, mode, scheduler, partition_size, on_error, progress,
-                storage_options, max_pending,
+                storage_options, max_pending, n_workers,
             )  # fmt: skip
         progress = config.get("build.progress", progress)
         started = time.perf_counter()
         notes: list[str] = []
-        with runner_for(scheduler, progress=progress) as runner:
+        with runner_for(scheduler, progress=progress, n_workers=n_workers) as runner:
             while True:
                 build = cls.graph(
                     path,
@@ -335,6 +372,7 @@ class TypedFile:
             print(summary, file=sys.stderr)
         bank = cls(path, "r")
         bank.summary = summary
+        bank._writable = True  # as h5mapper's create: writes reopen it with mode="r+"
         return bank
 
     @classmethod
@@ -349,6 +387,7 @@ class TypedFile:
         progress: bool | None,
         storage_options: Mapping[str, Any] | None,
         max_pending: int | None,
+        n_workers: int | None = None,
     ) -> T:
         """Build a bank into a local temporary file, then upload it to ``url`` whole."""
         import tempfile
@@ -367,7 +406,7 @@ class TypedFile:
         try:
             built = cls.create(
                 local, sources, "w", scheduler, partition_size, on_error, progress,
-                storage_options=storage_options, max_pending=max_pending,
+                storage_options=storage_options, max_pending=max_pending, n_workers=n_workers,
             )  # fmt: skip
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -446,6 +485,7 @@ class TypedFile:
     @property
     def ids(self) -> list[str]:
         """Source ids in commit order."""
+        self._h5  # noqa: B018 (reopened first where another object took the file: caches drop)
         if self._ids is None:
             table = self._h5.get(layout.IDS)
             # only what the bank commits: an add() killed halfway may have written more
@@ -456,6 +496,7 @@ class TypedFile:
         """The row of source ``id_`` in every refs table."""
         if not isinstance(id_, str):
             raise UnknownIdError(f"source ids are str; got {type(id_).__name__} {id_!r}")
+        self._h5  # noqa: B018 (reopened first where another object took the file: caches drop)
         if self._index is None:
             self._index = {value: row for row, value in enumerate(self.ids)}
         try:
@@ -469,6 +510,7 @@ class TypedFile:
             ) from None
 
     def __len__(self) -> int:
+        self._h5  # noqa: B018 (reopened first where another object took the file: caches drop)
         if self._ids is not None:
             return len(self._ids)
         table = self._h5.get(layout.IDS)  # its length, without reading millions of ids
@@ -597,10 +639,21 @@ class TypedFile:
         self._write(id_, data, replace=True)
 
     def _require_writable(self) -> None:
-        if self.mode == "r":
+        if self.mode != "r":
+            return
+        if not self._writable or self.remote:
             raise ReadOnlyError(
                 f"{self._shown} is open read-only; open it with mode='r+' or 'a' to write"
             )
+        # The bank create() returned: reopen it for writing, as h5mapper's create gives "r+".
+        readers.close_file(self._file)
+        self.mode = "r+"
+        try:
+            self._reopen()
+        except BaseException:
+            self.mode = "r"
+            self._reopen()
+            raise
 
     def _write(self, id_: str, data: Mapping[str, Any], replace: bool, prefix: str = "") -> None:
         self._require_writable()
@@ -954,6 +1007,8 @@ class TypedFile:
         try:
             return h5py.File(self.path, self.mode, **self._options)
         except OSError as error:
+            if "already open for read-only" in str(error):
+                return self._open_over_readers()
             if "lock" not in str(error):
                 raise
         # Readers hold it: maybe the workers of the default Dask client, whose cached
@@ -972,6 +1027,26 @@ class TypedFile:
             f"cannot open {self._shown} with mode {self.mode!r}: another process has it open. Dask "
             "workers that computed arrays of it keep it open until "
             "client.run(pipeline.readers.release, path); other programs must close it"
+        ) from None
+
+    def _open_over_readers(self) -> h5py.File:
+        """Open the file for writing while other bank objects of this process read it.
+
+        HDF5 refuses to open a file for writing in a process that has it open
+        read-only (``exp = Bank.create(...)``, then ``Bank(path, mode="r+")``).
+        Those objects' handles are closed; each reopens on its next use (and
+        then shares this writable handle, as HDF5 does within a process).
+        """
+        _evict(self, _identity(self.path))
+        try:
+            return h5py.File(self.path, self.mode, **self._options)
+        except OSError as error:
+            if "already open for read-only" not in str(error):
+                raise
+        raise BankBusyError(
+            f"cannot open {self._shown} with mode {self.mode!r}: this process has it open "
+            "read-only outside h5bank (an h5py.File, or a Dask array computing on threads); "
+            "close that first"
         ) from None
 
     # -- display ----------------------------------------------------------------------
@@ -1002,23 +1077,58 @@ class TypedFile:
         print(self.tree(), file=file or sys.stdout)
 
     def __repr__(self) -> str:
-        if not self._file:
+        if not self._file and not self._evicted:
             return f"<{type(self).__name__} {self._shown!r} (closed)>"
         return self.tree()
 
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the bank, and this process's cached Dask read handles on it (they would hold its lock)."""
+        """Close the bank, and this process's cached Dask read handles on it (they would hold its lock).
+
+        Closing a bank open for writing also closes the handles other bank
+        objects of this process opened on the file meanwhile (HDF5 made them
+        share this writable one): each reopens read-only on its next use, so
+        the file is left unlocked for other processes.
+        """
+        writable = self.mode != "r" and bool(self._file)
         if self._pid == os.getpid() and self._file:  # a copy of a parent's handle is not ours
             readers.close_file(self._file)
         readers.release(self.path)
+        if writable and not self.remote:
+            _evict(self, _identity(self.path))
 
     def __enter__(self: T) -> T:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _evict(bank: TypedFile, identity: tuple[int, int] | None) -> None:
+    """Close the handles other bank objects of this process hold on the file ``identity``;
+    each reopens on its next use (:attr:`TypedFile._h5`)."""
+    if identity is None:
+        return
+    for other in list(_LIVE):
+        if (
+            other is not bank
+            and other._file
+            and other._pid == os.getpid()
+            and not other.remote
+            and _identity(other.path) == identity
+        ):
+            readers.close_file(other._file)
+            other._evicted = True
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), ``None`` if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _row_list(item: Any) -> bool:

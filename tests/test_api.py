@@ -100,7 +100,9 @@ def test_groups_nest_and_read_like_the_schema(images, tmp_path, client):
 # -- create -----------------------------------------------------------------------
 
 
-def test_create_returns_the_bank_opened_for_reading(images, tmp_path, client):
+def test_create_returns_the_bank_opened_for_reading_and_writable_on_demand(
+    images, tmp_path, client
+):
     bank = Pictures.create(
         tmp_path / "b.h5",
         images,
@@ -113,10 +115,31 @@ def test_create_returns_the_bank_opened_for_reading(images, tmp_path, client):
     )
     assert isinstance(bank, Pictures)
     assert bank.mode == "r"
-    assert bank.h5.mode == "r"
+    assert bank.h5.mode == "r"  # readable by the cluster's workers meanwhile
     assert bank.summary.ok == 12
-    with pytest.raises(pipeline.ReadOnlyError):
-        bank.add("extra", {"images": np.zeros((2, 2, 3), np.uint8)})
+    assert bank.images.to_dask().shape[0] > 0 and client.run(pipeline.readers.release)
+    # As h5mapper's create (which returns the file in "r+"): the first write reopens it.
+    bank.add("extra", {"images": np.zeros((2, 2, 3), np.uint8)})
+    assert bank.mode == "r+" and bank.h5.mode == "r+"
+    assert len(bank) == 13 and bank.images.get("extra").shape == (2, 2, 3)
+    with Pictures(tmp_path / "b.h5") as again, pytest.raises(pipeline.ReadOnlyError):
+        again.add("more", {"images": np.zeros((2, 2, 3), np.uint8)})  # opened read-only: stays so
+    bank.close()
+
+
+def test_a_bank_open_in_this_process_does_not_stop_opening_it_for_writing(images, tmp_path):
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler="threads", progress=False)
+    reader = Pictures(tmp_path / "b.h5")
+    first = reader.ids[0]
+    with Pictures(tmp_path / "b.h5", mode="r+") as writer:  # HDF5 alone: "already open"
+        writer.add("new", {"labels": "cats"})
+        assert len(bank) == 13 and "new" in reader  # the readers reopened, and see it
+    assert reader.get(first)["labels"] == bank.get(first)["labels"]
+    plain = h5py.File(tmp_path / "b.h5", "r")  # not h5bank's to close: the writer says so
+    bank.close(), reader.close()
+    with pytest.raises(pipeline.BankBusyError, match="outside h5bank"):
+        Pictures(tmp_path / "b.h5", mode="r+")
+    plain.close()
 
 
 def test_create_prints_a_summary_with_progress(images, tmp_path, capsys):
@@ -516,7 +539,8 @@ def test_unknown_id(images, tmp_path, client):
 
 
 def test_writes_to_a_read_only_bank_are_refused(images, tmp_path, client):
-    bank = build(Experiment, tmp_path / "b.h5", images, client)
+    build(Experiment, tmp_path / "b.h5", images, client).close()
+    bank = Experiment(tmp_path / "b.h5")  # mode="r" (create's bank takes writes: see above)
     first = bank.ids[0]
     before = bank.data.images[:]
     image = np.zeros((2, 2), np.uint8)
