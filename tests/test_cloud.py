@@ -885,8 +885,12 @@ def test_create_to_a_bucket_its_credentials_cannot_list_still_uploads(small, tmp
         boto3.client("s3", **admin).create_bucket(Bucket="objects-only")
         iam = boto3.client("iam", **admin)
         iam.create_user(UserName="uploader")
+        # AWS authorizes HeadObject (which opening the uploaded bank sends first) with
+        # s3:GetObject. moto 5.2.6 names it s3:HeadObject instead (its requests are now named
+        # after botocore's operations: a regression of getmoto/moto#8334), so the policy also
+        # grants that name, which AWS does not have. Listing stays denied: what this tests.
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
-                  "Action": ["s3:GetObject", "s3:PutObject"],
+                  "Action": ["s3:GetObject", "s3:PutObject", "s3:HeadObject"],
                   "Resource": "arn:aws:s3:::objects-only/*"}]}  # fmt: skip
         iam.put_user_policy(
             UserName="uploader", PolicyName="objects", PolicyDocument=json.dumps(policy)
