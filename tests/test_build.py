@@ -312,3 +312,58 @@ def test_build_replaces_target_only_when_finished(images, tmp_path):
     with Pictures(path) as bank:
         assert len(bank) == 12
     assert not os.path.exists(layout.partial_path(path))
+
+
+# -- h5mapper's arguments: n_workers, parallelism ----------------------------------------------
+
+
+def test_parallelism_names_h5mappers_three_ways_to_run(images, tmp_path):
+    threads = Pictures.create(tmp_path / "t.h5", images, parallelism="threads", progress=False)
+    one = Pictures.create(tmp_path / "s.h5", images, parallelism="none", progress=False)
+    assert threads.summary.writer_pid == one.summary.writer_pid == os.getpid()  # in here
+    processes = Pictures.create(tmp_path / "p.h5", images, parallelism="mp", progress=False)
+    assert processes.summary.writer_pid != os.getpid()  # on the embedded cluster's workers
+    for bank in (threads, one):
+        np.testing.assert_array_equal(bank.labels[:], processes.labels[:])
+    with pytest.raises(ValueError, match=r"parallelism must be one of \['mp', 'none', 'threads'\]"):
+        Pictures.create(tmp_path / "x.h5", images, parallelism="processes", progress=False)
+    with pytest.raises(ValueError, match="give scheduler= or parallelism=, not both"):
+        Pictures.create(tmp_path / "x.h5", images, scheduler="sync", parallelism="mp")
+
+
+def test_n_workers_sizes_what_h5bank_starts_and_is_refused_for_a_running_cluster(
+    images, tmp_path, cluster
+):
+    from pipeline import local_cluster
+
+    with local_cluster(n_workers=1) as client:
+        assert len(client.scheduler_info()["workers"]) == 1
+    bank = Pictures.create(
+        tmp_path / "t.h5", images, scheduler="threads", n_workers=3, progress=False
+    )
+    assert bank.summary.ok == 12
+    with (
+        Client(cluster, set_as_default=False) as client,
+        pytest.raises(
+            ValueError,
+            match=r"n_workers=8 sizes a cluster h5bank starts.*"
+            r"pass scheduler='local' to build on a local cluster of 8 workers",
+        ),
+    ):
+        Pictures.create(tmp_path / "c.h5", images, scheduler=client, n_workers=8)
+    assert not (tmp_path / "c.h5").exists()
+    with pytest.raises(ValueError, match="n_workers must be a whole number"):
+        Pictures.create(tmp_path / "c.h5", images, n_workers=0)
+
+
+def test_a_local_source_is_a_path_for_h5mapper_style_load_code(tmp_path):
+    from pipeline.sources import Source, SourceSpec
+
+    (tmp_path / "a.txt").write_text("1 2 3")
+    local = Source(SourceSpec("a.txt", str(tmp_path / "a.txt")))
+    with open(local) as f:
+        assert f.read() == "1 2 3" and np.loadtxt(local).tolist() == [1, 2, 3]
+    for spec in (SourceSpec("b", "https://user:secret@host/b.txt"), SourceSpec("plain")):
+        with pytest.raises(TypeError, match=r"not a local file.*source\.read\(\)") as error:
+            os.fspath(Source(spec))
+        assert "secret" not in str(error.value)
