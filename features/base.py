@@ -94,6 +94,8 @@ class Feature(BankMember):
         an hdf5plugin filter object (``hdf5plugin.Zstd()``), which carries its
         own options. Defaults come from the class's ``__ds_kwargs__``.
 
+    Notes
+    -----
     Subclasses written in h5mapper's style (class attributes ``__re__`` and
     ``__ds_kwargs__``, an ``__init__`` that never calls ``super().__init__``)
     work unchanged: every instance attribute has a class-level default.

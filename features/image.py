@@ -205,6 +205,8 @@ class Image(Feature):
         size
             Width and height of each thumbnail, in inches.
 
+        Notes
+        -----
         Grayscale is drawn with the ``gray`` colormap over the whole ``uint8``
         range (not stretched image by image), ``LA`` as gray with its alpha;
         axes are off. Returns a :class:`matplotlib.figure.Figure` holding one

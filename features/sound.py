@@ -131,6 +131,8 @@ class Sound(Feature):
             Sample rate for the time axis; this feature's ``sr`` by default
             (the rate the bank stores).
 
+        Notes
+        -----
         The x axis is in seconds, shared by every row so durations compare.
         Sounds longer than a few thousand samples are drawn as their min / max
         envelope, which looks the same and draws in constant time. Returns a

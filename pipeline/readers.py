@@ -565,6 +565,8 @@ class LazyFile:
         ``h5py.File`` options (``rdcc_nbytes``...); ``locking`` defaults to
         ``"best-effort"``.
 
+    Notes
+    -----
     Pickling keeps the recipe and drops nothing else: there is no file in it.
     """
 
