@@ -326,6 +326,8 @@ class TypedFile:
         keep_open
             Accepted for h5mapper code; changes nothing (see :class:`TypedFile`).
 
+        Notes
+        -----
         The bank returned reads like one opened with ``mode="r"`` (so Dask
         workers and ``DataLoader`` workers can open it too) and, as h5mapper's
         does, takes writes: the first ``add``, ``set`` or item assignment
@@ -807,6 +809,8 @@ class TypedFile:
             result's ``failures``) and goes on; ``"raise"`` stops at the first
             with :class:`~pipeline.errors.SourceError`.
 
+        Notes
+        -----
         The bank is closed while the map runs and reopened in its mode after.
         If a map with an output fails, the bank is put back as of its last
         commit before the error is raised: the results written so far stay.
