@@ -1,11 +1,28 @@
-# The README's two commands, and the benchmark.
-.PHONY: demo test bench bench-performance bench-slurm lint
+# The README's two commands, the benchmarks, the lock and the docs.
+.PHONY: demo test test-latest lock docs bench bench-performance bench-slurm lint
 
 demo:
 	python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/h5bank demo
 
 test:
-	python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/ruff check . && .venv/bin/python -m pytest
+	python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[dev]' && .venv/bin/ruff check . && .venv/bin/python -m pytest
+
+# The tests against the newest packages the index serves, in an environment of their own: what a
+# new release of a dependency breaks, seen before it reaches the lock.
+test-latest:
+	rm -rf .venv-latest && python3 -m venv .venv-latest && .venv-latest/bin/pip install -e '.[dev]' && .venv-latest/bin/python -m pytest
+
+# Refresh constraints.txt on purpose: the newest packages, kept only if every test passes with them.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock && .venv-lock/bin/pip install -e '.[dev]'
+	.venv-lock/bin/python -m pytest -q
+	{ echo "# pip install -c constraints.txt -e '.[dev]': the versions the tests last passed with."; \
+	  echo "# Made by 'make lock' on $$(date -u +%Y-%m-%d), Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed -e 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints.txt
+
+# The documentation site, served while you edit it.
+docs:
+	.venv/bin/mkdocs serve
 
 bench:
 	.venv/bin/python benchmarks/build_images.py

@@ -1503,7 +1503,7 @@ class FeatureProxy(_Proxy):
         return (
             f"{self.name:<14} {label:<10} {column.storage:<8} {column.data.dtype!s:<8} "
             f"{column.data.shape!s:<20} {layout.compression_of(column.data):<10} "
-            f"{human_bytes(layout.storage_bytes(column.group)):>9}  {with_data} sources  {shown}"
+            f"{human_bytes(layout.storage_bytes(column.group)):>9}  {with_data} source{'s' * (with_data != 1)}  {shown}"
         ).rstrip()
 
     def __repr__(self) -> str:
