@@ -255,3 +255,19 @@ class FaultServer(ScriptServer):
 
     def __init__(self, folder: Path) -> None:
         super().__init__("faultserver.py", [], folder, "faultserver")
+
+
+def marked_processes(variable: str, marker: str) -> list[int]:
+    """Pids of the processes (other than this one) whose environment has ``variable=marker``:
+    what a run started with that marker left running."""
+    needle = f"{variable}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

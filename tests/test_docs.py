@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from servers import marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
@@ -131,16 +132,7 @@ def services(page: Path, request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 def leftovers(marker: str) -> list[int]:
-    needle = f"H5BANK_DOCS_RUN={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return marked_processes("H5BANK_DOCS_RUN", marker)
 
 
 def stop_leftovers(marker: str) -> list[int]:

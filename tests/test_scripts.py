@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from servers import marked_processes
 
 CODE = """\
 import os
@@ -66,18 +67,7 @@ def environment(marker: str) -> dict[str, str]:
 
 
 def leftovers(marker: str) -> list[int]:
-    """Pids of processes (other than this one) whose environment carries ``marker``."""
-    found = []
-    needle = f"H5BANK_SCRIPT_RUN={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return marked_processes("H5BANK_SCRIPT_RUN", marker)
 
 
 def check_run(folder: Path, result: subprocess.CompletedProcess[str], marker: str) -> None:
