@@ -123,7 +123,8 @@ class Feature(BankMember):
         if pattern is not None:
             re.compile(pattern)
             self.__re__ = pattern
-        self.derived_from = derived_from
+        if derived_from is not None:  # else the class's own (a subclass may set it there)
+            self.derived_from = derived_from
         given = {
             "compression": compression,
             "compression_opts": compression_opts,

@@ -121,12 +121,15 @@ class Runner:
         Workers of a Slurm or remote cluster may run on machines that do not
         see this machine's disks: the bank must be on storage they share.
         """
-        if self.client is None or build.writer is None:
-            return
         import socket
 
         folder = os.path.dirname(build.path)
-        host, problem = self.client.run(_cannot_write, folder, workers=[build.writer])[build.writer]
+        if self.client is None or build.writer is None:  # the writer runs in this process
+            host, problem = _cannot_write(folder)
+        else:
+            host, problem = self.client.run(_cannot_write, folder, workers=[build.writer])[
+                build.writer
+            ]
         if problem is None:
             return
         if host == socket.gethostname():

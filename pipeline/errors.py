@@ -11,11 +11,16 @@
 | ``NotABankError`` | a bank type opened a file h5bank did not write |
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
-| ``BankBusyError`` | reading a bank another process has open for writing |
+| ``BankBusyError`` | opening a bank another process has open for writing (or, for writing, one others read) |
 | ``BankChangedError`` | a Dask graph made from a bank runs after the bank was rebuilt, or its rows rewritten |
 | ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
 | ``PartialSetAsideError`` | a stopped build's partial file HDF5 could not resume was set aside after the build was planned without its sources (``create`` plans again by itself) |
-| ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on |
+| ``DiskFullError`` | a commit would not fit on the disk (or under ``ulimit -f``): nothing of it was written |
+| ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on, or the embedded cluster cannot start |
+| ``ConfigError`` | a build config is missing a setting or holds a wrong one |
+| ``WorkerDiedError`` | worker processes kept dying on one task (memory, a decoder that crashes) |
+| ``DecodeError`` | a source's bytes are not what its feature reads (recorded as a failure) |
+| ``SourceReadError`` | a source's bytes could not be fetched (recorded as a failure) |
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ __all__ = [
     "BankBusyError",
     "BankChangedError",
     "BuildInProgressError",
+    "ConfigError",
     "DecodeError",
+    "DiskFullError",
     "DuplicateIdError",
     "FeatureTypeError",
     "FormatVersionError",
@@ -39,6 +46,7 @@ __all__ = [
     "SourceError",
     "SourceReadError",
     "UnknownIdError",
+    "WorkerDiedError",
     "WriterError",
 ]
 
@@ -95,7 +103,8 @@ class BuildInProgressError(H5BankError, FileNotFoundError):
 
 
 class BankBusyError(H5BankError, OSError):
-    """Another process has the bank open for writing; h5bank readers wait for it to close."""
+    """Another process has the bank open for writing (raised at once, not waited for); or, opening
+    it for writing, other processes have it open."""
 
 
 class BankChangedError(H5BankError, RuntimeError):

@@ -261,3 +261,8 @@ def test_a_bank_in_a_folder_the_writers_worker_lacks_fails_before_any_work(
     assert f"there is no folder {missing} (create it first)" in message
     assert "shared filesystem" not in message
     assert not missing.exists()
+    # The same words when the writer is this process.
+    for scheduler in ("threads", "sync"):
+        with pytest.raises(FileNotFoundError, match=r"there is no folder .*\(create it first\)"):
+            Pictures.create(missing / "x.h5", images, scheduler=scheduler, progress=False)
+    assert not missing.exists()

@@ -673,3 +673,25 @@ def test_arrays_text_dicts_and_custom_features_through_a_bank(mixed, tmp_path, r
     assert failures["broken-0001"].feature == "listy"
     assert "FeatureTypeError" in failures["broken-0001"].error
     assert len(bank) == 9
+
+
+class Peak(Feature):
+    """A derived feature in h5mapper's style: ``derived_from`` as a class attribute."""
+
+    derived_from = "pixels"
+
+    def load(self, pixels):
+        return np.asarray([pixels.max()])
+
+
+class Peaks(TypedFile):
+    pixels = Image(mode="L")
+    peak = Peak()
+
+
+def test_a_class_attribute_derived_from_is_kept(images, tmp_path):
+    assert Peak().derived_from == "pixels" and Peak(derived_from="x").derived_from == "x"
+    bank = Peaks.create(tmp_path / "b.h5", images, scheduler="threads", progress=False)
+    assert bank.summary.failed == 0, bank.failures()
+    for id_ in bank.ids:
+        assert bank.peak.get(id_).tolist() == [bank.pixels.get(id_).max()]
