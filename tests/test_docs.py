@@ -217,6 +217,20 @@ def test_examples_are_in_languages_that_run_or_are_only_shown():
     assert not odd, "use ```python or ```bash (run), or ```text (shown):\n" + "\n".join(odd)
 
 
+def test_no_example_installs_into_the_environment_the_tests_run_in():
+    # pip install -e . run in a page's copy would point the test environment at that copy,
+    # which is deleted after the page: say how to install in prose, or use a venv of its own.
+    installing = [
+        b.where()
+        for page in PAGES
+        for b in blocks(page)
+        if b.language in RUN
+        and b.skip is None
+        and re.search(r"^[^#]*\bpip3? install\b", b.code, re.MULTILINE)  # comments may say it
+    ]
+    assert not installing, installing
+
+
 def test_only_the_readme_commands_are_left_out():
     skipped = [(b.where(), b.skip) for page in PAGES for b in blocks(page) if b.skip]
     assert {where.split(":")[0] for where, _ in skipped} <= {"README.md"}, skipped
