@@ -474,6 +474,7 @@ def build_graph(
         },
         skipped=skipped,
         pinned=writer is not None,
+        planned=sum(len(p) for p in partitions),
     )
 
     options = dict(storage_options or {})
@@ -600,6 +601,7 @@ def map_graph(
         },
         skipped=skipped,
         pinned=writer is not None,
+        planned=sum(len(p) for p in partitions),
     )
 
     def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:

@@ -77,9 +77,13 @@ BUILDING, COMPLETE = "building", "complete"
 PARTIAL_SUFFIX = ".partial"
 
 _STR = h5py.string_dtype("utf-8")
-# Rows per chunk of the id, failure, refs and shape tables: 64 KiB of refs, small
-# enough for tiny banks, large enough that a million-source table is 250 chunks.
+# Rows per chunk of the per-source tables (ids, failures, refs, shapes, label codes):
+# a power of two from the sources the bank is expected to hold (see table_rows),
+# at most 4096 (64 KiB of refs: a million-source table is 250 chunks), at least 64.
 TABLE_ROWS = 4096
+MIN_TABLE_ROWS = 64
+# The smallest data chunk h5bank picks (see data_chunk_bytes).
+MIN_CHUNK_BYTES = 4096
 
 
 def partial_path(path: str | os.PathLike[str]) -> str:
@@ -137,17 +141,26 @@ def check_format(f: h5py.File) -> int:
     return version
 
 
-def init_bank(f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any]) -> None:
-    """Write the root attributes and empty bookkeeping tables of a new bank."""
+def init_bank(
+    f: h5py.File, schema: dict[str, Any], provenance: dict[str, Any], expected: int = 0
+) -> None:
+    """Write the root attributes and empty bookkeeping tables of a new bank.
+
+    ``expected`` is the number of sources the bank is expected to hold (a
+    build's planned sources; 0, the default, when nothing is planned: a bank
+    made to ``add`` to). The id and failure tables are chunked for it
+    (:func:`table_rows`), and keep those chunks however the bank grows.
+    """
     set_text(f, ATTR_FORMAT, FORMAT)
     f.attrs[ATTR_VERSION] = VERSION
     write_json_attr(f, ATTR_SCHEMA, schema)
     write_json_attr(f, ATTR_PROVENANCE, provenance)
     set_state(f, BUILDING)
     set_text(f, ATTR_UUID, uuid.uuid4().hex)
-    _string_table(f, IDS)
+    rows = table_rows(expected)
+    _string_table(f, IDS, rows)
     for field in FAILURE_FIELDS:
-        _string_table(f, f"{FAILURES}/{field}")
+        _string_table(f, f"{FAILURES}/{field}", rows)
     mark_committed(f)
 
 
@@ -157,8 +170,23 @@ def bank_uuid(f: h5py.File) -> str | None:
     return None if value is None else str(value)
 
 
-def _string_table(f: h5py.File, name: str) -> h5py.Dataset:
-    return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(TABLE_ROWS,))
+def table_rows(sources: int) -> int:
+    """Rows per chunk of a per-source table of a bank expected to hold ``sources``.
+
+    The power of two at or above ``sources``, from :data:`MIN_TABLE_ROWS` to
+    :data:`TABLE_ROWS`. HDF5 allocates a chunked dataset's chunks whole, so
+    4096-row chunks made the tables of a bank of five photos take 350 KB.
+    A table's chunk shape is fixed when it is created (HDF5 cannot change
+    it): a bank that grows far past what was expected (one made by ``add``,
+    which starts at 64 rows) keeps its small chunks, which cost more chunks
+    to index, not more bytes.
+    """
+    wanted = 1 << max(0, int(sources) - 1).bit_length()
+    return min(TABLE_ROWS, max(MIN_TABLE_ROWS, wanted))
+
+
+def _string_table(f: h5py.File, name: str, rows: int) -> h5py.Dataset:
+    return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(rows,))
 
 
 def read_json_attr(f: h5py.File, name: str) -> dict[str, Any]:
@@ -226,7 +254,7 @@ def rebuild_string_table(
         rows = read_strings(f[name], 0, n) if n else []
     if temporary in f:
         del f[temporary]
-    table = _string_table(f, temporary)
+    table = _string_table(f, temporary, f[name].chunks[0])  # the table's chunks stay as they were
     append_strings(table, rows)
     f.flush()
     if sync is not None:
@@ -295,15 +323,20 @@ class Column:
 
 
 def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
-    """``group[name]``; read-only, local, unfiltered, with large chunks and the file's
-    default cache, a :class:`RowsDataset`: no chunk cache, rows read at their offsets.
+    """``group[name]``; read-only, local, unfiltered, with large chunks or large rows and
+    the file's default cache, a :class:`RowsDataset`: no chunk cache, rows read at their
+    offsets.
 
     Then a read of a few rows reads those rows, not their whole chunk: with
     HDF5's default 1 MiB cache and 1 MiB chunks, each random row of a 64x64
     RGB image column cost about 60 us (its chunk read into the cache, then
     evicted by the next); without, about 20 us through h5py, 3 us with
-    :meth:`RowsDataset.read_rows`. Compressed datasets keep the file's cache
-    (a chunk must be decompressed whole), and so does a file open for writing.
+    :meth:`RowsDataset.read_rows`. Rows of a page or more are read so in
+    smaller chunks too (a small bank's, or one that grew by ``add``: see
+    :func:`create_column`): 64 random 64x64 RGB rows of 3,000 in 5-row
+    chunks took about 1.2 ms through the cache and 0.5 ms this way.
+    Compressed datasets keep the file's cache (a chunk must be decompressed
+    whole), and so does a file open for writing.
     """
     if group.file.mode != "r" or group.file.driver != "sec2" or _cache_set(group.file):
         return group[name]  # writing, a remote file, or a cache the caller chose: keep it
@@ -312,13 +345,17 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
     access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
     dataset = RowsDataset(h5py.h5d.open(group.id, name.encode(), access))
     chunks = dataset.chunks
+    row_bytes = math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
     if (
         chunks is not None
         and not dataset.id.get_create_plist().get_nfilters()
-        and math.prod(chunks) * dataset.dtype.itemsize >= _UNCACHED_CHUNK_BYTES
+        and (
+            math.prod(chunks) * dataset.dtype.itemsize >= _UNCACHED_CHUNK_BYTES
+            or row_bytes >= _UNCACHED_ROW_BYTES
+        )
     ):
         return dataset
-    dataset.id.close()  # small chunks (refs tables) gain from the cache: it holds many
+    dataset.id.close()  # small chunks of small rows (refs tables) gain from the cache
     return group[name]
 
 
@@ -406,6 +443,8 @@ def _cache_set(f: h5py.File) -> bool:
 
 # Unfiltered chunks at least this large are read without a chunk cache (see open_dataset).
 _UNCACHED_CHUNK_BYTES = 256 * 1024
+# ... and so are rows at least this large, in chunks of any size.
+_UNCACHED_ROW_BYTES = 4096
 
 
 def is_column(node: Any) -> bool:
@@ -540,11 +579,38 @@ def create_column(
     attrs: dict[str, Any],
     feature_class: str,
     chunk_bytes: int,
+    *,
+    sources: int = 1,
+    expected: int = 0,
+    planned: int = 0,
 ) -> Column:
-    """Create the datasets of a new column, shaped after ``sample`` (one source's stored array).
+    """Create the datasets of a new column, shaped after ``sample`` (its first write).
 
     ``refs`` (and ``shape``) start with ``n_sources`` rows of ``-1``: the
     sources committed before this column existed have no data in it.
+
+    Chunk shapes follow the size of the bank being built, because HDF5
+    allocates a chunked dataset's chunks whole (a bank of five photos took
+    twice their size in 1 MiB chunks). ``sample`` holds the data of
+    ``sources`` sources; ``planned`` sources (at least ``sources``) are
+    expected to get data in this column, and the bank is expected to hold
+    ``expected`` sources (at least ``n_sources`` + ``sources``). The defaults
+    expect nothing more than this write (``TypedFile.add``):
+
+    - ``refs``, ``shape`` and the codes of a ``category`` column (one per
+      source): :func:`table_rows` of the sources expected, 64 to 4096 rows;
+    - ``data``, unless the feature gives ``chunks=`` or the column is
+      :func:`precompressed` (one row a chunk): rows of about
+      :func:`data_chunk_bytes`, a sixteenth of the bytes expected (bytes per
+      source of ``sample`` x ``planned``), at most ``chunk_bytes``
+      (``h5bank.build.chunk-bytes``). A column of 16 MiB or more gets
+      exactly the chunks of ``chunk_bytes`` that reads and builds were tuned
+      on (85 rows of 64x64 RGB ``uint8`` for 1 MiB).
+
+    A column keeps these chunk shapes for good: HDF5 cannot change a
+    dataset's chunks, so appends, ``add`` and resumed builds write into the
+    shapes the column was created with, however far the bank grows past
+    what was expected.
     """
     group = f.require_group(path)
     for name in (DATA, REFS, SHAPE):  # left by a crash before the column was marked complete
@@ -552,15 +618,15 @@ def create_column(
             del group[name]
     options = dict(options)
     row_shape = sample.shape[1:]
+    sources = max(1, sources)
+    rows_per_table = table_rows(max(expected, n_sources + sources))
     chunks = options.pop("chunks", None)
     if chunks in (None, True):
-        # Chunks of about chunk_bytes; smaller (not under 64 KiB) for a column whose first
-        # write is small (a log added on the fly), so tiny banks stay tiny.
         row_bytes = max(1, math.prod(row_shape) * sample.dtype.itemsize)
-        target = min(chunk_bytes, max(1 << 16, 4 * sample.nbytes))
+        target = data_chunk_bytes(sample.nbytes / sources, max(planned, sources), chunk_bytes)
         rows = max(1, target // row_bytes)
         if storage == "category":
-            rows = TABLE_ROWS  # one code per source: chunk it like the other per-source tables
+            rows = rows_per_table  # one code per source: chunked like the other per-source tables
         if precompressed(storage, options, sample[:1].nbytes):
             rows = 1  # a chunk per source, compressed by the decode tasks
         chunks = (rows, *row_shape)
@@ -577,7 +643,7 @@ def create_column(
         shape=(n_sources, 2),
         maxshape=(None, 2),
         dtype="i8",
-        chunks=(TABLE_ROWS, 2),
+        chunks=(rows_per_table, 2),
         fillvalue=-1,
     )
     shape = None
@@ -587,7 +653,7 @@ def create_column(
             shape=(n_sources, 1),
             maxshape=(None, None),
             dtype="i8",
-            chunks=(TABLE_ROWS, 4),
+            chunks=(rows_per_table, 4),
             fillvalue=-1,
         )
     if storage == "category":
@@ -598,6 +664,22 @@ def create_column(
             group.attrs[key] = _attribute(value)
     group.attrs[ATTR_STORAGE] = storage  # last: marks the column complete
     return Column(path, storage, group, data, refs, shape)
+
+
+def data_chunk_bytes(source_bytes: float, planned: int, chunk_bytes: int) -> int:
+    """Target bytes of a data chunk h5bank picks for a column expected to hold ``planned``
+    sources of ``source_bytes`` each.
+
+    A sixteenth of those bytes, rounded down to a power of two, from
+    :data:`MIN_CHUNK_BYTES` to ``chunk_bytes``: a small bank wastes at most
+    a sixteenth of a column in its last chunk, and a column of ``16 x
+    chunk_bytes`` or more gets chunks of exactly ``chunk_bytes``.
+    """
+    sixteenth = int(source_bytes * max(1, planned)) // 16
+    if sixteenth >= chunk_bytes:
+        return chunk_bytes
+    target = 1 << (sixteenth.bit_length() - 1) if sixteenth else 1
+    return min(chunk_bytes, max(MIN_CHUNK_BYTES, target))
 
 
 def _attribute(value: Any) -> Any:

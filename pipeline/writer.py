@@ -75,6 +75,13 @@ class BankWriter:
     Used by the build's writer chain and by ``TypedFile.add`` / ``set``.
     ``features`` maps feature paths to features; columns of features it does
     not know (added on the fly) are created as generic features.
+
+    ``planned`` is how many sources this writer is planned to write: a
+    build's new sources, or the sources a ``bank.map`` writes its output
+    to. The chunks of the columns it creates are sized for them (see
+    :func:`layout.create_column`); 0, the default (``add`` / ``set``), plans
+    nothing past the write at hand, so a bank made by ``add`` starts with
+    small chunks, and keeps them as it grows.
     """
 
     def __init__(
@@ -84,12 +91,15 @@ class BankWriter:
         chunk_bytes: int = 1 << 20,
         target: str | None = None,
         fsync: bool | None = None,
+        planned: int = 0,
     ) -> None:
         self.f = f
         self.fsync = bool(config.get("build.fsync") if fsync is None else fsync)
         self.features = features  # shared with the caller: features added on the fly land in it
         self.target = target  # the bank's final path, for a build (f is its partial file)
         self.chunk_bytes = chunk_bytes
+        self.planned = planned
+        self._written = 0  # sources this writer committed or wrote to (of the planned ones)
         self.n = layout.ids_table(f).shape[0]
         self._opened_n = self.n
         self._failures_at_open = layout.failure_tables(f)[0].shape[0]
@@ -132,9 +142,15 @@ class BankWriter:
             self._listed = True
         return list(self._columns.values())
 
-    def _create(self, key: str, packed: PackedColumn, sample: np.ndarray) -> layout.Column:
+    def _create(
+        self, key: str, packed: PackedColumn, sample: np.ndarray, rows: np.ndarray
+    ) -> layout.Column:
+        """Create column ``key`` for its first write, ``sample``: the data of the sources at
+        bank rows ``rows``, which are new sources (a commit) or ones in the bank (a map)."""
         feature = self.features[packed.feature]
         cls = type(feature)
+        planned = max(len(rows), self.planned - self._written)
+        adds = bool(len(rows)) and int(rows.max()) >= self.n
         column = layout.create_column(
             self.f,
             key,
@@ -145,6 +161,9 @@ class BankWriter:
             feature.attrs,
             f"{cls.__module__}.{cls.__qualname__}",
             self.chunk_bytes,
+            sources=len(rows),
+            planned=planned,
+            expected=self.n + planned if adds else self.n,
         )
         self._columns[key] = column
         schema = layout.read_json_attr(self.f, layout.ATTR_SCHEMA)
@@ -246,6 +265,7 @@ class BankWriter:
             self.n = n_new
             self._record(failures)
             self._durable()
+        self._written += len(keep)
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip)}
 
@@ -366,13 +386,13 @@ class BankWriter:
         """Append the chosen entries of a packed column and point their refs at them."""
         lengths = np.array([packed.lengths[j] for j in entries], dtype=np.int64)
         if packed.storage == "category":
-            data = self._codes_for(key, packed, entries)
+            data = self._codes_for(key, packed, entries, rows)
         elif isinstance(packed.data, np.ndarray) and len(entries) == len(packed.rows):
             data = packed.data  # the whole packed array: no copy
         else:
             parts = _split(packed)
             data = np.concatenate([parts[j] for j in entries])
-        column = self.column(key) or self._create(key, packed, data)
+        column = self.column(key) or self._create(key, packed, data, rows)
         if packed.storage == "category":
             data = data.astype(column.data.dtype, copy=False)
         start = column.data.shape[0]
@@ -402,7 +422,11 @@ class BankWriter:
             write((start + i, *zeros), filtered.chunks[j], filter_mask=filtered.masks[j])
         return True
 
-    def _codes_for(self, key: str, packed: PackedColumn, entries: list[int]) -> np.ndarray:
+    def _codes_for(
+        self, key: str, packed: PackedColumn, entries: list[int], rows: np.ndarray
+    ) -> np.ndarray:
+        """The label codes of the chosen entries (``rows``: their bank rows); new names are
+        added to the column (created if it is new)."""
         column = self.column(key)
         codes = self._codes.get(key)
         if codes is None:
@@ -413,7 +437,7 @@ class BankWriter:
         for i, j in enumerate(entries):
             out[i] = codes.setdefault(packed.data[j], len(codes))
         if len(codes) != before:
-            column = self.column(key) or self._create(key, packed, out)
+            column = self.column(key) or self._create(key, packed, out, rows)
             layout.set_category_names(column, list(codes))
         return out
 
@@ -463,7 +487,7 @@ class BankWriter:
         """Replace a source's data in place when the new data has the same extent."""
         start, stop = (int(v) for v in column.refs[row])
         if packed.storage == "category":
-            column.data[start] = self._codes_for(key, packed, [0])[0]
+            column.data[start] = self._codes_for(key, packed, [0], np.array([row]))[0]
             return True
         entry = _split(packed)[0]
         if stop - start != len(entry) or entry.shape[1:] != column.data.shape[1:]:
@@ -524,6 +548,7 @@ class BankWriter:
                     self._append(key, column, entries, rows, self.n)
             self._record(failures)
             self._durable()
+        self._written += len(keep)
         self.busy += time.perf_counter() - started
         return {"ok": len(keep), "failed": len(failures), "skipped": len(skip - unknown)}
 
@@ -663,6 +688,10 @@ class BuildPlan:
     skipped: int = 0
     pinned: bool = False
     fsync: bool = True  # h5bank.build.fsync where the build was made
+    # Sources the chain is planned to write (the sum of its partition sizes): a build's new
+    # sources, a map's existing ones. The chunks of the tables and columns it creates are
+    # sized for them (layout.create_column); 0: nothing planned, small chunks.
+    planned: int = 0
 
 
 @dataclass
@@ -791,12 +820,24 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     try:
         if not resuming:
             schema = {path: feature.describe() for path, feature in plan.features.items()}
-            layout.init_bank(f, schema, {"library": f"h5bank {library_version()}", "builds": []})
+            layout.init_bank(
+                f,
+                schema,
+                {"library": f"h5bank {library_version()}", "builds": []},
+                expected=plan.planned,
+            )
         layout.set_state(f, layout.BUILDING)
         f.flush()
         if resuming and not has_partial:
             os.replace(plan.path, partial)  # the bank is open: POSIX renames it under us
-        writer = BankWriter(f, plan.features, plan.chunk_bytes, target=plan.path, fsync=plan.fsync)
+        writer = BankWriter(
+            f,
+            plan.features,
+            plan.chunk_bytes,
+            target=plan.path,
+            fsync=plan.fsync,
+            planned=plan.planned,
+        )
     except BaseException:
         f.close()
         raise

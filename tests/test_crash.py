@@ -309,7 +309,9 @@ def test_a_full_disk_stops_the_build_and_a_resume_finishes_it(corpus, tmp_path):
     )  # fmt: skip
     assert stopped.returncode == 1
     (line,) = stopped.stderr.strip().splitlines()
-    assert line.startswith("h5bank: error: DiskFullError: no room to commit 50 more sources")
+    # A partition of 50 sources, less the broken file it may hold (where the limit falls
+    # depends on the bank's chunk sizes).
+    assert re.match(r"h5bank: error: DiskFullError: no room to commit (49|50) more sources", line)
     assert "a file-size limit of 8.0 MB (ulimit -f)" in line and "resume" in line
     partial = Path(layout.partial_path(corpus["out"]))
     assert not corpus["out"].exists()

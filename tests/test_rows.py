@@ -28,7 +28,8 @@ from pipeline import TypedFile, layout, readers
 
 
 class Big(TypedFile):
-    """64x64 RGB rows of 12 KiB: the item column gets 85-row chunks, read directly."""
+    """64x64 RGB rows of 12 KiB, read directly (85-row chunks in a big bank, smaller in a
+    small one)."""
 
     images = Image(size=(64, 64), mode="RGB")
     labels = DirLabels()
@@ -317,7 +318,7 @@ def test_a_short_read_falls_back_to_h5py(rgb_file, monkeypatch):
 
 @pytest.fixture(scope="module")
 def big_bank(tmp_path_factory) -> Path:
-    """A bank of 90 64x64 RGB images in three class folders (chunks of 85 rows: two)."""
+    """A bank of 90 64x64 RGB images in three class folders (a small bank: 5-row chunks)."""
     folder = tmp_path_factory.mktemp("rows")
     write_images(folder / "images", classes=("a", "b", "c"), per_class=30, seed=4)
     path = folder / "big.h5"
@@ -325,7 +326,7 @@ def big_bank(tmp_path_factory) -> Path:
     return path
 
 
-BANK_ROWS = [89, 3, 3, 40, 84, 85, -1, 0, 61]  # spans both chunks, > 1 MiB: read directly
+BANK_ROWS = [89, 3, 3, 40, 84, 85, -1, 0, 61]  # spans many chunks, > 1 MiB: read directly
 
 
 def _read_in_child(bank, data, rows, queue) -> None:
