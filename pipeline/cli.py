@@ -568,6 +568,7 @@ def show_config(key: str | None, config_file: str | None) -> None:
     from pipeline.errors import ConfigError
 
     settings = buildconfig.settings(config_file) if config_file else {}
+    config.load_jobqueue_defaults()  # jobqueue.slurm.* has h5bank's defaults, with or without --build
     with dask.config.set(settings):
         if key is None:
             click.echo(config.effective(), nl=False)
@@ -578,6 +579,8 @@ def show_config(key: str | None, config_file: str | None) -> None:
             raise ConfigError(f"no setting {key!r}; `h5bank config` lists them") from None
         if isinstance(value, dict):
             click.echo(config.effective((key,)), nl=False)
+        elif config.is_secret(key):
+            click.echo("***")
         else:
             click.echo(
                 yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()

@@ -117,6 +117,12 @@ def storage_options(given: Any = None) -> dict[str, Any]:
 _SECRET = re.compile(r"secret|password|token|key|credential|authorization|session", re.I)
 
 
+def is_secret(key: str) -> bool:
+    """Whether the setting at ``key`` is a storage option whose name looks secret (shown as ``***``)."""
+    *parents, leaf = key.split(".")
+    return any(p.startswith("storage") for p in parents) and bool(_SECRET.search(leaf))
+
+
 def effective(keys: tuple[str, ...] = ("h5bank", "jobqueue.slurm")) -> str:
     """The settings in force under ``keys``, as YAML (``h5bank config`` prints it).
 

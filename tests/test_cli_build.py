@@ -389,6 +389,22 @@ def test_config_key_prints_one_value_or_one_subtree(tmp_path, env):
     }
 
 
+def test_config_key_of_a_jobqueue_default_and_of_a_secret(tmp_path, env):
+    result = h5bank("config", "jobqueue.slurm.memory", cwd=tmp_path, env=env)
+    assert (result.returncode, result.stdout) == (0, "4GB\n"), result.stderr  # h5bank's default
+    folder = tmp_path / "dask"
+    folder.mkdir()
+    (folder / "h5bank.yaml").write_text(
+        "h5bank: {storage-options: {s3: {secret: shh, endpoint_url: 'http://e'}}}\n"
+    )
+    env = {**env, "DASK_CONFIG": str(folder)}
+    for key in ("h5bank.storage-options", "h5bank.storage-options.s3.secret"):
+        result = h5bank("config", key, cwd=tmp_path, env=env)
+        assert result.returncode == 0 and "shh" not in result.stdout and "***" in result.stdout
+    shown = h5bank("config", "h5bank.storage-options.s3.endpoint_url", cwd=tmp_path, env=env)
+    assert shown.stdout == "http://e\n"
+
+
 def test_config_with_a_build_file_shows_its_values(tmp_path, env):
     build = tmp_path / "b.yaml"
     build.write_text(
