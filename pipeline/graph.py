@@ -321,7 +321,8 @@ def partition_sources(
         raise DuplicateIdError(
             f"{len(duplicates)} duplicate source ids, nothing was written: {shown}{more}. Files "
             "found under a directory or glob get ids relative to it, so two roots holding the same "
-            "relative path collide; build them into separate groups or give explicit paths"
+            "relative path collide; build them into separate banks, or list the files explicitly "
+            "(an explicit path keeps the string as given for its id)"
         )
     if duplicates:
         _fail_duplicates(partitions, duplicates)
