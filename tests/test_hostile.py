@@ -293,7 +293,7 @@ def test_duplicate_ids_in_a_list_name_the_id_and_how_to_fix_it(two_roots, tmp_pa
         Media.create(path, [a, b], scheduler=client, progress=False)
     message = str(caught.value)
     assert "'cats/01.png'" in message and "nothing was written" in message
-    assert "give explicit paths" in message  # how to fix it
+    assert "list the files explicitly" in message  # how to fix it
     assert not path.exists() and not os.path.exists(f"{path}.partial")
 
 
