@@ -108,6 +108,7 @@ class BankWriter:
         self.opened: dict[str, Any] = {}
         self.links: dict[int, dict[str, Any]] = {}
         self._marks: list[int] = []  # self.n when each failure this writer recorded was
+        self.recorded_failures: list[Failure] = []  # of those, the ones compact_failures kept
         self._index: IdIndex | None = None
         self._columns: dict[str, layout.Column] = {}
         self._listed = False
@@ -591,7 +592,8 @@ class BankWriter:
         recorded (a retry that worked), or when the feature it names has data
         for the source now (a ``bank.map`` that failed for a source, re-run).
         A duplicate of a committed id failed after its id was committed, so
-        it is kept.
+        it is kept. Returns every failure kept; those this writer recorded
+        (what its build's summary lists) are left in :attr:`recorded_failures`.
         """
         tables = layout.failure_tables(self.f)
         rows = list(zip(*[layout.read_strings(t) for t in tables], strict=True))
@@ -600,17 +602,21 @@ class BankWriter:
         marks = [self._opened_n] * (len(rows) - len(self._marks)) + self._marks
         # A source not in the bank keeps its latest failure; a source in the bank keeps
         # one per feature (maps into different outputs fail independently).
-        latest: dict[tuple[str, str | None], Failure] = {}
+        latest: dict[tuple[str, str | None], tuple[int, Failure]] = {}
         bank_rows = self.index.rows([id_ for id_, _, _ in rows]).tolist()
-        for (id_, feature, error), mark, row in zip(rows, marks, bank_rows, strict=True):
+        for i, ((id_, feature, error), mark, row) in enumerate(
+            zip(rows, marks, bank_rows, strict=True)
+        ):
             key = (id_, feature if 0 <= row < mark else None)
             latest.pop(key, None)
             if row >= mark:
                 continue  # committed since it failed
             if row >= 0 and feature and self._has_data(feature, row):
                 continue  # a map over the bank that failed for it has worked since
-            latest[key] = Failure(id_, feature, error)
-        kept = list(latest.values())
+            latest[key] = (i, Failure(id_, feature, error))
+        kept = [failure for _, failure in latest.values()]
+        mine = len(rows) - len(self._marks)  # the failures from here on are this writer's
+        self.recorded_failures = [failure for i, failure in latest.values() if i >= mine]
         if len(kept) != len(rows):
             # Rewritten in fresh storage, never in place (see layout.replace_failures).
             self.f.flush()
@@ -696,7 +702,8 @@ class BuildPlan:
 
 @dataclass
 class BuildSummary:
-    """What a build did: counts, per-column rows and bytes, time, the first failures."""
+    """What a build did: counts, per-column rows and bytes, time, and the failures it recorded
+    (``failures``; the bank keeps every build's in ``bank.failures()``)."""
 
     path: str
     ok: int
@@ -1086,7 +1093,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
     f = writer.f
     try:
         writer.sort_categories()
-        failures = writer.compact_failures()
+        writer.compact_failures()
         provenance = layout.read_json_attr(f, layout.ATTR_PROVENANCE)
         provenance["library"] = f"h5bank {library_version()}"
         provenance.setdefault("builds", []).append(
@@ -1107,7 +1114,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
             skipped=state["skipped"],
             sources=writer.n,
             columns=writer.summary_columns(),
-            failures=failures,
+            failures=writer.recorded_failures,  # this build's: the bank's earlier ones are not news
             writer_seconds=writer.busy,
             seconds=time.time() - writer.started,  # create() replaces it with its wall time
             writer_pid=os.getpid(),

@@ -1253,3 +1253,15 @@ def test_a_map_output_inside_a_column_is_refused_before_writing(pictures):
         assert list(layout.iter_columns(bank.h5)) == columns
         assert bank.h5.attrs[layout.ATTR_SCHEMA] == attrs[layout.ATTR_SCHEMA]
         assert bank.failures() == []
+
+
+def test_a_summary_lists_the_failures_of_its_own_run_only(images, tmp_path):
+    (images / "cats" / "broken.png").write_text("<html>not a png</html>")
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler="threads", progress=False)
+    assert [f.id for f in bank.summary.failures] == ["cats/broken.png"]
+    summary = bank.map(
+        lambda d: d["images"][::2, ::2], inputs="images", output="thumbs",
+        feature=Array(item=True), scheduler="threads", progress=False,
+    )  # fmt: skip
+    assert summary.failed == 0 and summary.failures == [] and "failed:" not in str(summary)
+    assert [f.id for f in bank.failures()] == ["cats/broken.png"]  # the bank still has it
