@@ -58,6 +58,9 @@ _LINKS_KEPT = 4096
 
 # Writers open in this process, by build token.
 _OPEN: dict[str, BankWriter] = {}
+# Paths whose build is opening here (token by path), from before its partial file exists to
+# when its writer is in _OPEN: a second build of the path must not take that file meanwhile.
+_OPENING: dict[str, str] = {}
 _LOCK = threading.Lock()
 # Builds whose writer this process closed after an error (their later tasks say so).
 _ABORTED: set[str] = set()
@@ -764,10 +767,12 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     """
     if not plan.pinned:
         _refuse_on_a_worker(plan)
-    partial = layout.partial_path(plan.path)
     with _LOCK:
         mine = _OPEN.get(plan.token)
         other = next((t for t, w in _OPEN.items() if w.target == plan.path), None)
+        other = other or _OPENING.get(plan.path)
+        if mine is None and other is None:
+            _OPENING[plan.path] = plan.token
     if mine is not None:  # Dask ran this task again (its result was lost): it is open here
         return mine.opened
     if other is not None:
@@ -775,6 +780,16 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
             f"a build of {plan.path} (build {other}) is still writing it in this process; wait "
             "for it, or abort it (Build.abort()) if it was cancelled"
         )
+    try:
+        return _open_build(plan)
+    finally:
+        with _LOCK:
+            _OPENING.pop(plan.path, None)
+
+
+def _open_build(plan: BuildPlan) -> dict[str, Any]:
+    """:func:`open_build` once this process holds the path (``_OPENING``)."""
+    partial = layout.partial_path(plan.path)
     has_partial, has_bank = os.path.exists(partial), os.path.exists(plan.path)
     notes: list[str] = []
     if plan.mode == "a" and has_partial:

@@ -121,6 +121,43 @@ def test_a_second_build_of_the_same_path_is_refused(tmp_path):
         assert len(bank) == 60
 
 
+def test_a_second_build_is_refused_while_the_first_creates_its_partial_file(tmp_path, monkeypatch):
+    class Zeros(Feature):
+        reads_bytes = False
+
+        def load(self, source):
+            return np.zeros(1)
+
+    class Bank(TypedFile):
+        x = Zeros()
+
+    # The first build holds still right after creating its partial file, before its writer
+    # is registered: the moment a second build of the path used to take the file away.
+    created, go_on = threading.Event(), threading.Event()
+    init_bank = layout.init_bank
+
+    def held(*args, **kwargs):
+        init_bank(*args, **kwargs)
+        created.set()
+        go_on.wait(30)
+
+    monkeypatch.setattr(layout, "init_bank", held)
+    path = tmp_path / "b.h5"
+    first = threading.Thread(
+        target=lambda: Bank.create(path, ["a", "b"], scheduler="threads", progress=False)
+    )
+    first.start()
+    try:
+        assert created.wait(30)
+        with pytest.raises(WriterError, match="still writing it"):
+            Bank.create(path, ["other"], scheduler="threads", progress=False)
+    finally:
+        go_on.set()
+        first.join()
+    with Bank(path) as bank:
+        assert bank.ids == ["a", "b"]
+
+
 def test_a_failed_add_is_rolled_back(tmp_path, monkeypatch):
     path = tmp_path / "b.h5"
     with Pictures(path, mode="a") as bank:
