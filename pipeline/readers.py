@@ -12,7 +12,7 @@ Readers are read-only and take HDF5's shared file lock where the filesystem
 has one ("best-effort"), so a process writing the bank (a build, ``add``,
 ``bank.map(output=...)``) and a reader refuse each other with a clear error
 instead of one seeing the other's half-written metadata. h5bank does not use
-HDF5's SWMR mode; see the README's section on reading while a bank changes.
+HDF5's SWMR mode; see docs/reading.md, "Reading while a bank changes".
 
 - :func:`dask_array`: a ``dask.array.Array`` over a dataset, in blocks that
   are whole multiples of its HDF5 chunks along axis 0 (config

@@ -137,7 +137,7 @@ def _collect_garbage():
 
 
 def s3_options(endpoint, **extra):
-    """Options for moto: dummy credentials, and retries left to h5bank (as the README advises)."""
+    """Options for moto: dummy credentials, and retries left to h5bank (as docs/cloud.md advises)."""
     return {
         "endpoint_url": endpoint,
         "key": "testing",
