@@ -483,7 +483,8 @@ def image_bank(
     WebP, decoded with Pillow) and `labels` (DirLabels: the name of the
     folder holding each image, so DIR/cats/01.png is labelled "cats"; images
     directly in DIR get no label). Other files are left out. Ids are paths
-    relative to DIR. DIR may be a URL (s3://bucket/photos/).
+    relative to DIR; DIR may be a URL (s3://bucket/photos/), whose files
+    keep their full URL as their id.
 
     An existing OUT, or a stopped build's OUT.partial, is kept unless
     --overwrite (build again) or --resume (continue, or add new files) is
@@ -533,7 +534,8 @@ def sound_bank(
     time and each source's refs are its sample range) and `labels`
     (DirLabels: the name of the folder holding each file; files directly in
     DIR get no label). Other files are left out. Ids are paths relative to
-    DIR. DIR may be a URL (s3://bucket/sounds/).
+    DIR; DIR may be a URL (s3://bucket/sounds/), whose files keep their full
+    URL as their id.
 
     An existing OUT, or a stopped build's OUT.partial, is kept unless
     --overwrite (build again) or --resume (continue, or add new files) is
