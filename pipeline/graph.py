@@ -457,6 +457,7 @@ def build_graph(
     partitions, skipped = partition_sources(
         sources, storage_options, partition_size, threads, skip, reads_bytes
     )
+    sizes = [len(p) for p in partitions]
     window = config.get("build.max-pending", max_pending)
     if window is None and (writer is None or decoders):
         window = 2 * threads
@@ -475,7 +476,7 @@ def build_graph(
         },
         skipped=skipped,
         pinned=writer is not None,
-        planned=sum(len(p) for p in partitions),
+        planned=sum(sizes),
     )
 
     options = dict(storage_options or {})
@@ -490,7 +491,6 @@ def build_graph(
             place=k,
         )  # fmt: skip
 
-    sizes = [len(p) for p in partitions]
     return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
 
 
@@ -584,6 +584,7 @@ def map_graph(
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
     window = config.get("build.max-pending", max_pending) or 2 * threads
+    sizes = [len(p) for p in partitions]
     token = uuid.uuid4().hex
     name = getattr(func, "__qualname__", None) or type(func).__name__
     plan = _plan(
@@ -602,7 +603,7 @@ def map_graph(
         },
         skipped=skipped,
         pinned=writer is not None,
-        planned=sum(len(p) for p in partitions),
+        planned=sum(sizes),
     )
 
     def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
@@ -622,5 +623,4 @@ def map_graph(
             place=k,
         )  # fmt: skip
 
-    sizes = [len(p) for p in partitions]
     return writer_chain(plan, writer, decoders, sizes, window, read_and_map, attach_partition)

@@ -1008,50 +1008,41 @@ class TypedFile:
             return readers.open_for_reading(self.path, **self._options)
         readers.release(self.path)  # this process's cached read handles would refuse a writer
         readers.register_plugin_filters()
-        try:
-            return h5py.File(self.path, self.mode, **self._options)
-        except OSError as error:
-            if "already open for read-only" in str(error):
-                return self._open_over_readers()
-            if "lock" not in str(error):
-                raise
-        # Readers hold it: maybe the workers of the default Dask client, whose cached
-        # handles h5bank can close. Anyone else has to close theirs.
+        tried: set[str] = set()
+        while True:
+            try:
+                return h5py.File(self.path, self.mode, **self._options)
+            except OSError as error:
+                refusal = next((r for r in _WRITE_REFUSALS if r in str(error)), None)
+                if refusal is None:
+                    raise
+                if refusal in tried:
+                    raise BankBusyError(
+                        f"cannot open {self._shown} with mode {self.mode!r}: "
+                        + _WRITE_REFUSALS[refusal]
+                    ) from None
+                tried.add(refusal)
+                self._release_readers(refusal)
+
+    def _release_readers(self, refusal: str) -> None:
+        """Close the read handles h5bank holds on the file that made HDF5 refuse a writer.
+
+        ``"already open for read-only"``: other bank objects of this process
+        read it (``exp = Bank.create(...)``, then ``Bank(path, mode="r+")``);
+        their handles are closed and each reopens on its next use (then
+        sharing the writable handle, as HDF5 does within a process).
+        ``"lock"``: other processes read it, maybe the workers of the default
+        Dask client, whose cached handles h5bank can close. Anyone else has
+        to close theirs.
+        """
+        if refusal == "already open for read-only":
+            _evict(self, _identity(self.path))
+            return
         from pipeline.cluster import _default_client
 
         client = _default_client()
         if client is not None:
             client.run(readers.release, self.path)
-            try:
-                return h5py.File(self.path, self.mode, **self._options)
-            except OSError as error:
-                if "lock" not in str(error):
-                    raise
-        raise BankBusyError(
-            f"cannot open {self._shown} with mode {self.mode!r}: another process has it open. Dask "
-            "workers that computed arrays of it keep it open until "
-            "client.run(pipeline.readers.release, path); other programs must close it"
-        ) from None
-
-    def _open_over_readers(self) -> h5py.File:
-        """Open the file for writing while other bank objects of this process read it.
-
-        HDF5 refuses to open a file for writing in a process that has it open
-        read-only (``exp = Bank.create(...)``, then ``Bank(path, mode="r+")``).
-        Those objects' handles are closed; each reopens on its next use (and
-        then shares this writable handle, as HDF5 does within a process).
-        """
-        _evict(self, _identity(self.path))
-        try:
-            return h5py.File(self.path, self.mode, **self._options)
-        except OSError as error:
-            if "already open for read-only" not in str(error):
-                raise
-        raise BankBusyError(
-            f"cannot open {self._shown} with mode {self.mode!r}: this process has it open "
-            "read-only outside h5bank (an h5py.File, or a Dask array computing on threads); "
-            "close that first"
-        ) from None
 
     # -- display ----------------------------------------------------------------------
 
@@ -1107,6 +1098,16 @@ class TypedFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# What HDF5 says when it refuses to open a file for writing, and what the user must do once
+# h5bank has closed its own read handles (TypedFile._release_readers) and it still refuses.
+_WRITE_REFUSALS = {
+    "already open for read-only": "this process has it open read-only outside h5bank (an "
+    "h5py.File, or a Dask array computing on threads); close that first",
+    "lock": "another process has it open. Dask workers that computed arrays of it keep it open "
+    "until client.run(pipeline.readers.release, path); other programs must close it",
+}
 
 
 def _evict(bank: TypedFile, identity: tuple[int, int] | None) -> None:

@@ -111,7 +111,6 @@ class BankWriter:
         self.opened: dict[str, Any] = {}
         self.links: dict[int, dict[str, Any]] = {}
         self._marks: list[int] = []  # self.n when each failure this writer recorded was
-        self.recorded_failures: list[Failure] = []  # of those, the ones compact_failures kept
         self._index: IdIndex | None = None
         self._columns: dict[str, layout.Column] = {}
         self._listed = False
@@ -595,8 +594,8 @@ class BankWriter:
         recorded (a retry that worked), or when the feature it names has data
         for the source now (a ``bank.map`` that failed for a source, re-run).
         A duplicate of a committed id failed after its id was committed, so
-        it is kept. Returns every failure kept; those this writer recorded
-        (what its build's summary lists) are left in :attr:`recorded_failures`.
+        it is kept. Returns the failures kept that this writer recorded (what
+        its build's summary lists: the bank's earlier ones are not news).
         """
         tables = layout.failure_tables(self.f)
         rows = list(zip(*[layout.read_strings(t) for t in tables], strict=True))
@@ -619,7 +618,7 @@ class BankWriter:
             latest[key] = (i, Failure(id_, feature, error))
         kept = [failure for _, failure in latest.values()]
         mine = len(rows) - len(self._marks)  # the failures from here on are this writer's
-        self.recorded_failures = [failure for i, failure in latest.values() if i >= mine]
+        recorded = [failure for i, failure in latest.values() if i >= mine]
         if len(kept) != len(rows):
             # Rewritten in fresh storage, never in place (see layout.replace_failures).
             self.f.flush()
@@ -629,7 +628,7 @@ class BankWriter:
                 sync=self._sync,
             )
             self._marks = []
-        return kept
+        return recorded
 
     def summary_columns(self) -> dict[str, dict[str, Any]]:
         return {
@@ -1108,7 +1107,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
     f = writer.f
     try:
         writer.sort_categories()
-        writer.compact_failures()
+        failures = writer.compact_failures()
         provenance = layout.read_json_attr(f, layout.ATTR_PROVENANCE)
         provenance["library"] = f"h5bank {library_version()}"
         provenance.setdefault("builds", []).append(
@@ -1129,7 +1128,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
             skipped=state["skipped"],
             sources=writer.n,
             columns=writer.summary_columns(),
-            failures=writer.recorded_failures,  # this build's: the bank's earlier ones are not news
+            failures=failures,
             writer_seconds=writer.busy,
             seconds=time.time() - writer.started,  # create() replaces it with its wall time
             writer_pid=os.getpid(),
