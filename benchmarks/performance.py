@@ -60,6 +60,7 @@ from corpora import label_of, png_corpus, ragged_corpus  # noqa: E402
 
 from features import DirLabels, Feature, Image  # noqa: E402
 from pipeline import TypedFile, serve  # noqa: E402
+from pipeline.format.filters import filter_rows  # noqa: E402
 from pipeline.serve import GetId, Input, Target  # noqa: E402
 
 WORKERS = 2
@@ -165,7 +166,6 @@ def _h5bank_decode_gzip(paths: list[str]) -> int:
 def _h5bank_decode_zstd(paths: list[str]) -> int:
     """Decode, then filter the images with hdf5plugin's Zstd, 64 rows at a time, as HDF5
     stores them: what a Zstd build must do."""
-    from pipeline import layout
 
     feature = Zstandard.__schema__["images"]
     total = 0
@@ -174,7 +174,7 @@ def _h5bank_decode_zstd(paths: list[str]) -> int:
         for p in paths[start : start + 64]:
             with open(p, "rb") as f:
                 rows.append(feature.decode(f.read(), p))
-        made = layout.filter_rows(np.stack(rows), feature.dataset_options)
+        made = filter_rows(np.stack(rows), feature.dataset_options)
         total += sum(len(chunk) for chunk in made.chunks)
     return total
 

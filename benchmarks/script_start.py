@@ -4,7 +4,7 @@ processes stopped importing the user's ``__main__``.
     python benchmarks/script_start.py [--files 2000] [--rounds 5] [--workers 2]
 
 h5bank's embedded cluster spawns worker processes without the user's main
-module (:class:`pipeline.cluster._SpawnWithoutMain`), so scripts need no
+module (:class:`pipeline.run.local.SpawnWithoutMain`), so scripts need no
 ``if __name__ == "__main__":`` guard. Before, each worker imported the main
 script again (``multiprocessing``'s spawn), which this script has (it is
 guarded). Each round builds the same folder on a fresh embedded cluster twice,
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build_images import Pictures, make_corpus
 
-from pipeline import cluster
+from pipeline.run.local import _SpawnWithoutMain
 
 
 def emit(figure: str, value: float, unit: str, **extra) -> None:
@@ -38,16 +38,16 @@ def emit(figure: str, value: float, unit: str, **extra) -> None:
 
 
 def build(root: Path, out: Path, workers_import_main: bool) -> float:
-    name = cluster._SpawnWithoutMain.PROCESS_NAME
+    name = _SpawnWithoutMain.PROCESS_NAME
     if workers_import_main:  # as before: no worker process is recognised, main goes along
-        cluster._SpawnWithoutMain.PROCESS_NAME = "(none)"
+        _SpawnWithoutMain.PROCESS_NAME = "(none)"
     try:
         out.unlink(missing_ok=True)
         started = time.perf_counter()
         bank = Pictures.create(out, root, progress=False)
         seconds = time.perf_counter() - started
     finally:
-        cluster._SpawnWithoutMain.PROCESS_NAME = name
+        _SpawnWithoutMain.PROCESS_NAME = name
     assert len(bank) > 0 and bank.summary.writer_pid != os.getpid()
     bank.close()
     return seconds

@@ -9,15 +9,9 @@ import changed (``import pipeline as h5m``); serving to PyTorch with
 :func:`local_cluster` keeps the embedded Dask cluster open for several calls.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("h5bank")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
 from features import Array, Bytes, DirLabels, Feature, Image, Sound, String
 from pipeline import config
+from pipeline.build.summary import BuildSummary
 from pipeline.errors import (
     BankBusyError,
     BankChangedError,
@@ -37,10 +31,11 @@ from pipeline.errors import (
     WorkerDiedError,
     WriterError,
 )
+from pipeline.files.cache import release
 from pipeline.schema import Group
 from pipeline.serve import AsSlice, BankDataset, GetId, GetIndex, Getter, Input, Target, serve
 from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
-from pipeline.writer import BuildSummary
+from pipeline.version import __version__
 
 __all__ = [
     "Array",
@@ -83,15 +78,16 @@ __all__ = [
     "__version__",
     "config",
     "local_cluster",
+    "release",
     "serve",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # local_cluster lives with the schedulers (pipeline.cluster), imported on first use:
+    # local_cluster lives with the schedulers (pipeline.run.local), imported on first use:
     # importing pipeline stays cheap (no tqdm, no graph code).
     if name == "local_cluster":
-        from pipeline.cluster import local_cluster
+        from pipeline.run.local import local_cluster
 
         return local_cluster
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

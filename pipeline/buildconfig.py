@@ -50,9 +50,11 @@ import features as builtin_features
 from features.base import Feature
 from pipeline import config
 from pipeline.errors import ConfigError
+from pipeline.run.local import local_cluster_size
+from pipeline.run.slurm import slurm_job_script, slurm_plan
 from pipeline.schema import Group
-from pipeline.sources import is_url, redact
 from pipeline.typedfile import TypedFile
+from pipeline.urls import is_url, redact
 
 # The top-level keys a build applies while it runs.
 _APPLIED = ("h5bank", "jobqueue")
@@ -92,7 +94,6 @@ class BuildConfig:
 
     def describe(self) -> str:
         """What :meth:`run` would do, for ``--dry-run``: nothing is built or submitted."""
-        from pipeline import cluster
 
         lines = [
             f"bank:     {self.bank_name}",
@@ -103,11 +104,11 @@ class BuildConfig:
         with dask.config.set(self.settings):
             scheduler = self.scheduler
             if scheduler == "slurm":
-                plan, _ = cluster.slurm_plan()
+                plan, _ = slurm_plan()
                 lines.append(f"runs on:  {plan}, each submitted with this script:")
-                lines.append(cluster.slurm_job_script().rstrip())
+                lines.append(slurm_job_script().rstrip())
             elif scheduler == "local":
-                lines.append(f"runs on:  {cluster.local_cluster_size()}")
+                lines.append(f"runs on:  {local_cluster_size()}")
             else:
                 lines.append(f"runs on:  {scheduler}")
         return "\n".join(lines)

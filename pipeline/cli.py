@@ -18,7 +18,11 @@ from typing import Any
 import click
 
 from pipeline.errors import H5BankError
-from pipeline.sources import scrub
+from pipeline.files.handles import close_file, open_for_reading
+from pipeline.format import layout
+from pipeline.format.partial import PARTIAL_SUFFIX, partial_path
+from pipeline.format.verify import bank_problems
+from pipeline.urls import scrub
 
 
 class _Command(click.Group):
@@ -58,7 +62,7 @@ class _Bank(click.ParamType):
     name = "bank"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        from pipeline.sources import is_url
+        from pipeline.urls import is_url
 
         text = str(value)
         if is_url(text):
@@ -225,13 +229,13 @@ def _refuse_to_replace(plan: Any, resume: bool, overwrite: bool) -> str | None:
     """Refuse to replace the bank or a stopped build unless told to; the partial file's path."""
     import dask
 
-    from pipeline import config, layout
-    from pipeline.sources import is_url
+    from pipeline import config
+    from pipeline.urls import is_url
 
     with dask.config.set(plan.settings):
         storage_options = config.storage_options()
     if is_url(plan.output):
-        from pipeline.readers import remote_fs
+        from pipeline.files.remote import remote_fs
 
         fs, path = remote_fs(plan.output, storage_options)
         if not overwrite and fs.exists(path):
@@ -241,7 +245,7 @@ def _refuse_to_replace(plan: Any, resume: bool, overwrite: bool) -> str | None:
             )
         return None
     target = os.path.abspath(plan.output)
-    partial = layout.partial_path(target)
+    partial = partial_path(target)
     has_bank, has_partial = os.path.exists(target), os.path.exists(partial)
     if has_bank and has_partial and not overwrite:
         raise FileExistsError(
@@ -271,7 +275,7 @@ class _Folder(click.ParamType):
     name = "dir"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        from pipeline.sources import is_url
+        from pipeline.urls import is_url
 
         text = str(value)
         if is_url(text):
@@ -615,18 +619,17 @@ def verify(bank: str, data: bool) -> None:
     known, build finished. BANK may be the PATH.partial file a stopped build
     left: then what it commits is checked, the part a resume keeps.
     """
-    from pipeline import layout, readers
 
-    f = readers.open_for_reading(bank)  # registers hdf5plugin's filters, for --data
+    f = open_for_reading(bank)  # registers hdf5plugin's filters, for --data
     try:
-        stopped = bank.endswith(layout.PARTIAL_SUFFIX) and (layout.state(f) == layout.BUILDING)
-        problem = next(layout.verify(f, data, stopped=stopped), None)
+        stopped = bank.endswith(PARTIAL_SUFFIX) and (layout.state(f) == layout.BUILDING)
+        problem = next(bank_problems(f, data, stopped=stopped), None)
         if problem is not None:
             click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)
             sys.exit(1)
         n, columns = layout.committed(f), len(list(layout.iter_columns(f)))
     finally:
-        readers.close_file(f)
+        close_file(f)
     checked = "structure and every chunk" if data else "structure"
     what = f"{n} sources committed by a stopped build (resumable)" if stopped else f"{n} sources"
     click.echo(f"ok: {bank}: {what}, {columns} columns ({checked} checked)")

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import layout, readers
+from pipeline.format import layout
+from pipeline.format.rows import absolute_rows, take_rows
 
 if TYPE_CHECKING:
     from pipeline.typedfile import FeatureProxy, TypedFile
@@ -102,10 +103,10 @@ class GetIndex(Getter):
         return proxy._require().data[index]
 
     def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
-        return list(readers.take_rows(proxy._require().data, indices))
+        return list(take_rows(proxy._require().data, indices))
 
     def get_batch(self, proxy: FeatureProxy, indices: np.ndarray) -> Any:
-        return readers.take_rows(proxy._require().data, indices)
+        return take_rows(proxy._require().data, indices)
 
 
 class AsSlice(Getter):
@@ -269,7 +270,7 @@ class BankDataset:
         return self._length
 
     def _check(self, asked: np.ndarray) -> np.ndarray:
-        return readers.absolute_rows(asked, self._length, "item")
+        return absolute_rows(asked, self._length, "item")
 
     def __getitem__(self, index: Any) -> Any:
         """Item ``index``; or, for a list of indices, the whole batch collated (see :meth:`batch`)."""

@@ -20,7 +20,7 @@ Lazily, on any Dask cluster: ``proxy.to_dask()`` / ``bank.to_dask()`` (dask
 arrays), ``proxy.to_dask_sources()`` (a bag of ``(id, value)``) and
 ``bank.map(func, inputs, output)`` (a function over every source, its results
 returned or written back as a feature through the build's single writer);
-see :mod:`pipeline.readers`.
+see :mod:`pipeline.read`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ import h5py
 import numpy as np
 
 from features.base import Feature
-from pipeline import config, layout, readers
-from pipeline.decode import Failure, to_stored
+from pipeline import config
+from pipeline.build.chain import check_schema
+from pipeline.build.decode import to_stored
+from pipeline.build.summary import BuildSummary, Failure, human_bytes
+from pipeline.build.writer import BankWriter
 from pipeline.errors import (
     BankBusyError,
     BuildInProgressError,
@@ -53,9 +56,25 @@ from pipeline.errors import (
     SchemaError,
     UnknownIdError,
 )
+from pipeline.files.cache import LazyFile, release
+from pipeline.files.handles import READ_OPTIONS, bank_identity, close_file, open_for_reading, track
+from pipeline.files.remote import remote_identity
+from pipeline.format import layout
+from pipeline.format.filters import compression_of, register_plugin_filters
+from pipeline.format.partial import partial_path
+from pipeline.format.rows import absolute_rows, take_rows
+from pipeline.read.arrays import dask_array
+from pipeline.read.records import (
+    ColumnSpec,
+    columns_for,
+    partition_rows,
+    rows_per_partition,
+    source_bag,
+    stored_value,
+)
 from pipeline.schema import Group, Schema, feature_for_column, feature_of
-from pipeline.sources import is_url, redact
-from pipeline.writer import BankWriter, BuildSummary, check_schema, human_bytes, library_version
+from pipeline.urls import is_url, redact
+from pipeline.version import __version__
 
 T = TypeVar("T", bound="TypedFile")
 
@@ -138,27 +157,27 @@ class TypedFile:
         if (
             not self.remote
             and not os.path.exists(self.path)
-            and os.path.exists(layout.partial_path(self.path))
+            and os.path.exists(partial_path(self.path))
         ):
             raise BuildInProgressError(
                 f"{self._shown} is being built, or its build stopped: only "
-                f"{layout.partial_path(self.path)} exists. Wait for the build, or resume it "
+                f"{partial_path(self.path)} exists. Wait for the build, or resume it "
                 "with create(..., mode='a')"
             )
         new = mode == "a" and not self.remote and not os.path.exists(self.path)
-        self._options = {**readers.READ_OPTIONS, **h5py_options}
+        self._options = {**READ_OPTIONS, **h5py_options}
         self._h5 = self._open()
         try:
             if new:
                 layout.init_bank(
                     self._h5,
                     type(self).__schema__.describe(),
-                    {"library": f"h5bank {library_version()}", "builds": []},
+                    {"library": f"h5bank {__version__}", "builds": []},
                 )
                 layout.set_state(self._h5, layout.COMPLETE)
             self._check_file()
         except BaseException:
-            readers.close_file(self._h5)
+            close_file(self._h5)
             raise
         self._forget()
 
@@ -183,7 +202,7 @@ class TypedFile:
     @_h5.setter
     def _h5(self, f: h5py.File) -> None:
         self._file, self._pid = f, os.getpid()
-        readers.track(f)  # a forked child gets its own descriptor (readers.track)
+        track(f)  # a forked child gets its own descriptor (track)
 
     def _adopt(self) -> None:
         if self.mode != "r":
@@ -193,7 +212,7 @@ class TypedFile:
                 "(mode='r') in the process that shares it"
             )
         with contextlib.suppress(Exception):
-            readers.close_file(self._file)  # this process's copy of the parent's handle only
+            close_file(self._file)  # this process's copy of the parent's handle only
         self._h5 = self._open()
         self._check_file()
         self._forget()
@@ -299,7 +318,7 @@ class TypedFile:
             stopped.
         scheduler
             Where the build runs; ``None`` is an embedded local cluster (or
-            the current default client). See :mod:`pipeline.cluster`.
+            the current default client). See :mod:`pipeline.run.runner`.
         partition_size
             Sources per decode task (config ``h5bank.build.partition-size``).
         on_error
@@ -313,7 +332,7 @@ class TypedFile:
         max_pending
             Decoded partitions allowed to wait for the writer (config
             ``h5bank.build.max-pending``; default: 2 x threads, none on a
-            cluster still growing; see :mod:`pipeline.graph`).
+            cluster still growing; see :mod:`pipeline.build.graph`).
         n_workers
             h5mapper's argument: the number of worker processes of the
             embedded local cluster (or of threads, with
@@ -333,7 +352,7 @@ class TypedFile:
         does, takes writes: the first ``add``, ``set`` or item assignment
         reopens it with ``mode="r+"``.
         """
-        from pipeline.cluster import runner_for, scheduler_for
+        from pipeline.run.runner import runner_for, scheduler_for
 
         scheduler = scheduler_for(scheduler, parallelism, n_workers)
         storage_options = config.storage_options(storage_options)
@@ -394,7 +413,7 @@ class TypedFile:
         """Build a bank into a local temporary file, then upload it to ``url`` whole."""
         import tempfile
 
-        from pipeline.writer import check_upload_target, upload_bank
+        from pipeline.build.upload import check_upload_target, upload_bank
 
         if mode != "w":
             raise ValueError(
@@ -440,15 +459,15 @@ class TypedFile:
         storage_options: Mapping[str, Any] | None = None,
         max_pending: int | None = None,
     ) -> Any:
-        """The build as a Dask collection (:class:`pipeline.graph.Build`), not yet run.
+        """The build as a Dask collection (:class:`pipeline.build.graph.Build`), not yet run.
 
         ``client.compute(Bank.graph(path, sources, scheduler=client))`` submits
         a build without blocking. ``scheduler`` tells which cluster the writer
         chain is pinned to (``None``: the default client if any, else none, for
         the threaded scheduler).
         """
-        from pipeline.cluster import placement
-        from pipeline.graph import build_graph
+        from pipeline.build.graph import build_graph
+        from pipeline.run.runner import placement
 
         if is_url(os.fspath(path)):
             raise ValueError(
@@ -648,7 +667,7 @@ class TypedFile:
                 f"{self._shown} is open read-only; open it with mode='r+' or 'a' to write"
             )
         # The bank create() returned: reopen it for writing, as h5mapper's create gives "r+".
-        readers.close_file(self._file)
+        close_file(self._file)
         self.mode = "r+"
         try:
             self._reopen()
@@ -721,20 +740,20 @@ class TypedFile:
 
     # -- lazy computing ------------------------------------------------------------------
 
-    def lazy_file(self) -> readers.LazyFile:
+    def lazy_file(self) -> LazyFile:
         """The picklable recipe Dask tasks open this bank with, once per worker process.
 
         It names this bank (its uuid), so a task that finds another bank at
         the path (rebuilt, replaced) raises ``BankChangedError``.
         """
         if self.remote:
-            return readers.LazyFile(
+            return LazyFile(
                 self.path,
-                readers.bank_identity(self._h5),
-                readers.remote_identity(self.path, self._storage_options),
+                bank_identity(self._h5),
+                remote_identity(self.path, self._storage_options),
                 self._storage_options,
             )
-        return readers.LazyFile.of(self._h5)
+        return LazyFile.of(self._h5)
 
     def to_dask(self, chunks: Any = None) -> dict[str, Any]:
         """Every feature column as a ``dask.array.Array``, by path (see :meth:`FeatureProxy.to_dask`).
@@ -789,7 +808,7 @@ class TypedFile:
             results into this bank as a new feature, aligned with the sources,
             through the build's single writer (the bank is renamed to its
             partial path meanwhile, as during an append), and return the
-            :class:`~pipeline.writer.BuildSummary`. Sources that already have
+            :class:`~pipeline.build.summary.BuildSummary`. Sources that already have
             data in ``output`` are skipped, so running a map again after it
             stopped fills in only what is missing. A result of ``None`` stores
             nothing for that source.
@@ -815,14 +834,14 @@ class TypedFile:
         If a map with an output fails, the bank is put back as of its last
         commit before the error is raised: the results written so far stay.
         """
-        from pipeline.cluster import runner_for
+        from pipeline.run.runner import runner_for
 
         on_error = config.get("build.on-error", on_error)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         progress = config.get("build.progress", progress)
         keys = self._map_inputs(inputs)
-        columns = readers.columns_for(self._features, self._h5, keys)
+        columns = columns_for(self._features, self._h5, keys)
         have = np.ones(len(self), dtype=bool)
         for path in keys.values():
             have &= self._require_column(path).refs[:, 0] >= 0
@@ -842,7 +861,7 @@ class TypedFile:
                 "copy it to a local path to write a feature into it"
             )
         rows = np.flatnonzero(have)
-        per_partition = partition_size or readers.rows_per_partition(
+        per_partition = partition_size or rows_per_partition(
             self._h5, list(keys.values()), len(self)
         )
         started = time.perf_counter()
@@ -850,7 +869,7 @@ class TypedFile:
             if partition_size is None:
                 spread = math.ceil(len(rows) / (4 * runner.threads)) if len(rows) else 1
                 per_partition = max(1, min(per_partition, spread))
-            parts = readers.partition_rows(rows, per_partition)
+            parts = partition_rows(rows, per_partition)
             lazy = self.lazy_file()
             self.close()
             try:
@@ -929,15 +948,15 @@ class TypedFile:
         self,
         runner: Any,
         func: Any,
-        lazy: readers.LazyFile,
-        columns: list[readers.ColumnSpec],
+        lazy: LazyFile,
+        columns: list[ColumnSpec],
         parts: list[np.ndarray],
         on_error: str,
         progress: bool,
     ) -> MapResult:
         from dask.delayed import delayed
 
-        from pipeline.decode import map_rows
+        from pipeline.build.decode import map_rows
 
         func_task = delayed(func, traverse=False)
         tasks = [
@@ -960,7 +979,7 @@ class TypedFile:
         self,
         runner: Any,
         func: Any,
-        columns: list[readers.ColumnSpec],
+        columns: list[ColumnSpec],
         parts: list[np.ndarray],
         output: str,
         feature: Feature | None,
@@ -969,8 +988,8 @@ class TypedFile:
         max_pending: int | None,
         progress: bool,
     ) -> BuildSummary:
-        from pipeline.graph import map_graph
-        from pipeline.writer import restore_after_failure
+        from pipeline.build.chain import restore_after_failure
+        from pipeline.build.graph import map_graph
 
         build = map_graph(
             self.path,
@@ -1003,11 +1022,11 @@ class TypedFile:
     def _open(self) -> h5py.File:
         if self.remote:
             options = {k: v for k, v in self._options.items() if k != "locking"}
-            return readers.open_for_reading(self.path, self._storage_options, **options)
+            return open_for_reading(self.path, self._storage_options, **options)
         if self.mode == "r":
-            return readers.open_for_reading(self.path, **self._options)
-        readers.release(self.path)  # this process's cached read handles would refuse a writer
-        readers.register_plugin_filters()
+            return open_for_reading(self.path, **self._options)
+        release(self.path)  # this process's cached read handles would refuse a writer
+        register_plugin_filters()
         tried: set[str] = set()
         while True:
             try:
@@ -1038,11 +1057,11 @@ class TypedFile:
         if refusal == "already open for read-only":
             _evict(self, _identity(self.path))
             return
-        from pipeline.cluster import _default_client
+        from pipeline.run.runner import _default_client
 
         client = _default_client()
         if client is not None:
-            client.run(readers.release, self.path)
+            client.run(release, self.path)
 
     # -- display ----------------------------------------------------------------------
 
@@ -1064,7 +1083,7 @@ class TypedFile:
 
     def _size(self) -> int:
         if self.remote:
-            return int(readers.remote_identity(self.path, self._storage_options)[0] or 0)
+            return int(remote_identity(self.path, self._storage_options)[0] or 0)
         return os.path.getsize(self.path)
 
     def info(self, file: Any = None) -> None:
@@ -1088,8 +1107,8 @@ class TypedFile:
         """
         writable = self.mode != "r" and bool(self._file)
         if self._pid == os.getpid() and self._file:  # a copy of a parent's handle is not ours
-            readers.close_file(self._file)
-        readers.release(self.path)
+            close_file(self._file)
+        release(self.path)
         if writable and not self.remote:
             _evict(self, _identity(self.path))
 
@@ -1106,7 +1125,7 @@ _WRITE_REFUSALS = {
     "already open for read-only": "this process has it open read-only outside h5bank (an "
     "h5py.File, or a Dask array computing on threads); close that first",
     "lock": "another process has it open. Dask workers that computed arrays of it keep it open "
-    "until client.run(pipeline.readers.release, path); other programs must close it",
+    "until client.run(pipeline.release, path); other programs must close it",
 }
 
 
@@ -1123,7 +1142,7 @@ def _evict(bank: TypedFile, identity: tuple[int, int] | None) -> None:
             and not other.remote
             and _identity(other.path) == identity
         ):
-            readers.close_file(other._file)
+            close_file(other._file)
             other._evicted = True
 
 
@@ -1340,13 +1359,13 @@ class FeatureProxy(_Proxy):
             if row is not None:
                 return column.data[item].reshape(layout.stored_shape(column, row))
         if _row_list(item):  # proxy[[3, 70, 512]]: run by run, in any order (h5py: slow, sorted)
-            return readers.take_rows(column.data, item)
+            return take_rows(column.data, item)
         return column.data[item]
 
     def _stacked(self, column: layout.Column, refs: np.ndarray) -> np.ndarray | None:
         """The sources' rows as one array, when each has exactly one row (item, category)."""
         if column.storage in ("item", "category") and bool(np.all(refs[:, 1] - refs[:, 0] == 1)):
-            return readers.take_rows(column.data, refs[:, 0])
+            return take_rows(column.data, refs[:, 0])
         return None
 
     def stacked_rows(self, rows: Any) -> np.ndarray | None:
@@ -1357,8 +1376,8 @@ class FeatureProxy(_Proxy):
             return None
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self.bank._is_dense(column):
-            return readers.take_rows(column.data, rows)
-        refs = readers.take_rows(column.refs, rows)
+            return take_rows(column.data, rows)
+        refs = take_rows(column.refs, rows)
         return None if (refs[:, 0] < 0).any() else self._stacked(column, refs)
 
     def get_rows(self, rows: Any) -> list[Any]:
@@ -1373,10 +1392,10 @@ class FeatureProxy(_Proxy):
         if not len(rows):
             return []
         if self.bank._is_dense(column):
-            starts = readers.absolute_rows(rows, column.refs.shape[0])
+            starts = absolute_rows(rows, column.refs.shape[0])
             refs = np.stack([starts, starts + 1], axis=1)
         else:
-            refs = readers.take_rows(column.refs, rows)
+            refs = take_rows(column.refs, rows)
         missing = np.flatnonzero(refs[:, 0] < 0)
         if len(missing):
             source = self.bank.ids[int(rows[missing[0]])]
@@ -1394,7 +1413,7 @@ class FeatureProxy(_Proxy):
         for row, (start, stop) in zip(rows.tolist(), refs.tolist(), strict=True):
             shape = layout.stored_shape(column, row) if column.storage == "flat" else None
             block = column.data[start:stop]
-            values.append(readers.stored_value(feature, column.storage, block, shape, ""))
+            values.append(stored_value(feature, column.storage, block, shape, ""))
         return values
 
     def _ref_row(self, column: layout.Column, item: slice) -> int | None:
@@ -1429,9 +1448,7 @@ class FeatureProxy(_Proxy):
         if start < 0:
             return None
         shape = layout.stored_shape(column, row) if column.storage == "flat" else None
-        return readers.stored_value(
-            self.feature, column.storage, column.data[start:stop], shape, id_
-        )
+        return stored_value(self.feature, column.storage, column.data[start:stop], shape, id_)
 
     def to_dask(self, chunks: Any = None) -> Any:
         """The concatenated data as a ``dask.array.Array``, read lazily on any worker.
@@ -1447,7 +1464,7 @@ class FeatureProxy(_Proxy):
         ``chunks`` is anything ``dask.array.from_array`` takes. The default
         cuts axis 0 in whole HDF5 chunks, about ``h5bank.read.chunk-bytes``
         (64 MiB) a block. Making the array reads metadata only; its tasks
-        open the bank once per worker process (a :class:`~pipeline.readers.LazyFile`),
+        open the bank once per worker process (a :class:`~pipeline.files.cache.LazyFile`),
         so the bank must be on storage every worker reaches.
         """
         column = self._require()
@@ -1455,7 +1472,7 @@ class FeatureProxy(_Proxy):
             self.bank
         )
         refs = column.refs if by_source else None
-        return readers.dask_array(self.bank.lazy_file(), column.data, chunks, refs)
+        return dask_array(self.bank.lazy_file(), column.data, chunks, refs)
 
     def to_dask_sources(self, partition_size: int | None = None) -> Any:
         """A ``dask.bag`` of ``(id, value)``, one item per source with data, in bank order.
@@ -1469,9 +1486,9 @@ class FeatureProxy(_Proxy):
         """
         self._require()
         n = len(self.bank)
-        size = partition_size or readers.rows_per_partition(self.bank._h5, [self.path], n)
-        specs = readers.columns_for(self.bank._features, self.bank._h5, {self.path: self.path})
-        return readers.source_bag(self.bank.lazy_file(), specs, range(n), size, single=True)
+        size = partition_size or rows_per_partition(self.bank._h5, [self.path], n)
+        specs = columns_for(self.bank._features, self.bank._h5, {self.path: self.path})
+        return source_bag(self.bank.lazy_file(), specs, range(n), size, single=True)
 
     def add(self, id_: str, value: Any) -> None:
         """Add this feature's data for ``id_`` (which has none yet)."""
@@ -1503,7 +1520,7 @@ class FeatureProxy(_Proxy):
         shown = " ".join(f"{k}={v}" for k, v in params.items() if v is not None and k != "decoder")
         return (
             f"{self.name:<14} {label:<10} {column.storage:<8} {column.data.dtype!s:<8} "
-            f"{column.data.shape!s:<20} {layout.compression_of(column.data):<10} "
+            f"{column.data.shape!s:<20} {compression_of(column.data):<10} "
             f"{human_bytes(layout.storage_bytes(column.group)):>9}  {with_data} source{'s' * (with_data != 1)}  {shown}"
         ).rstrip()
 
@@ -1579,7 +1596,7 @@ class DatasetProxy(_Proxy):
 
     def to_dask(self, chunks: Any = None) -> Any:
         """The dataset as a ``dask.array.Array``; see :meth:`FeatureProxy.to_dask`."""
-        return readers.dask_array(self.bank.lazy_file(), self.dataset, chunks)
+        return dask_array(self.bank.lazy_file(), self.dataset, chunks)
 
     def _get_row(self, row: int, id_: str) -> None:
         return None
@@ -1588,7 +1605,7 @@ class DatasetProxy(_Proxy):
         ds = self.dataset
         return (
             f"{self.name:<14} {'dataset':<10} {'':<8} {ds.dtype!s:<8} {ds.shape!s:<20} "
-            f"{layout.compression_of(ds):<10} {human_bytes(layout.storage_bytes(ds)):>9}"
+            f"{compression_of(ds):<10} {human_bytes(layout.storage_bytes(ds)):>9}"
         )
 
     def __repr__(self) -> str:

@@ -32,6 +32,8 @@ import soundfile
 from distributed import Client, LocalCluster
 from servers import FaultServer, RangeServer, start_gcs, start_moto, stop
 
+from pipeline.format import layout
+
 
 @pytest.fixture(scope="session")
 def cluster():
@@ -146,7 +148,6 @@ def assert_same_contents(path, expected_path, failures: bool = False):
     """Two banks hold the same ids in the same order and, column by column, the same refs,
     shapes, label names and data; the first is a finished bank. Without ``failures`` the
     first has no failures; with it both record the same failures (id, feature, reason)."""
-    from pipeline import layout
 
     with h5py.File(path, "r") as f, h5py.File(expected_path, "r") as g:
         assert layout.state(f) == layout.COMPLETE

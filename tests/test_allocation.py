@@ -12,14 +12,8 @@ import dask
 import pytest
 from configbank import Pictures
 
-from pipeline.cluster import (
-    Allocation,
-    LocalSize,
-    local_cluster_size,
-    slurm_allocation,
-    slurm_job_script,
-    slurm_plan,
-)
+from pipeline.run.local import Allocation, LocalSize, local_cluster_size, slurm_allocation
+from pipeline.run.slurm import slurm_job_script, slurm_plan
 
 GiB = 2**30
 MiB = 2**20
@@ -167,9 +161,11 @@ def test_the_setting_wins_over_the_allocation_and_shares_its_memory(monkeypatch,
 
 
 def in_new_process(expression: str, **env: str) -> str:
-    """``expression`` (over pipeline.cluster's names) printed by a new Python process whose
+    """``expression`` (over pipeline.run.local's names) printed by a new Python process whose
     environment adds ``env``: Dask reads ``DASK_*`` variables when it is imported."""
-    code = f"from pipeline.cluster import *; print({expression})"
+    code = (
+        f"from pipeline.run.local import *; from pipeline.run.slurm import *; print({expression})"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

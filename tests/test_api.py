@@ -17,7 +17,9 @@ from conftest import write_images
 
 import pipeline
 from features import Array, DirLabels, Feature, Image, Sound
-from pipeline import Group, TypedFile, layout
+from pipeline import Group, TypedFile
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
 from pipeline.typedfile import DatasetProxy
 
 
@@ -117,7 +119,7 @@ def test_create_returns_the_bank_opened_for_reading_and_writable_on_demand(
     assert bank.mode == "r"
     assert bank.h5.mode == "r"  # readable by the cluster's workers meanwhile
     assert bank.summary.ok == 12
-    assert bank.images.to_dask().shape[0] > 0 and client.run(pipeline.readers.release)
+    assert bank.images.to_dask().shape[0] > 0 and client.run(pipeline.release)
     # As h5mapper's create (which returns the file in "r+"): the first write reopens it.
     bank.add("extra", {"images": np.zeros((2, 2, 3), np.uint8)})
     assert bank.mode == "r+" and bank.h5.mode == "r+"
@@ -573,7 +575,7 @@ def test_an_unknown_format_version_is_refused(images, tmp_path, client):
 
 def test_an_unfinished_build_is_refused(tmp_path):
     path = tmp_path / "b.h5"
-    with h5py.File(layout.partial_path(path), "w") as f:
+    with h5py.File(partial_path(path), "w") as f:
         f.create_dataset("x", data=np.arange(3))
     for mode in ("r", "r+", "a"):
         with pytest.raises(pipeline.BuildInProgressError, match="partial"):
@@ -599,8 +601,8 @@ def test_a_failed_build_resumes_with_mode_a(images, tmp_path, client):
     assert raised.value.feature == "images"
     assert not path.exists()
     committed = []  # sources the stopped build committed before the bad one
-    if os.path.exists(layout.partial_path(path)):
-        with h5py.File(layout.partial_path(path), "r") as f:
+    if os.path.exists(partial_path(path)):
+        with h5py.File(partial_path(path), "r") as f:
             committed = layout.read_strings(f[layout.IDS])
     assert committed == source_ids(images)[: len(committed)]
 
@@ -611,7 +613,7 @@ def test_a_failed_build_resumes_with_mode_a(images, tmp_path, client):
     assert bank.summary.skipped == len(committed)
     assert bank.summary.ok == 11 - len(committed)
     assert bank.failures() == []
-    assert not os.path.exists(layout.partial_path(path))
+    assert not os.path.exists(partial_path(path))
     for id_ in bank.ids:
         np.testing.assert_array_equal(bank.images.get(id_), iio.imread(images / id_, mode="RGB"))
     assert len(bank.images) == sum(bank.images.get(id_).size for id_ in bank.ids)

@@ -12,7 +12,8 @@ import soundfile
 from conftest import write_images, write_sounds
 
 from features import DirLabels, Image, Sound
-from pipeline import DuplicateIdError, Group, SourceError, TypedFile, layout
+from pipeline import DuplicateIdError, Group, SourceError, TypedFile
+from pipeline.format.partial import partial_path
 
 
 class Media(TypedFile):
@@ -83,7 +84,7 @@ def test_on_error_raise_names_the_source_and_leaves_no_bank(hostile, tmp_path, c
     assert repr(error.id) in str(error) and error.feature in str(error)
     assert not path.exists()
     # The partial bank is there and is not mistaken for a bank.
-    assert os.path.exists(layout.partial_path(path))
+    assert os.path.exists(partial_path(path))
 
 
 def test_failed_build_resumes_after_the_bad_sources_are_fixed(hostile, tmp_path, client):
@@ -131,7 +132,7 @@ def test_duplicate_ids_are_found_before_anything_is_written(tmp_path, client):
     path = tmp_path / "bank.h5"
     with pytest.raises(DuplicateIdError, match=r"cats/cats_000\.png"):
         Media.create(path, [a, b], scheduler=client, progress=False)
-    assert not path.exists() and not os.path.exists(layout.partial_path(path))
+    assert not path.exists() and not os.path.exists(partial_path(path))
 
 
 def test_a_missing_path_fails_as_that_source(tmp_path, client):

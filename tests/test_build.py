@@ -12,8 +12,9 @@ from conftest import write_images
 from distributed import Client
 
 from features import DirLabels, Image, Sound
-from pipeline import Group, SchedulerError, TypedFile, layout
-from pipeline.graph import Build
+from pipeline import Group, SchedulerError, TypedFile
+from pipeline.build.graph import Build
+from pipeline.format.partial import partial_path
 
 
 class Pictures(TypedFile):
@@ -112,7 +113,7 @@ def test_on_a_cluster_decode_tasks_spread_over_every_worker_within_the_window(tm
 
 
 def test_the_writers_worker_decodes_one_share_less():
-    from pipeline.graph import _decode_schedule
+    from pipeline.build.graph import _decode_schedule
 
     schedule = _decode_schedule(["a", "b"], "a")
     assert schedule.count("a") == 7 and schedule.count("b") == 8
@@ -197,7 +198,7 @@ def test_append_mode_adds_only_new_sources(tmp_path, client):
     # Committed sources were not re-read: their pixels are the first build's.
     np.testing.assert_array_equal(second.images[: len(before)], before)
     assert second.labels.names == ["cats", "dogs"]
-    assert not os.path.exists(layout.partial_path(path))
+    assert not os.path.exists(partial_path(path))
 
 
 def test_append_writer_skips_committed_ids_it_was_not_told_about(tmp_path, client, monkeypatch):
@@ -206,9 +207,9 @@ def test_append_writer_skips_committed_ids_it_was_not_told_about(tmp_path, clien
     write_images(root, classes=("cats",), per_class=3)
     path = tmp_path / "b.h5"
     Pictures.create(path, root, scheduler="threads", progress=False).close()
-    import pipeline.graph
+    import pipeline.build.graph
 
-    monkeypatch.setattr(pipeline.graph, "committed_ids", lambda path: set())
+    monkeypatch.setattr(pipeline.build.graph, "committed_ids", lambda path: set())
     bank = Pictures.create(path, root, mode="a", scheduler="threads", progress=False)
     assert len(bank) == 3
     assert bank.summary.skipped == 3 and bank.summary.ok == 0
@@ -311,7 +312,7 @@ def test_build_replaces_target_only_when_finished(images, tmp_path):
     dask.compute(build)
     with Pictures(path) as bank:
         assert len(bank) == 12
-    assert not os.path.exists(layout.partial_path(path))
+    assert not os.path.exists(partial_path(path))
 
 
 # -- h5mapper's arguments: n_workers, parallelism ----------------------------------------------

@@ -16,13 +16,7 @@ from conftest import assert_same_contents
 from distributed import Client
 
 from features import DirLabels, Image
-from pipeline import (
-    ConfigError,
-    Group,
-    SourceError,
-    TypedFile,
-    buildconfig,
-)
+from pipeline import ConfigError, Group, SourceError, TypedFile, buildconfig
 from pipeline.demo import DemoBank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +252,7 @@ def test_the_environment_overrides_the_file_and_overrides_override_everything(
 
 
 def test_the_scheduler_setting_picks_where_a_build_runs_when_a_call_names_none(images, tmp_path):
-    from pipeline.cluster import runner_for
+    from pipeline.run.runner import runner_for
 
     with dask.config.set({"h5bank.build.scheduler": "sync"}):
         with runner_for() as runner:

@@ -19,7 +19,8 @@ from conftest import assert_same_contents, write_images, write_sounds
 from PIL import Image as PILImage
 
 from features import Image, Sound
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
+from pipeline.format import layout
 
 COMMANDS = ("image-bank", "sound-bank", "show")
 

@@ -19,7 +19,8 @@ import yaml
 from conftest import assert_same_contents, write_images
 from slowbank import QuickBank
 
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
+from pipeline.format.partial import partial_path
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_COMMANDS = ("sbatch", "scancel", "scontrol", "squeue", "srun", "salloc", "sinfo")
@@ -93,7 +94,7 @@ def test_build_writes_a_new_bank(config, tmp_path, env):
     assert "12/12" in result.stderr
     assert f"built {tmp_path / 'pictures.h5'}: 12 sources ok, 0 failed" in result.stderr
     assert len(ids_of(tmp_path / "pictures.h5")) == 12
-    assert not Path(layout.partial_path(tmp_path / "pictures.h5")).exists()
+    assert not Path(partial_path(tmp_path / "pictures.h5")).exists()
 
 
 def test_quiet_prints_the_summary_on_stdout_only(config, tmp_path, env):
@@ -123,7 +124,7 @@ def test_a_stopped_build_is_refused_verified_and_resumed(config, images, tmp_pat
     result = h5bank("build", config, "--quiet", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert error_line(result).startswith("h5bank: error: SourceError: 'dogs/zz_broken.png'")
-    partial = Path(layout.partial_path(tmp_path / "pictures.h5"))
+    partial = Path(partial_path(tmp_path / "pictures.h5"))
     assert partial.exists() and not (tmp_path / "pictures.h5").exists()
 
     result = h5bank("build", config, cwd=tmp_path, env=env)
@@ -197,7 +198,7 @@ def test_dry_run_prints_the_bank_sources_and_absolute_output(config, tmp_path, e
         "runs on:  threads",
     ]
     assert not (tmp_path / "pictures.h5").exists()
-    assert not Path(layout.partial_path(tmp_path / "pictures.h5")).exists()
+    assert not Path(partial_path(tmp_path / "pictures.h5")).exists()
 
 
 def test_dry_run_on_slurm_prints_the_job_script_and_submits_nothing(config, tmp_path, env):

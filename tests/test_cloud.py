@@ -40,9 +40,11 @@ from pipeline import (
     TypedFile,
     UnknownIdError,
     WriterError,
-    readers,
 )
-from pipeline.sources import is_url, options_for, transient
+from pipeline.files import cache as file_cache
+from pipeline.files.cache import release
+from pipeline.files.remote import remote_identity
+from pipeline.urls import is_url, options_for, transient
 
 N_IMAGES = 500
 CLASSES = ("c0", "c1", "c2", "c3", "c4")
@@ -131,7 +133,7 @@ class Outage(TypedFile):
 @pytest.fixture(autouse=True)
 def _collect_garbage():
     """Collect cycles on the main thread after each test (h5py objects must not be freed on
-    fsspec's IO thread, see ``readers.gc_paused``)."""
+    fsspec's IO thread, see ``gc_paused``)."""
     yield
     gc.collect()
 
@@ -970,7 +972,7 @@ def test_a_remote_banks_identity_includes_last_modified(thumbs, http_server):
     with urllib.request.urlopen(request, timeout=30) as response:
         last_modified = response.headers["Last-Modified"]
     assert last_modified
-    identity = readers.remote_identity(url, None)
+    identity = remote_identity(url, None)
     assert identity[0] == os.path.getsize(thumbs)
     assert last_modified in identity
 
@@ -978,7 +980,7 @@ def test_a_remote_banks_identity_includes_last_modified(thumbs, http_server):
 def test_a_warm_remote_array_is_not_revalidated_on_every_compute(thumbs, http_server, monkeypatch):
     # Within REMOTE_REVALIDATE seconds of a check there is no other; made long here, so the
     # test does not depend on how fast the two computes run.
-    monkeypatch.setattr(readers, "REMOTE_REVALIDATE", 3600.0, raising=False)
+    monkeypatch.setattr(file_cache, "REMOTE_REVALIDATE", 3600.0)
     name = f"{uuid.uuid4().hex[:8]}.h5"
     shutil.copy(thumbs, http_server.root / name)
     url = f"{http_server.url}/{name}"
@@ -991,7 +993,7 @@ def test_a_warm_remote_array_is_not_revalidated_on_every_compute(thumbs, http_se
         heads = [r for r in http_server.requests_since(mark) if r.startswith("HEAD ")]
         assert heads == []
     finally:
-        readers.release(url)
+        release(url)
 
 
 def test_a_bank_replaced_by_one_of_the_same_size_reads_anew_and_old_graphs_fail(
@@ -1013,13 +1015,13 @@ def test_a_bank_replaced_by_one_of_the_same_size_reads_anew_and_old_graphs_fail(
     try:
         old_array = old_bank.images.to_dask()
         old_array.compute(scheduler="threads")  # this process now caches the old bank
-        old_identity = readers.remote_identity(url, None)
+        old_identity = remote_identity(url, None)
         before = served.stat()
         shutil.copy(second, served.with_suffix(".tmp"))
         os.replace(served.with_suffix(".tmp"), served)
         # The same size and Last-Modified: only the bank's uuid tells the two apart.
         os.utime(served, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert readers.remote_identity(url, None) == old_identity
+        assert remote_identity(url, None) == old_identity
         with Thumbs(url) as new_bank:
             np.testing.assert_array_equal(new_bank.images[:], want)
             new_array = new_bank.to_dask()["images"]
@@ -1030,7 +1032,7 @@ def test_a_bank_replaced_by_one_of_the_same_size_reads_anew_and_old_graphs_fail(
                 old_array.compute(scheduler="threads")
     finally:
         old_bank.close()
-        readers.release(url)
+        release(url)
 
 
 @pytest.mark.parametrize("where", ["http-refused", "http-503", "s3-stopped"])

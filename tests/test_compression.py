@@ -11,7 +11,9 @@ import pytest
 from conftest import write_images
 
 from features import DirLabels, Feature, Image
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
+from pipeline.format import layout
+from pipeline.format.filters import filter_pipeline, filter_rows, precompressed
 
 
 class Wave(Feature):
@@ -70,7 +72,7 @@ def test_shuffled_float_rows_round_trip(tmp_path, client):
 def test_the_writer_stores_the_chunks_the_decode_tasks_made(tmp_path, monkeypatch):
     """The decode tasks here compress at level 9 while the dataset says 5: the stored chunk
     is theirs (level 9), so the writer did not compress again."""
-    real = layout.filter_rows
+    real = filter_rows
 
     def level9(rows, options):
         made = real(rows, options)
@@ -105,11 +107,11 @@ FILTERS = {
 def test_filter_rows_makes_the_chunks_hdf5_stores(tmp_path, name):
     """Whatever the filter, each row comes out as HDF5 writing the dataset itself stores it."""
     rows = np.stack([expected_wave(k) for k in range(5)])
-    made = layout.filter_rows(rows, FILTERS[name])
+    made = filter_rows(rows, FILTERS[name])
     with h5py.File(tmp_path / "x.h5", "w") as f:
         data = f.create_dataset("x", data=rows, maxshape=(None, 64, 32), chunks=(1, 64, 32),
                                 **FILTERS[name])  # fmt: skip
-        assert made.pipeline == layout.filter_pipeline(data)
+        assert made.pipeline == filter_pipeline(data)
         for k in range(5):
             mask, stored = data.id.read_direct_chunk((k, 0, 0))
             assert (made.masks[k], made.chunks[k]) == (mask, stored), k
@@ -118,12 +120,12 @@ def test_filter_rows_makes_the_chunks_hdf5_stores(tmp_path, name):
 def test_filtered_rows_of_other_dtypes_and_filters_have_other_pipelines():
     rows = np.stack([expected_wave(k) for k in range(2)])
     pipelines = {
-        layout.filter_rows(rows, {"compression": "gzip", "compression_opts": 4}).pipeline,
-        layout.filter_rows(rows, {"compression": "gzip", "compression_opts": 5}).pipeline,
-        layout.filter_rows(rows, {"compression": "gzip", "shuffle": True}).pipeline,
-        layout.filter_rows(rows.astype(np.float64), {"compression": "gzip"}).pipeline,
-        layout.filter_rows(rows[:, :32], {"compression": "gzip"}).pipeline,
-        layout.filter_rows(rows, dict(hdf5plugin.Zstd())).pipeline,
+        filter_rows(rows, {"compression": "gzip", "compression_opts": 4}).pipeline,
+        filter_rows(rows, {"compression": "gzip", "compression_opts": 5}).pipeline,
+        filter_rows(rows, {"compression": "gzip", "shuffle": True}).pipeline,
+        filter_rows(rows.astype(np.float64), {"compression": "gzip"}).pipeline,
+        filter_rows(rows[:, :32], {"compression": "gzip"}).pipeline,
+        filter_rows(rows, dict(hdf5plugin.Zstd())).pipeline,
     }
     assert len(pipelines) == 6
 
@@ -142,9 +144,9 @@ def test_filtered_rows_of_other_dtypes_and_filters_have_other_pipelines():
     ],
 )
 def test_which_columns_the_decode_tasks_compress(options, taken):
-    assert layout.precompressed("item", options, 12288) is taken
-    assert layout.precompressed("rows", options, 12288) is False
-    assert layout.precompressed("item", options, 64) is False  # small rows keep larger chunks
+    assert precompressed("item", options, 12288) is taken
+    assert precompressed("rows", options, 12288) is False
+    assert precompressed("item", options, 64) is False  # small rows keep larger chunks
 
 
 class Zstandard(TypedFile):
@@ -172,13 +174,13 @@ def test_hdf5plugin_banks_are_compressed_by_the_decode_tasks(tmp_path, client, b
             wave = expected_wave(int(id_.split("-")[1]))
             np.testing.assert_array_equal(data[row], wave)
             _, stored = data.id.read_direct_chunk((row, 0, 0))
-            assert stored == layout.filter_rows(wave[None], options).chunks[0]
+            assert stored == filter_rows(wave[None], options).chunks[0]
 
 
 def test_the_writer_refuses_chunks_made_for_another_pipeline(tmp_path, monkeypatch):
     """Chunks filtered otherwise than the column (here: level 1 for a level-5 column) are not
     stored raw: h5py writes the rows, which HDF5 filters as the column says."""
-    real = layout.filter_rows
+    real = filter_rows
     monkeypatch.setattr(
         layout, "filter_rows", lambda rows, options: real(rows, {**options, "compression_opts": 1})
     )
@@ -239,14 +241,14 @@ def test_a_dataset_chunked_otherwise_is_written_through_h5py(tmp_path):
     """A column of many rows a chunk (a bank made before one-row chunks) has another pipeline
     than the decode tasks' rows: the writer writes those through h5py."""
     rows = np.stack([expected_wave(k) for k in range(3)])
-    made = layout.filter_rows(rows, {"compression": "gzip"})
+    made = filter_rows(rows, {"compression": "gzip"})
     with h5py.File(tmp_path / "x.h5", "w") as f:
         old = f.create_dataset("old", shape=(0, 64, 32), dtype="f4", maxshape=(None, 64, 32),
                                chunks=(85, 64, 32), compression="gzip")  # fmt: skip
         new = f.create_dataset("new", shape=(0, 64, 32), dtype="f4", maxshape=(None, 64, 32),
                                chunks=(1, 64, 32), compression="gzip")  # fmt: skip
-        assert layout.filter_pipeline(old) != made.pipeline
-        assert layout.filter_pipeline(new) == made.pipeline
+        assert filter_pipeline(old) != made.pipeline
+        assert filter_pipeline(new) == made.pipeline
 
 
 def test_rows_the_decode_tasks_cannot_filter_are_filtered_by_the_writer(tmp_path, monkeypatch):

@@ -27,8 +27,10 @@ from conftest import assert_same_contents, write_images
 from distributed import Client, LocalCluster
 from slowbank import QuickBank, SlowBank
 
-from pipeline import layout
 from pipeline.errors import PartialSetAsideError
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
+from pipeline.format.verify import bank_problems
 
 TESTS = Path(__file__).resolve().parent
 N = 2000
@@ -146,7 +148,7 @@ def test_a_build_killed_at_random_points_resumes_to_the_uninterrupted_bank(corpu
         kill_whole_build(process)
 
         # Whatever the moment, the bank's path holds nothing that passes for a bank.
-        out, partial = corpus["out"], Path(layout.partial_path(corpus["out"]))
+        out, partial = corpus["out"], Path(partial_path(corpus["out"]))
         if out.exists():
             with h5py.File(out, "r") as f:  # the build had finished and renamed it
                 assert layout.state(f) == layout.COMPLETE
@@ -199,7 +201,7 @@ def test_ids_written_past_the_commit_record_are_not_trusted(corpus, tmp_path):
     """A process killed in the first flush of a commit may leave an id table that grew while
     what its new rows point to was not all written: the commit counter decides."""
     path = finished_build(corpus, tmp_path)
-    partial = Path(layout.partial_path(path))
+    partial = Path(partial_path(path))
     with h5py.File(path, "r+") as f:
         n = f.attrs[layout.ATTR_COMMITTED]
         assert n == N - 21  # the truncated files are failures, not sources
@@ -209,7 +211,7 @@ def test_ids_written_past_the_commit_record_are_not_trusted(corpus, tmp_path):
         column.data.resize(column.data.shape[0] + 7, axis=0)  # rows of a commit cut short
         layout.append_strings(layout.ids_table(f), ["ghost-1", "ghost-2"])
     path.rename(partial)
-    assert list(layout.verify(h5py.File(partial, "r"), stopped=True)) == []
+    assert list(bank_problems(h5py.File(partial, "r"), stopped=True)) == []
     bank = SlowBank.create(path, corpus["images"], mode="a", scheduler="threads", progress=False)
     with bank:
         assert bank.summary.skipped == 1500
@@ -223,7 +225,7 @@ def test_a_partial_file_hdf5_cannot_resume_is_set_aside_and_built_again(corpus, 
     header is damaged, as a kill in the middle of an HDF5 flush can leave it: the writer
     sets the file aside and ``create`` plans again, building every source."""
     path = finished_build(corpus, tmp_path)
-    partial = Path(layout.partial_path(path))
+    partial = Path(partial_path(path))
     with h5py.File(path, "r+") as f:
         f.attrs.modify(layout.ATTR_COMMITTED, 1500)
         layout.set_state(f, layout.BUILDING)
@@ -247,7 +249,7 @@ def test_a_partial_file_hdf5_cannot_resume_is_set_aside_and_built_again(corpus, 
 
 def test_a_streamed_source_list_is_not_planned_twice(corpus, tmp_path):
     path = finished_build(corpus, tmp_path)
-    partial = Path(layout.partial_path(path))
+    partial = Path(partial_path(path))
     with h5py.File(path, "r+") as f:
         layout.set_state(f, layout.BUILDING)
         address = h5py.h5o.get_info(layout.Column.open(f, "pixels").refs.id).addr
@@ -265,7 +267,7 @@ def test_a_streamed_source_list_is_not_planned_twice(corpus, tmp_path):
 @pytest.mark.parametrize("content", ["empty", "not-a-bank", "garbage"])
 def test_a_partial_file_killed_before_it_was_a_bank_is_replaced(corpus, tmp_path, content):
     path = tmp_path / "bank.h5"
-    partial = Path(layout.partial_path(path))
+    partial = Path(partial_path(path))
     if content == "empty":
         partial.write_bytes(b"")
     elif content == "not-a-bank":
@@ -313,10 +315,10 @@ def test_a_full_disk_stops_the_build_and_a_resume_finishes_it(corpus, tmp_path):
     # depends on the bank's chunk sizes).
     assert re.match(r"h5bank: error: DiskFullError: no room to commit (49|50) more sources", line)
     assert "a file-size limit of 8.0 MB (ulimit -f)" in line and "resume" in line
-    partial = Path(layout.partial_path(corpus["out"]))
+    partial = Path(partial_path(corpus["out"]))
     assert not corpus["out"].exists()
     with h5py.File(partial, "r") as f:
-        assert list(layout.verify(f, data=True, stopped=True)) == []
+        assert list(bank_problems(f, data=True, stopped=True)) == []
         committed = layout.committed(f)
     assert 0 < committed < N
 
@@ -386,7 +388,7 @@ def test_workers_dying_on_one_source_stop_the_build_with_what_to_do(tmp_path):
         assert "run out of memory" in line and f"{partial} keeps what was committed" in line
         assert "resume with" in line
     with h5py.File(partial, "r") as f:
-        assert list(layout.verify(f, stopped=True)) == []
+        assert list(bank_problems(f, stopped=True)) == []
 
 
 # -- two writers, and readers during a build ---------------------------------------------------

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from features import Array, DirLabels, Image, Sound
-from pipeline import FormatVersionError, Group, TypedFile, layout
+from pipeline import FormatVersionError, Group, TypedFile
+from pipeline.format import layout
+from pipeline.format.rows import open_dataset
 
 
 class Corpus(TypedFile):
@@ -247,7 +249,6 @@ def test_a_bank_compressed_with_an_hdf5plugin_filter_reads_in_a_fresh_process(tm
 def test_large_unfiltered_chunks_are_read_without_a_chunk_cache(tmp_path):
     """A random row then costs that row, not its whole chunk; compressed data, small chunks
     (refs) and files open for writing keep HDF5's cache."""
-    from pipeline import layout
 
     path = tmp_path / "x.h5"
     with h5py.File(path, "w") as f:
@@ -261,7 +262,7 @@ def test_large_unfiltered_chunks_are_read_without_a_chunk_cache(tmp_path):
             )
     with h5py.File(path, "r") as f:
         plain, gzip, refs = (
-            layout.open_dataset(f[g], n)
+            open_dataset(f[g], n)
             for g, n in (("plain", "data"), ("gzip", "data"), ("plain", "refs"))
         )
         assert plain.id.get_access_plist().get_chunk_cache()[1] == 0
@@ -269,6 +270,4 @@ def test_large_unfiltered_chunks_are_read_without_a_chunk_cache(tmp_path):
         assert refs.id.get_access_plist().get_chunk_cache()[1] > 0
         np.testing.assert_array_equal(plain[[3, 90]], np.ones((2, 64, 64, 3), np.uint8))
     with h5py.File(path, "r+") as f:
-        assert (
-            layout.open_dataset(f["plain"], "data").id.get_access_plist().get_chunk_cache()[1] > 0
-        )
+        assert open_dataset(f["plain"], "data").id.get_access_plist().get_chunk_cache()[1] > 0

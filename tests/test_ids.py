@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import ids as ids_module
-from pipeline import layout
-from pipeline.ids import IdIndex
+from pipeline.format import layout
+from pipeline.format.ids import IdIndex
 
 
 def _table(tmp_path, values):

@@ -36,9 +36,11 @@ from pipeline import (
     Group,
     SourceError,
     TypedFile,
-    layout,
-    readers,
 )
+from pipeline.files.cache import CACHE, release
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
+from pipeline.read.arrays import default_chunks
 from pipeline.typedfile import MapResult
 
 H, W = 16, 16
@@ -89,7 +91,7 @@ def channel_means(data):
 
 
 def cache_opens() -> int:
-    return readers.CACHE.opens
+    return CACHE.opens
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_statistics_on_a_cluster_equal_numpy(pictures, any_client):
     assert x.shape == (len(pictures), H, W, 3) and y.shape == (len(pictures),)
     assert x.numblocks[0] >= 3  # several blocks, so the reductions combine partial results
     dogs = pictures.labels.names.index("dogs")
-    local_opens = readers.CACHE.opens
+    local_opens = CACHE.opens
     worker_opens = sum(any_client.run(cache_opens).values())
 
     mean, histogram, dog_mean = dask.compute(
@@ -165,7 +167,7 @@ def test_statistics_on_a_cluster_equal_numpy(pictures, any_client):
     assert histogram.tolist() == [PER_CLASS] * 3
     np.testing.assert_allclose(dog_mean, images[labels == dogs].mean(axis=0))
     # It was the workers that read the bank, not this process.
-    assert readers.CACHE.opens == local_opens
+    assert CACHE.opens == local_opens
     assert sum(any_client.run(cache_opens).values()) > worker_opens
 
 
@@ -187,7 +189,7 @@ def test_map_writes_thumbnails_on_a_cluster(pictures, any_client):
     assert summary.ok == len(pictures) and summary.failed == 0 and summary.skipped == 0
     assert summary.writer_pid in any_client.run(os.getpid).values()
     assert "thumbs" in summary.action
-    assert not os.path.exists(layout.partial_path(pictures.path))
+    assert not os.path.exists(partial_path(pictures.path))
     assert pictures.thumbs.shape == (len(pictures), H // 2, W // 2, 3)
     assert pictures.thumbs.storage == "item"
     for id_ in pictures.ids:
@@ -226,12 +228,12 @@ FRESH_PROCESS = """
 import pickle, sys
 import dask
 import numpy as np
-from pipeline import readers
+
 
 with open(sys.argv[1], "rb") as f:
     graphs = pickle.load(f)
 (values,) = dask.compute(graphs, scheduler="sync")
-np.savez(sys.argv[2], opens=readers.CACHE.opens, **values)
+np.savez(sys.argv[2], opens=CACHE.opens, **values)
 """
 
 
@@ -282,7 +284,7 @@ def test_making_arrays_of_a_large_bank_reads_no_data(tmp_path):
     Big.create(path, [f"s-{i}" for i in range(n)], scheduler="threads", progress=False).close()
     assert os.path.getsize(path) > 100_000_000
     bank = Big(path)
-    opens = readers.CACHE.opens
+    opens = CACHE.opens
 
     before = rchar()
     with dask.config.set({"h5bank.read.chunk-bytes": 4 << 20}):
@@ -292,7 +294,7 @@ def test_making_arrays_of_a_large_bank_reads_no_data(tmp_path):
     read = rchar() - before
 
     assert read < 1_000_000, f"making the arrays read {read} bytes"
-    assert readers.CACHE.opens == opens  # nothing went through a lazy handle
+    assert CACHE.opens == opens  # nothing went through a lazy handle
     assert set(arrays) == {"frames", "copies"}
     assert frames.shape == (n, 256, 1024) and frames.chunks[0] == (4,) * (n // 4)
     assert bag.npartitions == n // 4
@@ -301,15 +303,15 @@ def test_making_arrays_of_a_large_bank_reads_no_data(tmp_path):
     before = rchar()
     block = frames.blocks[3].compute(scheduler="sync")
     assert rchar() - before >= block.nbytes == 4 << 20
-    assert readers.CACHE.opens == opens + 1
+    assert CACHE.opens == opens + 1
     np.testing.assert_array_equal(block[:, 0, 0], [12, 13, 14, 15])
     before = rchar()
     (part,) = dask.compute(bag.to_delayed()[5], scheduler="sync")
     assert [id_ for id_, _ in part] == ["s-20", "s-21", "s-22", "s-23"]
     assert 4 << 20 <= rchar() - before < 3 * (4 << 20)  # its own rows, not the bank
-    assert readers.CACHE.opens == opens + 1  # the same handle
+    assert CACHE.opens == opens + 1  # the same handle
     bank.close()
-    readers.release(str(path))
+    release(str(path))
 
 
 # -- blocks and handles ------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def test_default_blocks_are_whole_hdf5_chunks_of_about_chunk_bytes(pictures):
         target = per_block * chunk + chunk // 2  # rounds down to whole chunks
         with dask.config.set({"h5bank.read.chunk-bytes": target}):
             x = pictures.images.to_dask()
-            assert readers.default_chunks(data)[0] == per_block * CHUNK_ROWS
+            assert default_chunks(data)[0] == per_block * CHUNK_ROWS
         rows = per_block * CHUNK_ROWS
         assert x.chunks[0] == (rows,) * (n // rows) + ((n % rows,) if n % rows else ())
         assert all(c % CHUNK_ROWS == 0 for c in x.chunks[0][:-1])
@@ -334,7 +336,7 @@ def test_default_blocks_are_whole_hdf5_chunks_of_about_chunk_bytes(pictures):
     with dask.config.set({"h5bank.read.chunk-bytes": 1}):  # less than a chunk: one chunk a block
         assert pictures.images.to_dask().chunks[0][:-1] == (CHUNK_ROWS,) * (n // CHUNK_ROWS)
     assert pictures.images.to_dask().chunks[0] == (n,)  # 64 MiB holds the whole column
-    assert readers.default_chunks(data, 2 * chunk)[0] == 2 * CHUNK_ROWS  # an explicit target wins
+    assert default_chunks(data, 2 * chunk)[0] == 2 * CHUNK_ROWS  # an explicit target wins
     # Labels (one int64 per source) are chunked like the bank's tables: one block here.
     assert pictures.labels.to_dask().chunks == ((n,),)
     # chunks= is anything from_array takes.
@@ -633,7 +635,7 @@ def test_on_error_raise_stops_the_map_and_puts_the_bank_back(pictures, client):
         )
     assert raised.value.id == ids[-1] and raised.value.feature == "thumbs"
     assert "the last one" in raised.value.reason
-    assert os.path.exists(path) and not os.path.exists(layout.partial_path(path))
+    assert os.path.exists(path) and not os.path.exists(partial_path(path))
     with Pictures(path) as bank:  # complete and readable by anyone
         assert bank.ids == ids
         np.testing.assert_array_equal(bank.images[:], images)
@@ -742,7 +744,7 @@ def test_closing_a_writable_bank_after_computing_it_here_lets_others_read(pictur
         assert done.stdout.strip() == str(len(images)), done.stdout + done.stderr
     finally:
         bank.close()
-        readers.release(path)
+        release(path)
 
 
 @contextlib.contextmanager
@@ -773,7 +775,7 @@ def map_in_progress(bank):
             outcome["error"] = error
 
     thread = threading.Thread(target=run, daemon=True)
-    partial = layout.partial_path(bank.path)
+    partial = partial_path(bank.path)
     thread.start()
     try:
         deadline = time.monotonic() + 60  # only so a broken map cannot hang the suite
@@ -906,7 +908,7 @@ def test_arrays_made_before_rebuilds_raise_bank_changed_even_if_the_inode_comes_
     x = pictures.images.to_dask()
     np.testing.assert_array_equal(x.compute(scheduler=client), pictures.images[:])
     pictures.close()
-    client.run(readers.release, path)  # as a build on the cluster does: the inode is free again
+    client.run(release, path)  # as a build on the cluster does: the inode is free again
 
     # Rebuilt twice over the same path, then deleted and created again: the filesystem is
     # free to hand the first inode back (it often does), yet each is another bank.
@@ -917,7 +919,7 @@ def test_arrays_made_before_rebuilds_raise_bank_changed_even_if_the_inode_comes_
         Pictures.create(path, root, mode="w", scheduler="threads", progress=False).close()
         with pytest.raises(BankChangedError):
             x.compute(scheduler="sync")
-        readers.release(path)  # nothing holds this version open when the next one is written
+        release(path)  # nothing holds this version open when the next one is written
     with pytest.raises(BankChangedError):
         dask.compute(x, scheduler=client)
     with Pictures(path) as bank:  # an array of the bank as it is now reads it
@@ -1031,7 +1033,7 @@ def test_persisted_blocks_are_not_served_for_an_array_made_after_a_set(pictures,
     x1 = client.persist(pictures.images.to_dask())
     np.testing.assert_array_equal(x1.compute(scheduler=client), old)
     pictures.close()
-    client.run(readers.release, path)  # the workers' cached handles would refuse the writer
+    client.run(release, path)  # the workers' cached handles would refuse the writer
     with Pictures(path, "r+") as bank:
         bank.images.set(first, 255 - old[0])  # same size: rewritten in place
     with Pictures(path) as bank:
@@ -1228,7 +1230,7 @@ def test_a_failed_map_with_output_says_the_bank_was_put_back(pictures):
     assert raised.value.id == last
     notes = getattr(raised.value, "__notes__", [])
     assert any(path in note and "put back" in note for note in notes), notes
-    assert os.path.exists(path) and not os.path.exists(layout.partial_path(path))
+    assert os.path.exists(path) and not os.path.exists(partial_path(path))
 
 
 def test_a_map_result_of_the_wrong_kind_names_the_function(pictures):
@@ -1248,7 +1250,7 @@ def test_a_map_output_inside_a_column_is_refused_before_writing(pictures):
     mtime = os.stat(path).st_mtime_ns
     with pytest.raises(ValueError, match="inside the column 'images'"):
         pictures.map(channel_means, "images", "images/mean", scheduler="threads", progress=False)
-    assert os.stat(path).st_mtime_ns == mtime and not os.path.exists(layout.partial_path(path))
+    assert os.stat(path).st_mtime_ns == mtime and not os.path.exists(partial_path(path))
     with Pictures(path) as bank:
         assert list(layout.iter_columns(bank.h5)) == columns
         assert bank.h5.attrs[layout.ATTR_SCHEMA] == attrs[layout.ATTR_SCHEMA]

@@ -1,11 +1,11 @@
 """Batches of rows: ``RowsDataset.read_rows`` (rows read at their chunk's byte offset),
-``readers.take_rows`` (any order, repeats, negatives; small spans read as one slice) and
+``take_rows`` (any order, repeats, negatives; small spans read as one slice) and
 dense columns (source ``i`` is row ``i``: a batch reads no refs).
 
 Datasets are made here with h5py, their chunks written in a shuffled order so that
 chunks next to each other in the dataset are not next to each other in the file (a run
 of rows read across a chunk's edge as one read would come back wrong), then reopened
-read-only and opened with ``layout.open_dataset`` as a bank's item column is. What
+read-only and opened with ``open_dataset`` as a bank's item column is. What
 comes back is compared with plain h5py reading one row at a time.
 """
 
@@ -24,7 +24,8 @@ import pytest
 from conftest import write_images
 
 from features import DirLabels, Image
-from pipeline import TypedFile, layout, readers
+from pipeline import TypedFile
+from pipeline.format.rows import SPAN_BYTES, RowsDataset, absolute_rows, open_dataset, take_rows
 
 
 class Big(TypedFile):
@@ -61,10 +62,10 @@ def write_dataset(path: Path, data: np.ndarray, chunks: tuple[int, ...], **file_
 
 @contextlib.contextmanager
 def reopened(path: Path):
-    """``x`` of the file at ``path`` open read-only: as ``layout.open_dataset`` gives it, and as
+    """``x`` of the file at ``path`` open read-only: as ``open_dataset`` gives it, and as
     plain h5py does (``f["x"]``, HDF5's chunk cache, h5py's selections)."""
     with h5py.File(path, "r") as f:
-        yield layout.open_dataset(f, "x"), f["x"]
+        yield open_dataset(f, "x"), f["x"]
 
 
 def row_by_row(plain: h5py.Dataset, rows) -> np.ndarray:
@@ -112,11 +113,11 @@ def check_reads(ds: h5py.Dataset, plain: h5py.Dataset) -> None:
     """``take_rows`` and ``read_rows`` of ``ds`` give what h5py gives row by row."""
     n, per = ds.shape[0], ds.chunks[0]
     for rows in batches(n, per):
-        expected = row_by_row(plain, readers.absolute_rows(rows, n))
-        got = readers.take_rows(ds, rows)
+        expected = row_by_row(plain, absolute_rows(rows, n))
+        got = take_rows(ds, rows)
         assert got.shape == expected.shape and got.dtype == ds.dtype
         np.testing.assert_array_equal(got, expected, err_msg=f"take_rows {rows[:12]}...")
-        wanted = np.unique(readers.absolute_rows(rows, n))
+        wanted = np.unique(absolute_rows(rows, n))
         np.testing.assert_array_equal(
             ds.read_rows(wanted), row_by_row(plain, wanted), err_msg=f"read_rows {wanted[:12]}"
         )
@@ -153,14 +154,14 @@ def test_take_rows_of_a_rows_dataset_equals_h5py_row_by_row(tmp_path, case):
     path = tmp_path / f"{case}.h5"
     write_dataset(path, data, (per, *row_shape))
     with reopened(path) as (ds, plain):
-        assert isinstance(ds, layout.RowsDataset)
+        assert isinstance(ds, RowsDataset)
         assert ds.dtype == np.dtype(dtype) and ds.chunks == (per, *row_shape)
         assert ds._direct() is direct
         np.testing.assert_array_equal(row_by_row(plain, [0, n - 1]), data[[0, -1]])
         check_reads(ds, plain)
 
         for nothing in ([], np.array([], dtype=np.int64), np.empty((0,), dtype=np.int32)):
-            empty = readers.take_rows(ds, nothing)
+            empty = take_rows(ds, nothing)
             assert empty.shape == (0, *row_shape) and empty.dtype == ds.dtype
         for bad, shown in (
             ([0, n], n),
@@ -169,7 +170,7 @@ def test_take_rows_of_a_rows_dataset_equals_h5py_row_by_row(tmp_path, case):
             ([2, -n - 9], -n - 9),
         ):
             with pytest.raises(IndexError, match=rf"row {shown} out of range for {n} rows"):
-                readers.take_rows(ds, bad)
+                take_rows(ds, bad)
 
 
 def test_rows_of_chunks_never_written_are_the_fill_value(tmp_path):
@@ -185,7 +186,7 @@ def test_rows_of_chunks_never_written_are_the_fill_value(tmp_path):
     expected = np.full(shape, 7, dtype=np.uint8)
     expected[0:85], expected[500:601] = data[0:85], data[500:601]
     with reopened(path) as (ds, plain):
-        assert isinstance(ds, layout.RowsDataset) and ds._direct()
+        assert isinstance(ds, RowsDataset) and ds._direct()
         assert [ds._address(k) is not None for k in range(12)] == [
             True, False, False, False, False, True, True, True, False, False, False, False,
         ]  # fmt: skip
@@ -199,10 +200,10 @@ def test_rows_of_chunks_never_written_are_the_fill_value(tmp_path):
             [*range(420, 430), *range(590, 690), 0],  # and from unwritten rows of written chunks
             rng.integers(-1000, 1000, 64).tolist(),
         ):
-            got = readers.take_rows(ds, rows)
+            got = take_rows(ds, rows)
             np.testing.assert_array_equal(got, expected[rows], err_msg=str(rows))
-            np.testing.assert_array_equal(got, row_by_row(plain, readers.absolute_rows(rows, 1000)))
-            wanted = np.unique(readers.absolute_rows(rows, 1000))
+            np.testing.assert_array_equal(got, row_by_row(plain, absolute_rows(rows, 1000)))
+            wanted = np.unique(absolute_rows(rows, 1000))
             np.testing.assert_array_equal(ds.read_rows(wanted), expected[wanted])
 
 
@@ -211,12 +212,10 @@ def test_chunks_that_do_not_span_whole_rows_are_read_through_h5py(tmp_path):
     path = tmp_path / "halves.h5"
     write_dataset(path, data, (85, 32, 64, 3))  # each row is in two chunks
     with reopened(path) as (ds, plain):
-        assert isinstance(ds, layout.RowsDataset)  # large, unfiltered chunks
+        assert isinstance(ds, RowsDataset)  # large, unfiltered chunks
         assert ds._direct() is False
         check_reads(ds, plain)
-        np.testing.assert_array_equal(
-            readers.take_rows(ds, [999, 84, 85, 0]), data[[999, 84, 85, 0]]
-        )
+        np.testing.assert_array_equal(take_rows(ds, [999, 84, 85, 0]), data[[999, 84, 85, 0]])
 
 
 def test_a_file_with_a_user_block_is_read_through_h5py(tmp_path):
@@ -225,12 +224,10 @@ def test_a_file_with_a_user_block_is_read_through_h5py(tmp_path):
     write_dataset(path, data, (85, 64, 64, 3), userblock_size=512)
     with reopened(path) as (ds, plain):
         assert ds.file.userblock_size == 512
-        assert isinstance(ds, layout.RowsDataset)
+        assert isinstance(ds, RowsDataset)
         assert ds._direct() is False
         check_reads(ds, plain)
-        np.testing.assert_array_equal(
-            readers.take_rows(ds, [999, 84, 85, 0]), data[[999, 84, 85, 0]]
-        )
+        np.testing.assert_array_equal(take_rows(ds, [999, 84, 85, 0]), data[[999, 84, 85, 0]])
 
 
 # -- the direct reads themselves --------------------------------------------------------------
@@ -262,8 +259,8 @@ def test_direct_reads_are_one_preadv_per_run_in_a_chunk_at_its_offset(rgb_file, 
         row = 64 * 64 * 3
         chunk = [ds.id.get_chunk_info_by_coord((85 * k, 0, 0, 0)).byte_offset for k in range(12)]
         monkeypatch.setattr(os, "preadv", counting)
-        monkeypatch.setattr(layout.RowsDataset, "__getitem__", refuse)
-        got = readers.take_rows(ds, rows)
+        monkeypatch.setattr(RowsDataset, "__getitem__", refuse)
+        got = take_rows(ds, rows)
         monkeypatch.undo()
     np.testing.assert_array_equal(got, data[rows])
     # Runs cut at chunk edges: 3-5, 84 | 85, 200-201, 850 (chunk 10's first), 999 (chunk 11).
@@ -293,7 +290,7 @@ def test_a_short_read_falls_back_to_h5py(rgb_file, monkeypatch):
         return got
 
     h5py_reads = []
-    getitem = layout.RowsDataset.__getitem__
+    getitem = RowsDataset.__getitem__
 
     def counted(self, item):
         h5py_reads.append(item)
@@ -302,8 +299,8 @@ def test_a_short_read_falls_back_to_h5py(rgb_file, monkeypatch):
     with reopened(path) as (ds, plain):
         assert ds._direct()
         monkeypatch.setattr(os, "preadv", short)
-        monkeypatch.setattr(layout.RowsDataset, "__getitem__", counted)
-        got = readers.take_rows(ds, rows)
+        monkeypatch.setattr(RowsDataset, "__getitem__", counted)
+        got = take_rows(ds, rows)
         direct = ds.read_rows(np.array([0, 1, 2, 500]))
         monkeypatch.undo()
         expected = row_by_row(plain, rows)
@@ -333,7 +330,7 @@ def _read_in_child(bank, data, rows, queue) -> None:
     try:
         preadv_calls = os.preadv.calls  # the parent's counter, copied into this process
         before = len(preadv_calls)
-        direct = readers.take_rows(data, rows)  # the parent's dataset, its inherited descriptor
+        direct = take_rows(data, rows)  # the parent's dataset, its inherited descriptor
         through_parent_dataset = len(preadv_calls) - before
         stacked = bank.images.stacked_rows(rows)  # the bank reopens itself in this process
         listed = np.stack(bank.images.get_rows(rows))
@@ -361,7 +358,7 @@ def test_a_forked_child_reads_rows_of_a_bank_opened_in_the_parent(big_bank, monk
         expected = np.stack([bank.images.get(bank.ids[r]) for r in BANK_ROWS])
         labels = [bank.labels.get(bank.ids[r]) for r in BANK_ROWS]
         data = bank.images.column.data
-        assert isinstance(data, layout.RowsDataset) and data._direct()
+        assert isinstance(data, RowsDataset) and data._direct()
         np.testing.assert_array_equal(bank.images.stacked_rows(BANK_ROWS), expected)  # cached
         assert calls, "the parent read its rows directly"
 
@@ -381,7 +378,7 @@ def test_a_forked_child_reads_rows_of_a_bank_opened_in_the_parent(big_bank, monk
         assert through_parent_dataset == pieces and through_bank == 2 * pieces
 
         # The child closing its handles left the parent's alone.
-        np.testing.assert_array_equal(readers.take_rows(data, BANK_ROWS), expected)
+        np.testing.assert_array_equal(take_rows(data, BANK_ROWS), expected)
         np.testing.assert_array_equal(bank.images.stacked_rows(BANK_ROWS), expected)
         assert bank.labels.get_rows(BANK_ROWS) == labels
     finally:
@@ -496,7 +493,7 @@ def test_the_dense_flag_is_recomputed_after_add_and_set(big_bank, tmp_path):
         assert not bank._is_dense(bank.images.column)
 
     with Big(path) as bank:  # read-only: the item column is read directly
-        assert isinstance(bank.images.column.data, layout.RowsDataset)
+        assert isinstance(bank.images.column.data, RowsDataset)
         np.testing.assert_array_equal(
             bank.images.stacked_rows([91, 92, 0, 90]), [image // 2, 255 - image, first, image]
         )
@@ -531,22 +528,22 @@ def test_small_rows_spanning_at_most_span_bytes_are_read_as_one_slice(tmp_path, 
     path = tmp_path / "small.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("x", data=data, chunks=(4096, 2))
-    span = readers.SPAN_BYTES // data[0].nbytes  # rows in SPAN_BYTES: 65536
+    span = SPAN_BYTES // data[0].nbytes  # rows in SPAN_BYTES: 65536
     rng = np.random.default_rng(13)
     with reopened(path) as (ds, _):
-        assert not isinstance(ds, layout.RowsDataset)  # small chunks keep HDF5's cache
+        assert not isinstance(ds, RowsDataset)  # small chunks keep HDF5's cache
         low = 1000
         rows = [*rng.integers(low, low + span, 62).tolist(), low, low + span - 1]
         rows = [*rows, rows[5], -(n - low - 7)]  # a repeat, and a row counted from the end
         counted_reads.clear()
-        got = readers.take_rows(ds, rows)
+        got = take_rows(ds, rows)
         assert len(counted_reads) == 1, counted_reads  # rows low..low + span - 1: one slice
         np.testing.assert_array_equal(got, data[rows])
 
         everywhere = [*rng.integers(0, n, 62).tolist(), 0, n - 1]  # a 1.6 MB span: by run
         assert runs(everywhere) > 50
         counted_reads.clear()
-        got = readers.take_rows(ds, everywhere)
+        got = take_rows(ds, everywhere)
         assert len(counted_reads) == runs(everywhere)
         np.testing.assert_array_equal(got, data[everywhere])
 
@@ -559,21 +556,21 @@ def test_big_rows_are_read_run_by_run_unless_they_fill_half_their_span(tmp_path,
     spread = [*rng.choice(1000, 40, replace=False).tolist(), 998, 999, 4, 5]
     crowded = [r for r in range(300, 400) if r % 7] + [300, 399]  # 86 of 100 rows: 1.2 MB span
     with h5py.File(path, "r") as f:
-        for ds in (f["x"], layout.open_dataset(f, "x")):  # h5py's reads, then direct ones
-            direct = isinstance(ds, layout.RowsDataset)
+        for ds in (f["x"], open_dataset(f, "x")):  # h5py's reads, then direct ones
+            direct = isinstance(ds, RowsDataset)
             counted_reads.clear()
-            np.testing.assert_array_equal(readers.take_rows(ds, spread), data[spread])
+            np.testing.assert_array_equal(take_rows(ds, spread), data[spread])
             assert len(counted_reads) == (0 if direct else runs(spread)), counted_reads
 
             counted_reads.clear()
-            got = readers.take_rows(ds, crowded)
-            assert 100 * data[0].nbytes > readers.SPAN_BYTES  # more, but under twice the rows
+            got = take_rows(ds, crowded)
+            assert 100 * data[0].nbytes > SPAN_BYTES  # more, but under twice the rows
             assert [item for _, item in counted_reads] == [slice(300, 400)]
             np.testing.assert_array_equal(got, data[crowded])
 
             few = list(range(300, 400, 3))  # 34 of 100 rows: run by run
             counted_reads.clear()
-            np.testing.assert_array_equal(readers.take_rows(ds, few), data[few])
+            np.testing.assert_array_equal(take_rows(ds, few), data[few])
             assert len(counted_reads) == (0 if direct else len(few))
 
 
@@ -581,5 +578,5 @@ def test_take_rows_reads_any_sequence_like_dataset():
     """take_rows needs only ``shape``, ``dtype`` and slicing: a NumPy array works as well."""
     data = random_data((5000, 3), np.int32, seed=16)
     rows = [4999, -5000, 17, 17, 2500, -1]
-    np.testing.assert_array_equal(readers.take_rows(data, rows), data[rows])
-    assert readers.take_rows(data, []).shape == (0, 3)
+    np.testing.assert_array_equal(take_rows(data, rows), data[rows])
+    assert take_rows(data, []).shape == (0, 3)

@@ -14,7 +14,9 @@ from conftest import write_images
 from distributed import Client, LocalCluster
 
 from features import Array, DirLabels, Feature, Image, Sound
-from pipeline import SchemaError, TypedFile, WriterError, layout
+from pipeline import SchemaError, TypedFile, WriterError
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
 from pipeline.sources import EmptySourceWarning, expand
 
 
@@ -29,7 +31,7 @@ def test_append_refused_while_the_bank_is_open_leaves_it_in_place(images, tmp_pa
     write_images(images, classes=("birds",), per_class=2)
     with pytest.raises(WriterError, match=r"open elsewhere.*nothing was changed"):
         Pictures.create(path, images, mode="a", scheduler="threads", progress=False)
-    assert path.exists() and not os.path.exists(layout.partial_path(path))
+    assert path.exists() and not os.path.exists(partial_path(path))
     assert len(bank) == 12
     bank.close()
     appended = Pictures.create(path, images, mode="a", scheduler="threads", progress=False)
@@ -42,7 +44,7 @@ def test_append_to_a_file_that_is_no_bank_moves_nothing(tmp_path, images):
         f["x"] = np.arange(3)
     with pytest.raises(Exception, match="not an h5bank bank"):
         Pictures.create(plain, images, mode="a", scheduler="threads", progress=False)
-    assert plain.exists() and not os.path.exists(layout.partial_path(plain))
+    assert plain.exists() and not os.path.exists(partial_path(plain))
     with h5py.File(plain, "r") as f:
         assert f["x"][:].tolist() == [0, 1, 2]
 
@@ -53,7 +55,7 @@ def test_a_stopped_build_is_not_resumed_over_a_complete_bank(tmp_path):
     path = tmp_path / "b.h5"
     Pictures.create(path, root, scheduler="threads", progress=False).close()
     # A later build of other sources stopped half-way and left its partial file.
-    os.link(path, layout.partial_path(path))  # any partial file will do
+    os.link(path, partial_path(path))  # any partial file will do
     with pytest.raises(WriterError, match=r"both .* exist"):
         Pictures.create(path, root, mode="a", scheduler="threads", progress=False)
     with Pictures(path) as bank:
@@ -109,7 +111,7 @@ def test_a_second_build_of_the_same_path_is_refused(tmp_path):
         )
     )
     first.start()
-    while not os.path.exists(layout.partial_path(path)):
+    while not os.path.exists(partial_path(path)):
         time.sleep(0.01)
     try:
         Bank.create(path, ["other"], scheduler="threads", progress=False)
@@ -296,7 +298,7 @@ def test_a_dead_writer_worker_fails_the_build_and_it_resumes(tmp_path):
         with pytest.raises(WriterError, match="left the cluster"):
             Bank.create(path, ids, scheduler=client, partition_size=4, progress=False)
         assert time.monotonic() - started < 60
-        assert not path.exists() and os.path.exists(layout.partial_path(path))
+        assert not path.exists() and os.path.exists(partial_path(path))
         bank = Bank.create(path, ids, mode="a", scheduler=client, partition_size=4, progress=False)
     assert bank.ids == ids
     assert bank.x[:].tolist() == list(range(240))

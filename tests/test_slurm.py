@@ -21,8 +21,9 @@ import pytest
 from conftest import assert_same_contents, write_images
 from slowbank import QuickBank
 
-from pipeline import SourceError, layout
+from pipeline import SourceError
 from pipeline.demo import DemoBank, make_samples
+from pipeline.format.verify import bank_problems
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -284,4 +285,4 @@ def test_a_failed_slurm_build_cancels_its_jobs_and_keeps_what_it_committed(
     assert {wait_for_job(job, timeout=60)["JobState"] for job in jobs} == {"CANCELLED"}
     assert not (tmp_path / "bank.h5").exists()
     with h5py.File(tmp_path / "bank.h5.partial", "r") as f:
-        assert list(layout.verify(f, stopped=True)) == []
+        assert list(bank_problems(f, stopped=True)) == []

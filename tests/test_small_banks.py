@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from features import Array, DirLabels, Feature, Image
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
+from pipeline.format import layout
+from pipeline.format.verify import bank_problems
 
 # -- sources made from their ids ------------------------------------------------------------
 
@@ -219,7 +221,7 @@ def test_a_small_bank_keeps_its_chunks_as_it_grows_and_reads_back_exactly(tmp_pa
         assert bank.labels.get("c1/x-9000") == names.index("c1")
         assert bank.labels.get("c1/x-9001") is None
     with h5py.File(path, "r") as f:
-        assert list(layout.verify(f, data=True)) == []
+        assert list(bank_problems(f, data=True)) == []
 
 
 def test_a_map_output_is_chunked_for_the_sources_it_is_written_to(tmp_path):

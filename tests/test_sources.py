@@ -19,8 +19,9 @@ from fsspec.implementations.memory import MemoryFileSystem
 from features import Bytes, DirLabels, Feature, Image, SourceReadError, String
 from pipeline import DuplicateIdError, TypedFile
 from pipeline import sources as sources_module
-from pipeline.graph import PARTITION_SOURCES, partition_sources
-from pipeline.sources import Source, SourceSpec, expand, fetch, is_url, redact, route
+from pipeline.build.plan import PARTITION_SOURCES, partition_sources
+from pipeline.sources import Source, SourceSpec, expand, fetch, route
+from pipeline.urls import is_url, redact
 
 
 def ids(specs) -> list[str]:
@@ -567,7 +568,8 @@ MIXED = [
     ids=lambda specs: f"{len(specs)}-specs",
 )
 def test_a_partition_gives_back_exactly_the_specs_it_was_given_in_order(specs):
-    from pipeline.decode import Failure, Partition
+    from pipeline.build.plan import Partition
+    from pipeline.build.summary import Failure
 
     partition = Partition(5, specs)
     assert partition.specs == specs
@@ -583,7 +585,7 @@ def test_a_partition_gives_back_exactly_the_specs_it_was_given_in_order(specs):
 
 
 def test_an_empty_partition_has_no_specs():
-    from pipeline.decode import Partition
+    from pipeline.build.plan import Partition
 
     assert Partition(0, []).specs == [] and len(Partition(0, [])) == 0
     assert Partition(0).specs == [] and pickle.loads(pickle.dumps(Partition(0))).specs == []
@@ -591,7 +593,7 @@ def test_an_empty_partition_has_no_specs():
 
 def test_a_partition_of_files_under_one_root_pickles_smaller_than_its_ids():
     """The memory guarantee: a build holds its sources in a few bytes each, not as specs."""
-    from pipeline.decode import Partition
+    from pipeline.build.plan import Partition
 
     names = sorted(f"class_{i % 8}/image_{i:06d}.png" for i in range(256))
     root = "/data/some/long/root/of/the/images/"
@@ -666,7 +668,7 @@ def test_the_default_partition_size_follows_file_sizes(large_files, n, threads, 
 
     A list of 64 files is already spread to 16 a partition on one thread, so a list known up
     front is checked with 128 (the spread rule alone would give 32)."""
-    from pipeline.graph import PARTITION_BYTES
+    from pipeline.build.plan import PARTITION_BYTES
 
     files = sorted(str(p) for p in large_files.iterdir())[:n]
     limit = max(16, PARTITION_BYTES // (256 << 10))
@@ -683,7 +685,7 @@ def test_the_default_partition_size_follows_file_sizes(large_files, n, threads, 
 
 
 def test_a_streamed_directory_of_large_files_is_partitioned_by_bytes(large_files):
-    from pipeline.graph import PARTITION_BYTES
+    from pipeline.build.plan import PARTITION_BYTES
 
     limit = max(16, PARTITION_BYTES // (256 << 10))
     partitions, _ = partition_sources(iter([str(large_files)]), None, None, 1, set())

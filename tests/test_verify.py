@@ -10,8 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from features import DirLabels, Image
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
 from pipeline.cli import main
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
+from pipeline.format.verify import bank_problems
 
 
 class Checked(TypedFile):
@@ -45,7 +48,7 @@ def test_a_sound_bank_passes(bank, options):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"ok: {bank}: 12 sources, 2 columns")
     with h5py.File(bank) as f:
-        assert list(layout.verify(f, data=True)) == []
+        assert list(bank_problems(f, data=True)) == []
 
 
 def _set_row(name, row, value):
@@ -123,14 +126,14 @@ def test_a_stopped_builds_partial_file_checks_as_resumable_not_as_a_bank(images,
         Stops.create(
             path, images, scheduler="threads", progress=False, on_error="raise", partition_size=2
         )
-    partial = layout.partial_path(path)
+    partial = partial_path(path)
     result = verify(partial)
     assert result.exit_code == 0, result.output
     with h5py.File(partial) as f:  # what was committed before the stop is sound
         n = len(f[layout.IDS])
         assert n > 0
-        assert list(layout.verify(f, stopped=True)) == []
-        problems = list(layout.verify(f))
+        assert list(bank_problems(f, stopped=True)) == []
+        problems = list(bank_problems(f))
     assert f"ok: {partial}: {n} sources committed by a stopped build (resumable)" in result.output
     assert problems == [f"its build has not finished (state {layout.BUILDING!r})"]
 
@@ -143,5 +146,5 @@ def test_verify_reads_no_data_without_the_flag(bank, tmp_path):
     """Structure checks read tables, never ``data`` (damaged data goes unseen without --data)."""
     copy = damaged(bank, tmp_path, lambda f: f["images/data"].__setitem__(slice(0, 10), 0))
     with h5py.File(copy) as f:
-        assert list(layout.verify(f)) == []
+        assert list(bank_problems(f)) == []
         np.testing.assert_array_equal(f["images/data"][:10], 0)

@@ -12,8 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from features import DirLabels, Image
-from pipeline import TypedFile, layout
+from pipeline import TypedFile
 from pipeline.cli import main
+from pipeline.format import layout
+from pipeline.format.partial import partial_path
+from pipeline.format.verify import bank_problems
 
 
 class Checked(TypedFile):
@@ -53,7 +56,7 @@ def stopped(finished, tmp_path):
     """``finished``, made into the partial file of a build killed during a commit: marked
     building, two uncommitted sources in every column, one failure table a row longer than
     the others, renamed ``stopped.h5.partial``."""
-    partial = Path(layout.partial_path(tmp_path / "stopped.h5"))
+    partial = Path(partial_path(tmp_path / "stopped.h5"))
     shutil.copy(finished, partial)
     with h5py.File(partial, "r+") as f:
         layout.set_state(f, layout.BUILDING)
@@ -75,7 +78,7 @@ def test_a_stopped_builds_partial_file_checks_as_resumable(stopped, options):
     )
     with h5py.File(stopped) as f:
         assert f["images/refs"].shape[0] == 14  # rows past the commit are there...
-        assert list(layout.verify(f, data=True, stopped=True)) == []  # ...and allowed
+        assert list(bank_problems(f, data=True, stopped=True)) == []  # ...and allowed
 
 
 def test_a_resume_cuts_the_uncommitted_rows_verify_allowed(stopped, finished, images, tmp_path):
@@ -97,7 +100,7 @@ def test_the_same_file_checked_as_a_bank_fails(stopped, tmp_path):
         f"h5bank: verify: {as_bank}: its build has not finished (state {layout.BUILDING!r})\n"
     )
     with h5py.File(stopped) as f:
-        problems = list(layout.verify(f))
+        problems = list(bank_problems(f))
     assert problems[0] == f"its build has not finished (state {layout.BUILDING!r})"
     assert problems[1].startswith(f"{layout.FAILURES}: its tables disagree in length")
     assert problems[2:] == [
@@ -136,11 +139,11 @@ def test_what_a_stopped_build_committed_must_still_be_sound(stopped, edit, messa
 
 def test_a_finished_bank_is_not_a_stopped_build(finished, tmp_path):
     with h5py.File(finished) as f:
-        assert list(layout.verify(f, stopped=True)) == [
+        assert list(bank_problems(f, stopped=True)) == [
             f"it is not a stopped build (state {layout.COMPLETE!r})"
         ]
     # A finished bank named PATH.partial is checked as the bank it is.
-    named_partial = Path(layout.partial_path(tmp_path / "done.h5"))
+    named_partial = Path(partial_path(tmp_path / "done.h5"))
     shutil.copy(finished, named_partial)
     result = verify(named_partial)
     assert result.exit_code == 0

@@ -15,10 +15,8 @@ records, so the writer chain always runs and can close its file.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import posixpath
-import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,97 +24,18 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from features.base import Feature
-from pipeline import layout
+from pipeline.build.plan import Partition
+from pipeline.build.summary import Failure
 from pipeline.errors import FeatureTypeError, SourceError
-from pipeline.readers import ColumnSpec, LazyFile, RawRows, decode_rows, read_rows_lazily
+from pipeline.files.cache import LazyFile
+from pipeline.format.filters import FilteredRows, filter_rows, precompressed
+from pipeline.read.records import ColumnSpec, RawRows, decode_rows, read_rows_lazily
 from pipeline.schema import feature_for_value, feature_of
-from pipeline.sources import Source, SourceSpec, fetch, route, scrub
+from pipeline.sources import Source, fetch, route
 
 # Sources whose bytes are fetched (and held) together; bounds a task's memory
 # for large files while still batching remote requests.
 FETCH_BATCH = 64
-
-
-@dataclass
-class Failure:
-    """A source that did not make it into the bank: which feature failed, and why."""
-
-    id: str
-    feature: str
-    error: str
-
-    def __post_init__(self) -> None:
-        self.error = scrub(self.error)  # errors of fsspec and features may quote signed URLs
-
-    def __str__(self) -> str:
-        where = f" (feature {self.feature})" if self.feature else ""
-        return f"{self.id!r}{where}: {self.error}"
-
-
-class Partition:
-    """The sources of one decode task, held compactly, and sources of it already known to fail.
-
-    A build's graph holds every source spec, and a running cluster holds it
-    twice more (the pickled graph, the scheduler's copy). As
-    :class:`SourceSpec` objects 200,000 sources cost the client 250 MB. So a
-    partition keeps each URL as a flag when it is the partition's ``root``
-    followed by the id (a file found under a directory or glob, an explicit
-    path) or ``None`` (a plain id), else as text of its own; and ids, URLs
-    and flags as one zlib-compressed block (sorted ids share most of their
-    characters): a few bytes a source, unpacked by the decode task.
-
-    A plain class, not a dataclass: Dask walks dataclass arguments of tasks
-    looking for collections.
-    """
-
-    __slots__ = ("_blob", "_n", "_root", "failures", "index")
-
-    _NONE, _UNDER_ROOT, _OWN = 0, 1, 2  # how a source's URL is kept
-
-    def __init__(
-        self, index: int, specs: Iterable[SourceSpec] = (), failures: list[Failure] | None = None
-    ):
-        self.index = index
-        self.failures = failures if failures is not None else []
-        specs = list(specs)
-        root = next(
-            (s.url[: len(s.url) - len(s.id)] for s in specs if s.url and s.url.endswith(s.id)), ""
-        )
-        kinds = [
-            self._NONE if s.url is None else self._UNDER_ROOT if s.url == root + s.id else self._OWN
-            for s in specs
-        ]
-        own = [s.url for s, kind in zip(specs, kinds, strict=True) if kind == self._OWN]
-        ids = [s.id for s in specs]
-        self._n, self._root = len(specs), root
-        self._blob = zlib.compress(
-            np.array(kinds, np.uint8).tobytes()
-            + np.array([len(t) for t in ids + own], "<u4").tobytes()  # type: ignore[operator]
-            + "".join(ids + own).encode("utf-8", "surrogatepass"),  # type: ignore[operator]
-            1,
-        )
-
-    @property
-    def specs(self) -> list[SourceSpec]:
-        """The sources, as :class:`SourceSpec`, in order."""
-        raw = zlib.decompress(self._blob)
-        n = self._n
-        kinds = np.frombuffer(raw, np.uint8, n).tolist()
-        texts = n + kinds.count(self._OWN)
-        bounds = [0, *np.cumsum(np.frombuffer(raw, "<u4", texts, offset=n)).tolist()]
-        text = raw[n + 4 * texts :].decode("utf-8", "surrogatepass")
-        pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-        urls = iter(pieces[n:])
-        return [
-            SourceSpec(
-                id_,
-                None if kind == self._NONE else self._root + id_ if kind == self._UNDER_ROOT else next(urls),
-            )
-            for id_, kind in zip(pieces[:n], kinds, strict=True)
-        ]  # fmt: skip
-
-    def __len__(self) -> int:
-        return self._n + len(self.failures)
 
 
 @dataclass
@@ -136,7 +55,7 @@ class PackedColumn:
     lengths: list[int] = field(default_factory=list)
     data: Any = None
     shapes: list[tuple[int, ...]] | None = None
-    filtered: layout.FilteredRows | None = None  # each entry's row compressed (precompressed)
+    filtered: FilteredRows | None = None  # each entry's row compressed (precompressed)
 
 
 @dataclass
@@ -414,11 +333,11 @@ def pack(
             column.data = parts
         if isinstance(column.data, np.ndarray) and len(column.data):
             options = features[column.feature].dataset_options
-            if layout.precompressed(column.storage, options, column.data[0].nbytes):
+            if precompressed(column.storage, options, column.data[0].nbytes):
                 # Compressed here, on every worker, not in the single writer. Only a speed-up:
                 # if it fails (a filter this worker lacks), the writer filters the rows.
                 with contextlib.suppress(Exception):
-                    column.filtered = layout.filter_rows(column.data, options)
+                    column.filtered = filter_rows(column.data, options)
     return Packed(index, ids, columns, failures)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import h5py
 import numpy as np
 
-from pipeline import layout
+from pipeline.format import layout
 
 __all__ = ["IdIndex"]
 

@@ -37,13 +37,9 @@ makes a killed build resumable.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
-import os
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +48,8 @@ import h5py
 import numpy as np
 
 from pipeline.errors import FormatVersionError, NotABankError
+from pipeline.format.filters import precompressed
+from pipeline.format.rows import open_dataset
 
 FORMAT = "h5bank"
 VERSION = 1
@@ -74,8 +72,6 @@ FAILURE_FIELDS = ("id", "feature", "error")
 DATA, REFS, SHAPE = "data", "refs", "shape"
 
 BUILDING, COMPLETE = "building", "complete"
-PARTIAL_SUFFIX = ".partial"
-
 _STR = h5py.string_dtype("utf-8")
 # Rows per chunk of the per-source tables (ids, failures, refs, shapes, label codes):
 # a power of two from the sources the bank is expected to hold (see table_rows),
@@ -84,11 +80,6 @@ TABLE_ROWS = 4096
 MIN_TABLE_ROWS = 64
 # The smallest data chunk h5bank picks (see data_chunk_bytes).
 MIN_CHUNK_BYTES = 4096
-
-
-def partial_path(path: str | os.PathLike[str]) -> str:
-    """Where a build writes until it finishes; renamed onto ``path`` at the end."""
-    return os.fspath(path) + PARTIAL_SUFFIX
 
 
 def _text(value: Any) -> Any:
@@ -322,131 +313,6 @@ class Column:
         return cls(path, storage, group, data, group[REFS], group.get(SHAPE))
 
 
-def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
-    """``group[name]``; read-only, local, unfiltered, with large chunks or large rows and
-    the file's default cache, a :class:`RowsDataset`: no chunk cache, rows read at their
-    offsets.
-
-    Then a read of a few rows reads those rows, not their whole chunk: with
-    HDF5's default 1 MiB cache and 1 MiB chunks, each random row of a 64x64
-    RGB image column cost about 60 us (its chunk read into the cache, then
-    evicted by the next); without, about 20 us through h5py, 3 us with
-    :meth:`RowsDataset.read_rows`. Rows of a page or more are read so in
-    smaller chunks too (a small bank's, or one that grew by ``add``: see
-    :func:`create_column`): 64 random 64x64 RGB rows of 3,000 in 5-row
-    chunks took about 1.2 ms through the cache and 0.5 ms this way.
-    Compressed datasets keep the file's cache (a chunk must be decompressed
-    whole), and so does a file open for writing.
-    """
-    if group.file.mode != "r" or group.file.driver != "sec2" or _cache_set(group.file):
-        return group[name]  # writing, a remote file, or a cache the caller chose: keep it
-    # The cache is made when HDF5 first opens the dataset: open it without one, then check.
-    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-    access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
-    dataset = RowsDataset(h5py.h5d.open(group.id, name.encode(), access))
-    chunks = dataset.chunks
-    row_bytes = math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
-    if (
-        chunks is not None
-        and not dataset.id.get_create_plist().get_nfilters()
-        and (
-            math.prod(chunks) * dataset.dtype.itemsize >= _UNCACHED_CHUNK_BYTES
-            or row_bytes >= _UNCACHED_ROW_BYTES
-        )
-    ):
-        return dataset
-    dataset.id.close()  # small chunks of small rows (refs tables) gain from the cache
-    return group[name]
-
-
-class RowsDataset(h5py.Dataset):
-    """An unfiltered chunked dataset of a file open read-only, whose rows can be read
-    straight from the file: :meth:`read_rows`.
-
-    A chunk of a dataset without filters is its rows' bytes as they are in
-    memory, at the address HDF5's chunk index gives (``get_chunk_info``): a
-    row is ``os.preadv`` at that address plus its place in the chunk, into
-    the array being filled. That skips h5py's selection machinery, which cost
-    about 20 us a read; 64 random rows of 12 KB took 1.4 ms through h5py and
-    0.2 ms this way. Rows of chunks HDF5 never wrote, and datasets whose
-    chunks do not span whole rows, are read through h5py.
-    """
-
-    def read_rows(self, wanted: np.ndarray) -> np.ndarray:
-        """Rows ``wanted`` (sorted, unique, in range) as one array."""
-        if not self._direct():
-            return read_runs(self, wanted)
-        out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
-        per_chunk = self.chunks[0]
-        row_bytes = out.itemsize * math.prod(self.shape[1:])
-        fd = self.file.id.get_vfd_handle()
-        rows = wanted.tolist()
-        a = 0
-        while a < len(rows):  # a run of consecutive rows within one chunk, read at once
-            first = rows[a]
-            end = min(len(rows), a + per_chunk - first % per_chunk)
-            b = a + 1
-            while b < end and rows[b] == first + (b - a):
-                b += 1
-            address = self._address(first // per_chunk)
-            target = memoryview(out[a:b]).cast("B")
-            if address is None or os.preadv(
-                fd, [target], address + (first % per_chunk) * row_bytes
-            ) != len(target):
-                out[a:b] = self[first : first + b - a]
-            a = b
-        return out
-
-    def _direct(self) -> bool:
-        """Whether rows can be read at their offsets: chunks of whole rows, plain numbers in
-        this machine's byte order, no user block."""
-        known = getattr(self, "_direct_ok", None)
-        if known is None:
-            chunks = self.chunks
-            self._addresses: dict[int, int | None] = {}
-            known = self._direct_ok = bool(
-                chunks is not None
-                and tuple(chunks[1:]) == tuple(self.shape[1:])
-                and self.dtype.kind in "biuf"
-                and self.dtype.isnative
-                and self.file.userblock_size == 0
-                and isinstance(self.file.id.get_vfd_handle(), int)
-                and hasattr(os, "preadv")
-            )
-        return known
-
-    def _address(self, chunk: int) -> int | None:
-        addresses = self._addresses
-        if chunk not in addresses:
-            coord = (chunk * self.chunks[0],) + (0,) * (len(self.shape) - 1)
-            info = self.id.get_chunk_info_by_coord(coord)
-            addresses[chunk] = info.byte_offset if info.size else None
-        return addresses[chunk]
-
-
-def read_runs(dataset: h5py.Dataset, wanted: np.ndarray) -> np.ndarray:
-    """Rows ``wanted`` (sorted, unique) of ``dataset``, one h5py slice per run of consecutive
-    rows, into one array."""
-    out = np.empty((len(wanted), *dataset.shape[1:]), dtype=dataset.dtype)
-    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-    for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
-        start = int(wanted[a])
-        out[a:b] = dataset[start : start + b - a]
-    return out
-
-
-def _cache_set(f: h5py.File) -> bool:
-    """Whether ``f`` was opened with a chunk cache other than HDF5's default (``rdcc_nbytes``)."""
-    default = h5py.h5p.create(h5py.h5p.FILE_ACCESS).get_cache()[1:]
-    return f.id.get_access_plist().get_cache()[1:] != default
-
-
-# Unfiltered chunks at least this large are read without a chunk cache (see open_dataset).
-_UNCACHED_CHUNK_BYTES = 256 * 1024
-# ... and so are rows at least this large, in chunks of any size.
-_UNCACHED_ROW_BYTES = 4096
-
-
 def is_column(node: Any) -> bool:
     """A complete feature column: marked, with its data and refs (the mark is written last)."""
     return (
@@ -467,106 +333,6 @@ def iter_columns(f: h5py.File) -> Iterator[str]:
 
     f.visititems(visit)
     yield from found
-
-
-def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> bool:
-    """Whether a column's chunks are filtered (compressed) by the decode tasks.
-
-    That is an ``item`` column (one row per source) of rows of at least
-    :data:`PRECOMPRESSED_ROW_BYTES`, with a compression filter (gzip, lzf,
-    or any of hdf5plugin's: Zstd, Blosc, LZ4...) and chunks h5bank picks:
-    its chunks are one row each, so each source's row is a whole chunk, which
-    a decode task filters (:func:`filter_rows`) in parallel with the others
-    and the writer stores as it is (HDF5's direct chunk write). The bank is a
-    plain dataset with that filter, which any HDF5 reader with the filter
-    reads. Smaller rows keep larger chunks (a chunk per 64-byte row doubled a
-    file and made a scan 60x slower) and are compressed by the writer.
-    """
-    return (
-        storage == "item"
-        and options.get("chunks") in (None, True)
-        and row_bytes >= PRECOMPRESSED_ROW_BYTES
-        and options.get("compression") is not None
-    )
-
-
-# Rows at least this large are compressed by the decode tasks (see precompressed).
-PRECOMPRESSED_ROW_BYTES = 4096
-
-
-@dataclass
-class FilteredRows:
-    """Rows as the chunks HDF5 stores for a dataset of one-row chunks: each row's bytes after
-    the filter ``pipeline`` (:func:`filter_pipeline`), and the mask of filters it skipped."""
-
-    pipeline: tuple[Any, ...]
-    chunks: list[bytes]
-    masks: list[int]
-
-
-def filter_rows(rows: np.ndarray, options: dict[str, Any]) -> FilteredRows:
-    """Each of ``rows`` filtered as a one-row chunk of a column created with ``options``.
-
-    HDF5 does the filtering itself, in a file held in memory, with the
-    dataset options :func:`create_column` uses: every filter (and its
-    parameters, computed from the dtype and the chunk shape) is the one the
-    bank's column has, byte for byte. h5py lets one thread of a process into
-    HDF5 at a time, so gzip (with or without shuffle), which zlib does the
-    same way while letting other threads run, is done with zlib: a worker of
-    several threads compresses on all of them.
-    """
-    pipeline = _pipeline(rows.dtype.str, rows.shape[1:], _hashable(options))
-    filters = pipeline[2]
-    if [f[0] for f in filters] in ([_DEFLATE], [_SHUFFLE, _DEFLATE]):
-        level = filters[-1][2][0]
-        size = rows.dtype.itemsize if len(filters) == 2 else 1
-        flat = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1, size)
-        chunks = [zlib.compress(row.T.tobytes(), level) for row in flat]
-        return FilteredRows(pipeline, chunks, [0] * len(chunks))
-    with _memory_dataset(rows, options) as data:
-        zeros = (0,) * (rows.ndim - 1)
-        masks, chunks = [], []
-        for i in range(len(rows)):
-            mask, chunk = data.id.read_direct_chunk((i, *zeros))
-            masks.append(mask)
-            chunks.append(chunk)
-        return FilteredRows(pipeline, chunks, masks)
-
-
-_DEFLATE, _SHUFFLE = h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE
-
-
-@contextlib.contextmanager
-def _memory_dataset(rows: np.ndarray, options: dict[str, Any]) -> Iterator[h5py.Dataset]:
-    """``rows`` in a dataset of one-row chunks made with ``options``, in a file in memory."""
-    from pipeline.readers import register_plugin_filters
-
-    register_plugin_filters()  # a decode worker may never have opened a bank
-    options = {k: v for k, v in options.items() if k != "chunks"}
-    name = f"h5bank-filter-{uuid.uuid4().hex}"
-    with h5py.File(name, "w", driver="core", backing_store=False) as f:
-        yield f.create_dataset(
-            DATA, data=rows, maxshape=(None, *rows.shape[1:]), chunks=(1, *rows.shape[1:]),
-            **options,
-        )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=64)
-def _pipeline(dtype: str, row_shape: tuple[int, ...], options: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The :func:`filter_pipeline` of a column of such rows, from a one-row dataset in memory."""
-    with _memory_dataset(np.zeros((1, *row_shape), dtype), dict(options)) as data:
-        return filter_pipeline(data)
-
-
-def _hashable(options: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-
-
-def filter_pipeline(dataset: h5py.Dataset) -> tuple[Any, ...]:
-    """What decides a chunk's stored bytes: dtype, chunk shape, each filter and its values."""
-    plist = dataset.id.get_create_plist()
-    filters = tuple(plist.get_filter(i)[:3] for i in range(plist.get_nfilters()))
-    return (dataset.dtype.str, dataset.chunks, filters)
 
 
 def create_column(
@@ -893,122 +659,6 @@ def truncate(f: h5py.File, rebuild: bool = False, sync: Any = None) -> int:
     return n
 
 
-def verify(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[str]:
-    """The structural problems of the bank ``f``, first found first (nothing for a sound bank).
-
-    Checks the format and version, that the build finished, that every refs
-    and shape table has one row per committed id, that refs lie inside
-    ``data``, agree with their storage kind and shape, and do not overlap,
-    and that the failure tables agree. With ``data``, every chunk of every
-    dataset is read back (HDF5 checks fletcher32 checksums where enabled) and
-    label codes are checked against their names.
-
-    With ``stopped``, ``f`` is the partial file of a build that stopped: what
-    its id table commits must be sound (that is what a resume keeps), and
-    rows a stopped commit wrote past it are allowed (a resume cuts them).
-    """
-    try:
-        check_format(f)
-    except (NotABankError, FormatVersionError) as error:
-        yield str(error)
-        return
-    if stopped:
-        if state(f) != BUILDING:
-            yield f"it is not a stopped build (state {state(f)!r})"
-    elif state(f) != COMPLETE:
-        yield f"its build has not finished (state {state(f)!r})"
-    rows = ids_table(f).shape[0]
-    counter = f.attrs.get(ATTR_COMMITTED)
-    if counter is not None and (int(counter) > rows or (int(counter) != rows and not stopped)):
-        yield f"{ATTR_COMMITTED} is {int(counter)} but {IDS} has {rows} rows"
-        return
-    n = committed(f)
-    ids = read_strings(ids_table(f), 0, n)
-    if len(set(ids)) != n:
-        seen: set[str] = set()
-        duplicate = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        yield f"{IDS}: the id {duplicate!r} is committed twice"
-    lengths = {t.name: t.shape[0] for t in failure_tables(f)}
-    if len(set(lengths.values())) != 1 and not stopped:
-        yield f"{FAILURES}: its tables disagree in length {lengths}"
-    for path in iter_columns(f):
-        yield from _verify_column(Column.open(f, path), n, data, stopped)
-    if data:
-        yield from _verify_chunks(f)
-
-
-def _verify_column(column: Column, n: int, data: bool, stopped: bool = False) -> Iterator[str]:
-    where = column.path
-
-    def wrong(rows: int) -> bool:  # a stopped build may have written rows past its commit
-        return rows < n if stopped else rows != n
-
-    if column.refs.shape[1:] != (2,) or wrong(column.refs.shape[0]):
-        yield f"{where}/refs has {column.refs.shape[0]} rows for {n} committed sources"
-        return
-    if column.shape is not None and wrong(column.shape.shape[0]):
-        yield f"{where}/shape has {column.shape.shape[0]} rows for {n} committed sources"
-        return
-    refs = column.refs[:n] if n else np.zeros((0, 2), dtype=np.int64)
-    starts, stops = refs[:, 0], refs[:, 1]
-    empty = starts < 0
-    if ((stops < 0) != empty).any():
-        row = int(np.flatnonzero((stops < 0) != empty)[0])
-        yield f"{where}/refs row {row} is half empty: {refs[row].tolist()}"
-        return
-    rows = column.data.shape[0]
-    bad = ~empty & ((starts > stops) | (stops > rows))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        yield f"{where}/refs row {row} is {refs[row].tolist()}, outside data's {rows} rows"
-        return
-    used = np.flatnonzero(~empty)
-    order = used[np.argsort(starts[used], kind="stable")]
-    overlap = np.flatnonzero(starts[order][1:] < stops[order][:-1])
-    if overlap.size:
-        a, b = int(order[overlap[0]]), int(order[overlap[0] + 1])
-        yield f"{where}/refs rows {a} and {b} overlap: {refs[a].tolist()} and {refs[b].tolist()}"
-        return
-    extent = stops[used] - starts[used]
-    if column.storage in ("item", "category") and (extent != 1).any():
-        j = int(np.flatnonzero(extent != 1)[0])
-        yield (
-            f"{where}/refs row {int(used[j])} spans {int(extent[j])} rows; "
-            f"{column.storage} storage has one"
-        )
-    if column.shape is not None:
-        table = column.shape[:n] if n else np.zeros((0, 1), dtype=np.int64)
-        sizes = np.where(table >= 0, table, 1).prod(axis=1)
-        mismatch = used[sizes[used] != extent]
-        if mismatch.size:
-            row = int(mismatch[0])
-            yield (
-                f"{where}/shape row {row} is {stored_shape(column, row)}, but its refs hold "
-                f"{int(stops[row] - starts[row])} elements"
-            )
-    end = int(stops[used].max()) if used.size else 0
-    if data and column.storage == "category" and end:
-        codes = column.data[:end]
-        names = category_names(column)
-        if codes.min() < 0 or codes.max() >= len(names):
-            yield f"{where}/data holds label codes outside its {len(names)} names"
-
-
-def _verify_chunks(f: h5py.File) -> Iterator[str]:
-    datasets: list[h5py.Dataset] = []
-    f.visititems(lambda _, node: datasets.append(node) if isinstance(node, h5py.Dataset) else None)
-    for dataset in datasets:
-        if dataset.shape == () or dataset.size == 0:
-            continue
-        chunks = dataset.iter_chunks() if dataset.chunks else [()]
-        for selection in chunks:
-            try:
-                dataset[selection]
-            except OSError as error:
-                yield f"{dataset.name}: reading {selection} failed ({error})"
-                break
-
-
 def storage_bytes(node: h5py.Group | h5py.Dataset) -> int:
     """Bytes a dataset, or every dataset below a group, takes in the file."""
     if isinstance(node, h5py.Dataset):
@@ -1022,26 +672,3 @@ def storage_bytes(node: h5py.Group | h5py.Dataset) -> int:
 
     node.visititems(visit)
     return total
-
-
-def compression_of(dataset: h5py.Dataset) -> str:
-    """A short description of a dataset's filters (``"gzip(4)"``, ``"lzf"``, ``"filter 32015"``)."""
-    plist = dataset.id.get_create_plist()
-    names = []
-    for i in range(plist.get_nfilters()):
-        code, _, values, name = plist.get_filter(i)
-        label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        if code == h5py.h5z.FILTER_DEFLATE:
-            label = f"gzip({values[0]})" if values else "gzip"
-        elif code == h5py.h5z.FILTER_SHUFFLE:
-            label = "shuffle"
-        elif code == h5py.h5z.FILTER_FLETCHER32:
-            label = "fletcher32"
-        elif code == 32000:
-            label = "lzf"
-        elif (
-            label.startswith("HDF5 ") and " filter" in label
-        ):  # hdf5plugin: "HDF5 zstd filter; see…"
-            label = label[5 : label.index(" filter")]
-        names.append(label or f"filter {code}")
-    return "+".join(names) if names else "none"

@@ -30,30 +30,20 @@ and Dask's memory manager pauses a worker short of memory.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import math
 import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import dask
-import h5py
-import numpy as np
 from dask.base import DaskMethodsMixin
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.task_spec import DataNode, Task, TaskRef
 
 from features.base import Feature
-from pipeline import config, layout
-from pipeline.decode import Failure, Partition, decode_partition, map_partition
-from pipeline.errors import DuplicateIdError, SchemaError
-from pipeline.readers import ColumnSpec
-from pipeline.sources import SourceSpec, expand, is_url, redact
-from pipeline.writer import (
-    BuildPlan,
+from pipeline import config
+from pipeline.build.chain import (
     abort_build,
     attach_partition,
     finalize_build,
@@ -61,6 +51,11 @@ from pipeline.writer import (
     read_partition,
     write_partition,
 )
+from pipeline.build.decode import decode_partition, map_partition
+from pipeline.build.plan import BuildPlan, _plan, committed_ids, describe_sources, partition_sources
+from pipeline.clients import default_client
+from pipeline.errors import SchemaError
+from pipeline.read.records import ColumnSpec
 
 WRITER_PRIORITY = 100  # run a ready writer task before more decoding on its worker
 
@@ -69,7 +64,7 @@ class Build(DaskMethodsMixin):
     """A bank build as a Dask collection: computing it builds the bank.
 
     ``dask.compute(build)``, ``build.compute()`` and ``client.compute(build)``
-    all work; the result is a :class:`pipeline.writer.BuildSummary`. Attributes
+    all work; the result is a :class:`pipeline.build.summary.BuildSummary`. Attributes
     say what the build will do: ``path``, ``total`` (sources to process),
     ``partitions`` (their sizes), ``write_keys`` (the writer chain's task
     keys, for progress), ``writer`` (the worker the chain is pinned to, if any).
@@ -120,9 +115,7 @@ class Build(DaskMethodsMixin):
         """
         abort_build(self.token)
         if client is None:
-            from pipeline.cluster import _default_client
-
-            client = _default_client()
+            client = default_client()
         if client is not None:
             client.run(abort_build, self.token)
 
@@ -229,197 +222,6 @@ class _PerTask:
         return value(key) if callable(value) else value
 
 
-def committed_ids(path: str) -> set[str]:
-    """Ids already in the bank at ``path`` (or its partial file), if this process can see it.
-
-    Only an optimisation (skip decoding what is there): the writer skips
-    committed ids itself, so a bank only the writer can reach still appends
-    correctly.
-    """
-    for candidate in (layout.partial_path(path), path):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            with h5py.File(candidate, "r") as f:
-                if layout.is_bank(f):  # only what the bank commits: a killed commit wrote more
-                    return set(layout.read_strings(layout.ids_table(f))[: layout.committed(f)])
-        except OSError:
-            continue
-    return set()
-
-
-def partition_sources(
-    sources: Any,
-    storage_options: Mapping[str, Any] | None,
-    partition_size: int | None,
-    threads: int,
-    skip: set[str],
-    reads_bytes: bool = True,
-) -> tuple[list[Partition], int]:
-    """Expand ``sources`` into partitions; return them and how many ids were skipped.
-
-    The default size is at most 512 sources a task when sources are fetched,
-    fewer when the first files are large (about ``PARTITION_BYTES`` of
-    source bytes a task, so that the partitions waiting for the writer stay
-    small). Each task and commit costs a few milliseconds whatever its size:
-    20,000 PNGs of 64x64 built in 2.1-2.3 s in tasks of 256, 1.9-2.0 s in
-    tasks of about 500, 1.8 s in tasks of 1,024, for 20-60 MB more memory.
-    At most
-    4,096 when no feature reads bytes (sources made from their ids cost
-    microseconds each, and Dask's per-task cost would dominate: a million
-    16-float sources went at 24,000/s in tasks of 256, 62,000/s in tasks of
-    2,048). A list known up front is spread over at least 4 tasks per worker
-    thread.
-
-    Sources are listed once, lazily: only the first ``4 x threads x size``
-    specs are held to choose the size, and partitions are compact
-    (:class:`Partition`).
-
-    Duplicate ids in a list known up front raise :class:`DuplicateIdError`
-    before anything is built; in a stream, the later duplicate becomes a
-    failure and the first one is kept.
-    """
-    known = isinstance(sources, (str, os.PathLike, list, tuple))
-    specs = iter(expand(sources, storage_options))
-    if partition_size is None:
-        partition_size = config.get("build.partition-size")
-    if partition_size is None:
-        partition_size = PARTITION_SOURCES if reads_bytes else 4096
-        head = list(itertools.islice(specs, 4 * max(threads, 1) * partition_size))
-        if reads_bytes:
-            partition_size = min(partition_size, _size_for_bytes(head))
-        if known and len(head) < 4 * max(threads, 1) * partition_size:
-            partition_size = max(1, math.ceil(len(head) / (4 * max(threads, 1))))
-        specs = itertools.chain(head, specs)
-        del head
-    if partition_size < 1:
-        raise ValueError(f"partition_size must be at least 1, got {partition_size}")
-    skipped = 0
-    partitions: list[Partition] = []
-    hashes: list[np.ndarray] = []  # each partition's ids, hashed: duplicates are found at the end
-    current: list[SourceSpec] = []
-    for spec in specs:
-        if spec.id in skip:
-            skipped += 1
-            continue
-        current.append(spec)
-        if len(current) >= partition_size:
-            hashes.append(np.fromiter((hash(s.id) for s in current), np.int64, len(current)))
-            partitions.append(Partition(len(partitions), current))
-            current = []
-    if current:
-        hashes.append(np.fromiter((hash(s.id) for s in current), np.int64, len(current)))
-        partitions.append(Partition(len(partitions), current))
-    duplicates = _duplicates(partitions, hashes)
-    if duplicates and known:
-        shown = ", ".join(
-            f"{later.id!r}"
-            + (f" ({redact(first.url)} and {redact(later.url)})" if first.url and later.url else "")
-            for _, later, first in duplicates[:10]
-        )
-        more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
-        raise DuplicateIdError(
-            f"{len(duplicates)} duplicate source ids, nothing was written: {shown}{more}. Files "
-            "found under a directory or glob get ids relative to it, so two roots holding the same "
-            "relative path collide; build them into separate banks, or list the files explicitly "
-            "(an explicit path keeps the string as given for its id)"
-        )
-    if duplicates:
-        _fail_duplicates(partitions, duplicates)
-    return partitions, skipped
-
-
-def _duplicates(
-    partitions: list[Partition], hashes: list[np.ndarray]
-) -> list[tuple[int, SourceSpec, SourceSpec]]:
-    """Each source whose id an earlier one has: ``(position, it, the first)``, in source order.
-
-    Ids are compared by hash (8 bytes a source, where a set of 200,000 ids
-    held 30 MB); sources whose hashes agree are then compared by id.
-    """
-    flat = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
-    order = np.argsort(flat, kind="stable")
-    same = np.flatnonzero(flat[order][1:] == flat[order][:-1])
-    if not len(same):
-        return []
-    candidates = np.unique(np.concatenate([order[same], order[same + 1]]))
-    starts = np.cumsum([0, *(len(h) for h in hashes)])
-    where = np.searchsorted(starts, candidates, side="right") - 1
-    specs: dict[int, SourceSpec] = {}
-    for k in np.unique(where).tolist():
-        listed = partitions[k].specs
-        for position in candidates[where == k].tolist():
-            specs[position] = listed[position - int(starts[k])]
-    first: dict[str, SourceSpec] = {}
-    found = []
-    for position in candidates.tolist():
-        spec = specs[position]
-        if spec.id in first:
-            found.append((position, spec, first[spec.id]))
-        else:
-            first[spec.id] = spec
-    return found
-
-
-def _fail_duplicates(
-    partitions: list[Partition], duplicates: list[tuple[int, SourceSpec, SourceSpec]]
-) -> None:
-    """Replace each later duplicate of a stream by a failure in its partition; keep the first."""
-    starts = np.cumsum([0, *(len(p) for p in partitions)])
-    by_partition: dict[int, dict[int, Failure]] = {}
-    for position, later, first in duplicates:
-        k = int(np.searchsorted(starts, position, side="right") - 1)
-        which = f" ({redact(first.url)})" if first.url else ""
-        by_partition.setdefault(k, {})[position - int(starts[k])] = Failure(
-            later.id,
-            "",
-            f"DuplicateIdError: an earlier source of this build{which} has the same id; the "
-            "first one is kept" + (f", this one ({redact(later.url)}) is not" if later.url else ""),
-        )
-    for k, failed in by_partition.items():
-        listed = partitions[k].specs
-        kept = [spec for j, spec in enumerate(listed) if j not in failed]
-        partitions[k] = Partition(k, kept, list(failed.values()))
-
-
-# Sources a decode task holds at most, by default, when its sources are fetched.
-PARTITION_SOURCES = 512
-# Source bytes a decode task aims at when the default partition size is chosen: the decoded
-# partitions waiting for the writer (2 per worker thread) stay tens of MB even for large images.
-PARTITION_BYTES = 4 << 20
-
-
-def _size_for_bytes(head: list[SourceSpec], sample: int = 32) -> int:
-    """Sources a partition of about ``PARTITION_BYTES`` holds, from the sizes of up to ``sample``
-    local files among the first sources (any number when none is a local file)."""
-    sizes = []
-    for spec in head:
-        if len(sizes) >= sample:
-            break
-        if spec.url and not is_url(spec.url):
-            with contextlib.suppress(OSError):
-                sizes.append(os.stat(spec.url).st_size)
-    if not sizes:
-        return 1 << 62
-    return max(16, PARTITION_BYTES * len(sizes) // max(1, sum(sizes)))
-
-
-def describe_sources(sources: Any, limit: int = 50) -> Any:
-    """The source specification recorded in the bank's provenance, credentials removed."""
-    if isinstance(sources, (str, os.PathLike)):
-        return [redact(os.fspath(sources))]
-    if isinstance(sources, (list, tuple)):
-        shown = [
-            redact(s.url or s.id) if isinstance(s, SourceSpec) else redact(os.fspath(s))
-            for s in sources[:limit]
-            if isinstance(s, (str, os.PathLike, SourceSpec))
-        ]
-        if len(sources) > limit:
-            shown.append(f"... and {len(sources) - limit} more")
-        return shown
-    return f"<{type(sources).__name__} streamed>"
-
-
 def build_graph(
     features: Mapping[str, Feature],
     bases: Mapping[str, str],
@@ -503,15 +305,6 @@ def _decode_schedule(decoders: list[str], writer: str) -> list[str]:
         if len(set(schedule)) > 1:
             del schedule[len(schedule) - 1 - schedule[::-1].index(writer)]
     return schedule
-
-
-def _plan(**fields: Any) -> BuildPlan:
-    """A :class:`BuildPlan` with the writer's settings read here, where the build is made."""
-    return BuildPlan(
-        **fields,
-        chunk_bytes=int(config.get("build.chunk-bytes")),
-        fsync=bool(config.get("build.fsync")),
-    )
 
 
 def writer_chain(

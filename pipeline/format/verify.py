@@ -1,0 +1,143 @@
+"""Checking a bank's structure (and, with ``data``, every chunk) against the format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import h5py
+import numpy as np
+
+from pipeline.errors import FormatVersionError, NotABankError
+from pipeline.format.layout import (
+    ATTR_COMMITTED,
+    BUILDING,
+    COMPLETE,
+    FAILURES,
+    IDS,
+    Column,
+    category_names,
+    check_format,
+    committed,
+    failure_tables,
+    ids_table,
+    iter_columns,
+    read_strings,
+    state,
+    stored_shape,
+)
+
+
+def bank_problems(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[str]:
+    """The structural problems of the bank ``f``, first found first (nothing for a sound bank).
+
+    Checks the format and version, that the build finished, that every refs
+    and shape table has one row per committed id, that refs lie inside
+    ``data``, agree with their storage kind and shape, and do not overlap,
+    and that the failure tables agree. With ``data``, every chunk of every
+    dataset is read back (HDF5 checks fletcher32 checksums where enabled) and
+    label codes are checked against their names.
+
+    With ``stopped``, ``f`` is the partial file of a build that stopped: what
+    its id table commits must be sound (that is what a resume keeps), and
+    rows a stopped commit wrote past it are allowed (a resume cuts them).
+    """
+    try:
+        check_format(f)
+    except (NotABankError, FormatVersionError) as error:
+        yield str(error)
+        return
+    if stopped:
+        if state(f) != BUILDING:
+            yield f"it is not a stopped build (state {state(f)!r})"
+    elif state(f) != COMPLETE:
+        yield f"its build has not finished (state {state(f)!r})"
+    rows = ids_table(f).shape[0]
+    counter = f.attrs.get(ATTR_COMMITTED)
+    if counter is not None and (int(counter) > rows or (int(counter) != rows and not stopped)):
+        yield f"{ATTR_COMMITTED} is {int(counter)} but {IDS} has {rows} rows"
+        return
+    n = committed(f)
+    ids = read_strings(ids_table(f), 0, n)
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        duplicate = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        yield f"{IDS}: the id {duplicate!r} is committed twice"
+    lengths = {t.name: t.shape[0] for t in failure_tables(f)}
+    if len(set(lengths.values())) != 1 and not stopped:
+        yield f"{FAILURES}: its tables disagree in length {lengths}"
+    for path in iter_columns(f):
+        yield from _verify_column(Column.open(f, path), n, data, stopped)
+    if data:
+        yield from _verify_chunks(f)
+
+
+def _verify_column(column: Column, n: int, data: bool, stopped: bool = False) -> Iterator[str]:
+    where = column.path
+
+    def wrong(rows: int) -> bool:  # a stopped build may have written rows past its commit
+        return rows < n if stopped else rows != n
+
+    if column.refs.shape[1:] != (2,) or wrong(column.refs.shape[0]):
+        yield f"{where}/refs has {column.refs.shape[0]} rows for {n} committed sources"
+        return
+    if column.shape is not None and wrong(column.shape.shape[0]):
+        yield f"{where}/shape has {column.shape.shape[0]} rows for {n} committed sources"
+        return
+    refs = column.refs[:n] if n else np.zeros((0, 2), dtype=np.int64)
+    starts, stops = refs[:, 0], refs[:, 1]
+    empty = starts < 0
+    if ((stops < 0) != empty).any():
+        row = int(np.flatnonzero((stops < 0) != empty)[0])
+        yield f"{where}/refs row {row} is half empty: {refs[row].tolist()}"
+        return
+    rows = column.data.shape[0]
+    bad = ~empty & ((starts > stops) | (stops > rows))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        yield f"{where}/refs row {row} is {refs[row].tolist()}, outside data's {rows} rows"
+        return
+    used = np.flatnonzero(~empty)
+    order = used[np.argsort(starts[used], kind="stable")]
+    overlap = np.flatnonzero(starts[order][1:] < stops[order][:-1])
+    if overlap.size:
+        a, b = int(order[overlap[0]]), int(order[overlap[0] + 1])
+        yield f"{where}/refs rows {a} and {b} overlap: {refs[a].tolist()} and {refs[b].tolist()}"
+        return
+    extent = stops[used] - starts[used]
+    if column.storage in ("item", "category") and (extent != 1).any():
+        j = int(np.flatnonzero(extent != 1)[0])
+        yield (
+            f"{where}/refs row {int(used[j])} spans {int(extent[j])} rows; "
+            f"{column.storage} storage has one"
+        )
+    if column.shape is not None:
+        table = column.shape[:n] if n else np.zeros((0, 1), dtype=np.int64)
+        sizes = np.where(table >= 0, table, 1).prod(axis=1)
+        mismatch = used[sizes[used] != extent]
+        if mismatch.size:
+            row = int(mismatch[0])
+            yield (
+                f"{where}/shape row {row} is {stored_shape(column, row)}, but its refs hold "
+                f"{int(stops[row] - starts[row])} elements"
+            )
+    end = int(stops[used].max()) if used.size else 0
+    if data and column.storage == "category" and end:
+        codes = column.data[:end]
+        names = category_names(column)
+        if codes.min() < 0 or codes.max() >= len(names):
+            yield f"{where}/data holds label codes outside its {len(names)} names"
+
+
+def _verify_chunks(f: h5py.File) -> Iterator[str]:
+    datasets: list[h5py.Dataset] = []
+    f.visititems(lambda _, node: datasets.append(node) if isinstance(node, h5py.Dataset) else None)
+    for dataset in datasets:
+        if dataset.shape == () or dataset.size == 0:
+            continue
+        chunks = dataset.iter_chunks() if dataset.chunks else [()]
+        for selection in chunks:
+            try:
+                dataset[selection]
+            except OSError as error:
+                yield f"{dataset.name}: reading {selection} failed ({error})"
+                break
