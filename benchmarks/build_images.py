@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features import DirLabels, Image
 from pipeline import TypedFile
-from pipeline.demo import _picture
+from pipeline.demo import picture
 
 
 class Pictures(TypedFile):
@@ -56,7 +56,7 @@ def make_corpus(root: Path, files: int, classes: int, seed: int = 7) -> list[Pat
         if path.exists():
             continue
         height, width = (int(v) for v in rng.integers(48, 129, size=2))
-        rgb = _picture(kinds[i % 3], height, width, rng)
+        rgb = picture(kinds[i % 3], height, width, rng)
         depth = i % 3
         if depth == 1:
             pixels = np.concatenate([rgb, np.full((height, width, 1), 200, np.uint8)], axis=2)

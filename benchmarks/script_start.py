@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build_images import Pictures, make_corpus
 
-from pipeline.run.local import _SpawnWithoutMain
+from pipeline.run.local import SpawnWithoutMain
 
 
 def emit(figure: str, value: float, unit: str, **extra) -> None:
@@ -38,16 +38,16 @@ def emit(figure: str, value: float, unit: str, **extra) -> None:
 
 
 def build(root: Path, out: Path, workers_import_main: bool) -> float:
-    name = _SpawnWithoutMain.PROCESS_NAME
+    name = SpawnWithoutMain.PROCESS_NAME
     if workers_import_main:  # as before: no worker process is recognised, main goes along
-        _SpawnWithoutMain.PROCESS_NAME = "(none)"
+        SpawnWithoutMain.PROCESS_NAME = "(none)"
     try:
         out.unlink(missing_ok=True)
         started = time.perf_counter()
         bank = Pictures.create(out, root, progress=False)
         seconds = time.perf_counter() - started
     finally:
-        _SpawnWithoutMain.PROCESS_NAME = name
+        SpawnWithoutMain.PROCESS_NAME = name
     assert len(bank) > 0 and bank.summary.writer_pid != os.getpid()
     bank.close()
     return seconds

@@ -52,7 +52,7 @@ def make_samples(
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
             height, width = rng.integers(40, 97, size=2)
-            rgb = _picture(kind, int(height), int(width), rng)
+            rgb = picture(kind, int(height), int(width), rng)
             depth = i % 3  # 0: RGB, 1: RGBA, 2: grayscale
             if depth == 1:
                 alpha = np.full((height, width, 1), 255, np.uint8)
@@ -77,7 +77,7 @@ def make_samples(
     return root
 
 
-def _picture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+def picture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     color = rng.integers(60, 256, size=3)
     background = rng.integers(0, 60, size=3)

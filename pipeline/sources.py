@@ -124,7 +124,7 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
     elif os.path.isdir(text):
         base = os.path.abspath(text)
         listed = 0
-        for relative in _walk_sorted(base):
+        for relative in walk_sorted(base):
             listed += 1
             yield SourceSpec(storable(relative), os.path.join(base, relative))
         _warn_if_empty(text, listed)
@@ -132,7 +132,7 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
         yield SourceSpec(text, None)
 
 
-def _walk_sorted(base: str, inner: str = "") -> Iterator[str]:
+def walk_sorted(base: str, inner: str = "") -> Iterator[str]:
     """Paths of the visible files under ``base``, relative to it, sorted, one directory at a time.
 
     Siblings are sorted with a ``/`` after each directory's name, so visiting
@@ -160,7 +160,7 @@ def _walk_sorted(base: str, inner: str = "") -> Iterator[str]:
     prefix = inner + "/" if inner else ""
     for name in names:
         if name.endswith("/"):
-            yield from _walk_sorted(base, prefix + name[:-1])
+            yield from walk_sorted(base, prefix + name[:-1])
         else:
             yield prefix + name
 

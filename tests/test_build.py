@@ -113,13 +113,13 @@ def test_on_a_cluster_decode_tasks_spread_over_every_worker_within_the_window(tm
 
 
 def test_the_writers_worker_decodes_one_share_less():
-    from pipeline.build.graph import _decode_schedule
+    from pipeline.build.graph import decode_schedule
 
-    schedule = _decode_schedule(["a", "b"], "a")
+    schedule = decode_schedule(["a", "b"], "a")
     assert schedule.count("a") == 7 and schedule.count("b") == 8
     assert schedule[:4] == ["a", "b", "a", "b"]  # interleaved, so neighbouring tasks spread
-    assert _decode_schedule(["a"], "a") == ["a"] * 8  # a lone worker keeps every turn
-    assert _decode_schedule(["a", "a", "b"], "a").count("a") == 14
+    assert decode_schedule(["a"], "a") == ["a"] * 8  # a lone worker keeps every turn
+    assert decode_schedule(["a", "a", "b"], "a").count("a") == 14
 
 
 def test_threads_and_cluster_builds_are_identical(images, tmp_path, client):

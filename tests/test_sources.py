@@ -640,10 +640,10 @@ def test_a_directory_walk_yields_exactly_the_sorted_list_of_its_files(tmp_path):
     assert ids(specs) == expected
     assert [s.url for s in specs] == [os.path.join(str(root), n) for n in expected]
     assert list(expand(str(root) + "/")) == specs
-    from pipeline.sources import _walk_sorted
+    from pipeline.sources import walk_sorted
 
-    assert list(_walk_sorted(str(root))) == expected
-    assert list(_walk_sorted(str(root), "a")) == [n for n in expected if n.startswith("a/")]
+    assert list(walk_sorted(str(root))) == expected
+    assert list(walk_sorted(str(root), "a")) == [n for n in expected if n.startswith("a/")]
 
 
 def _write_files(folder: Path, n: int, size: int, seed: int = 0) -> Path:

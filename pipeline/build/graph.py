@@ -164,7 +164,7 @@ class Graph:
     def __init__(self, token: str, writer: str | None, decoders: list[str] | None = None) -> None:
         self.token = token
         self.schedule = (
-            _decode_schedule(decoders, writer) if decoders and writer is not None else []
+            decode_schedule(decoders, writer) if decoders and writer is not None else []
         )
         self.name = f"h5bank-build-{token}"
         self.tasks: dict[str, Any] = {}
@@ -296,7 +296,7 @@ def build_graph(
     return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
 
 
-def _decode_schedule(decoders: list[str], writer: str) -> list[str]:
+def decode_schedule(decoders: list[str], writer: str) -> list[str]:
     """Decode task ``k`` goes to entry ``k % len``: every worker thread in turn, 8 times, less
     one turn per thread of the writer's worker, which also writes (about an eighth of a core
     in a build of small images, measured)."""

@@ -113,7 +113,7 @@ def local_cluster_size(n_workers: int | None = None) -> LocalSize:
     return LocalSize(n_workers, memory, local_directory, allocation)
 
 
-class _SpawnWithoutMain:
+class SpawnWithoutMain:
     """Worker processes of h5bank's local clusters that do not import the user's ``__main__``.
 
     Dask's nannies start worker processes with ``multiprocessing``'s
@@ -167,14 +167,14 @@ class _SpawnWithoutMain:
 @contextlib.contextmanager
 def _local_cluster(progress: bool = False, n_workers: int | None = None) -> Iterator[Any]:
     """The embedded default: a ``LocalCluster`` of worker processes (:func:`local_cluster_size`),
-    which do not import the user's ``__main__`` (:class:`_SpawnWithoutMain`)."""
+    which do not import the user's ``__main__`` (:class:`SpawnWithoutMain`)."""
     from distributed import LocalCluster
 
     settings = config.section("local-cluster")
     size = local_cluster_size(n_workers)
     if size.allocation is not None:
         _say(progress, f"starting {size}")
-    with _SpawnWithoutMain.active():
+    with SpawnWithoutMain.active():
         try:
             cluster = LocalCluster(
                 n_workers=size.n_workers,

@@ -14,7 +14,7 @@ Dask's multiprocessing scheduler (``"processes"``) is refused: it runs each
 task in whichever process is free, and a bank has exactly one writer process.
 
 The embedded cluster's worker processes do not import the user's ``__main__``
-(see :class:`_SpawnWithoutMain`), so a script with no
+(see :class:`SpawnWithoutMain`), so a script with no
 ``if __name__ == "__main__":`` guard builds on it like any other.
 """
 
