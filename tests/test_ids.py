@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import ids as ids_module
+from pipeline.format import ids as ids_module
 from pipeline.format import layout
 from pipeline.format.ids import IdIndex
 
