@@ -77,6 +77,28 @@ class BankMember:
         return instance._child(self._name)
 
 
+# The built-in features, by class name: the only classes a bank's schema record can name
+# (a bank never makes h5bank import code named in a file). Filled as this package's
+# feature classes are defined.
+BUILT_IN: dict[str, type[Feature]] = {}
+
+
+def from_record(record: dict[str, Any]) -> Feature | None:
+    """The built-in feature a schema record (``Feature.describe()``) describes, or ``None``.
+
+    Only classes of this package are rebuilt (from their recorded ``attrs``):
+    a bank never makes h5bank import code named in a file.
+    """
+    qualified = str(record.get("class", ""))
+    cls = BUILT_IN.get(qualified.rpartition(".")[2]) if qualified.startswith("features.") else None
+    if cls is None:
+        return None
+    try:
+        return cls.from_attrs(dict(record.get("attrs") or {}))
+    except (TypeError, ValueError):
+        return None
+
+
 class Feature(BankMember):
     """Base class of every feature; subclass it and override ``load`` or ``decode``.
 
@@ -107,6 +129,11 @@ class Feature(BankMember):
     reads_bytes: ClassVar[bool] = True
     derived_from: str | None = None
     _options: dict[str, Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("features.") and not cls.__name__.startswith("_"):
+            BUILT_IN[cls.__name__] = cls
 
     def __init__(
         self,
@@ -241,3 +268,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     return repr(value)
+
+
+BUILT_IN[Feature.__name__] = Feature

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from features.base import Feature
+from features.base import Feature, from_record
 from features.errors import DecodeError
 
 
@@ -64,8 +64,6 @@ class Bytes(Feature):
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Bytes:
-        from features import from_record
-
         record = attrs.get("decoder")
         return cls(decoder=from_record(record) if record else None)
 

@@ -11,6 +11,8 @@ import changed (``import pipeline as h5m``); serving to PyTorch with
 
 from features import Array, Bytes, DirLabels, Feature, Image, Sound, String
 from pipeline import config
+from pipeline.bank.proxies import FeatureProxy, GroupProxy, RefsView
+from pipeline.bank.typedfile import TypedFile
 from pipeline.build.summary import BuildSummary
 from pipeline.errors import (
     BankBusyError,
@@ -34,7 +36,6 @@ from pipeline.errors import (
 from pipeline.files.cache import release
 from pipeline.schema import Group
 from pipeline.serve import AsSlice, BankDataset, GetId, GetIndex, Getter, Input, Target, serve
-from pipeline.typedfile import FeatureProxy, GroupProxy, RefsView, TypedFile
 from pipeline.version import __version__
 
 __all__ = [

@@ -49,11 +49,11 @@ import yaml
 import features as builtin_features
 from features.base import Feature
 from pipeline import config
+from pipeline.bank.typedfile import TypedFile
 from pipeline.errors import ConfigError
 from pipeline.run.local import local_cluster_size
 from pipeline.run.slurm import slurm_job_script, slurm_plan
 from pipeline.schema import Group
-from pipeline.typedfile import TypedFile
 from pipeline.urls import is_url, redact
 
 # The top-level keys a build applies while it runs.

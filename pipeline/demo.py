@@ -19,8 +19,8 @@ import numpy as np
 import soundfile
 
 from features import DirLabels, Image, Sound
+from pipeline.bank.typedfile import TypedFile
 from pipeline.schema import Group
-from pipeline.typedfile import TypedFile
 
 IMAGE_CLASSES = ("circles", "squares", "stripes")
 SOUND_CLASSES = ("chirps", "noise", "tones")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from features import Array, Bytes, String
-from features.base import BankMember, Feature
+from features.base import BankMember, Feature, from_record
 from pipeline.errors import SchemaError
 
 
@@ -192,7 +192,6 @@ def feature_for_column(
     Built-in features are rebuilt from their schema record (class and
     parameters), so their methods work on any bank; anything else reads as stored.
     """
-    from features import from_record
 
     feature = from_record(record) if record else None
     if feature is not None and feature.storage == storage:

@@ -18,9 +18,9 @@ from conftest import write_images
 import pipeline
 from features import Array, DirLabels, Feature, Image, Sound
 from pipeline import Group, TypedFile
+from pipeline.bank.proxies import DatasetProxy
 from pipeline.format import layout
 from pipeline.format.partial import partial_path
-from pipeline.typedfile import DatasetProxy
 
 
 class Pictures(TypedFile):

@@ -37,11 +37,11 @@ from pipeline import (
     SourceError,
     TypedFile,
 )
+from pipeline.bank.mapping import MapResult
 from pipeline.files.cache import CACHE, release
 from pipeline.format import layout
 from pipeline.format.partial import partial_path
 from pipeline.read.arrays import default_chunks
-from pipeline.typedfile import MapResult
 
 H, W = 16, 16
 CHUNK_ROWS = 4  # HDF5 chunk rows of the images column
@@ -229,6 +229,7 @@ import pickle, sys
 import dask
 import numpy as np
 
+from pipeline.files.cache import CACHE
 
 with open(sys.argv[1], "rb") as f:
     graphs = pickle.load(f)

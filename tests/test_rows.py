@@ -408,8 +408,8 @@ def test_a_dense_column_is_read_without_its_refs(big_bank, monkeypatch):
         images = [bank.images.get(i) for i in ids]
         labels = [bank.labels.get(i) for i in ids]
         columns = [bank.images.column, bank.labels.column]
+        assert bank.images.dense and bank.labels.dense  # the refs read once, here
         for column in columns:
-            bank._is_dense(column)  # the refs read once, here
             monkeypatch.setattr(column, "refs", Unreadable(column.refs))
         stacked = bank.images.stacked_rows(rows)
         assert stacked.shape == (len(rows), 64, 64, 3)
@@ -424,7 +424,7 @@ def test_a_dense_column_is_read_without_its_refs(big_bank, monkeypatch):
             bank.images.stacked_rows([0, 90])
         with pytest.raises(IndexError, match="row -91 out of range for 90 rows"):
             bank.images.get_rows([-91])
-        assert all(bank._is_dense(column) for column in columns)
+        assert bank.images.dense and bank.labels.dense
 
 
 def test_a_column_some_sources_lack_is_not_dense(tmp_path):
@@ -450,8 +450,8 @@ def test_a_column_some_sources_lack_is_not_dense(tmp_path):
             ValueError, match=re.escape(f"source {bank.ids[missing]!r} has no data")
         ):
             bank.images.get_rows([int(having[0]), missing, int(lacking[0])])
-        assert not bank._is_dense(images)
-        assert bank._is_dense(bank.labels.column)
+        assert not bank.images.dense
+        assert bank.labels.dense
 
 
 def test_the_dense_flag_is_recomputed_after_add_and_set(big_bank, tmp_path):
@@ -459,9 +459,8 @@ def test_the_dense_flag_is_recomputed_after_add_and_set(big_bank, tmp_path):
     shutil.copy(big_bank, path)
     image = np.random.default_rng(12).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     with Big(path, mode="a") as bank:
-        column = bank.images.column
         first, last = bank.images.get(bank.ids[0]), bank.images.get(bank.ids[89])
-        assert bank._is_dense(column)
+        assert bank.images.dense
         np.testing.assert_array_equal(bank.images.stacked_rows([89, 0]), [last, first])
 
         bank.add("extra", {"score": np.array([0.5])})  # a source without an image
@@ -471,12 +470,12 @@ def test_the_dense_flag_is_recomputed_after_add_and_set(big_bank, tmp_path):
             bank.images.get_rows([0, 90])
         with pytest.raises(ValueError, match="source 'extra' has no data for feature 'labels'"):
             bank.labels.get_rows([90])
-        assert not bank._is_dense(bank.images.column)
-        assert not bank._is_dense(bank.labels.column)
+        assert not bank.images.dense
+        assert not bank.labels.dense
 
         bank.set("extra", {"images": image})  # now every source has one: row i is source i
         np.testing.assert_array_equal(bank.images.stacked_rows([90, 0]), [image, first])
-        assert bank._is_dense(bank.images.column)
+        assert bank.images.dense
 
         # Sources whose images went in out of order: as many rows as sources, not row i.
         bank.add("late", {"score": np.array([0.1])})
@@ -490,14 +489,14 @@ def test_the_dense_flag_is_recomputed_after_add_and_set(big_bank, tmp_path):
         )
         got = bank.images.get_rows([92, 91])
         np.testing.assert_array_equal(np.stack(got), [255 - image, image // 2])
-        assert not bank._is_dense(bank.images.column)
+        assert not bank.images.dense
 
     with Big(path) as bank:  # read-only: the item column is read directly
         assert isinstance(bank.images.column.data, RowsDataset)
         np.testing.assert_array_equal(
             bank.images.stacked_rows([91, 92, 0, 90]), [image // 2, 255 - image, first, image]
         )
-        assert not bank._is_dense(bank.images.column)
+        assert not bank.images.dense
 
 
 # -- take_rows: one slice for small spans, one per run otherwise --------------------------------

@@ -209,7 +209,7 @@ def test_label_renumbering_interrupted_at_any_step_keeps_labels_right(tmp_path, 
                 )
             else:
                 monkeypatch.setattr(
-                    layout, "_adopt_names", lambda g: (_ for _ in ()).throw(OSError("killed"))
+                    layout, "adopt_names", lambda g: (_ for _ in ()).throw(OSError("killed"))
                 )
             with pytest.raises(OSError, match="killed"):
                 layout.renumber_category(column, sorted(names))

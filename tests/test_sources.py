@@ -244,8 +244,8 @@ def test_fetch_is_one_batched_call_and_reads_never_fetch_again(memory_root, coun
 def test_a_source_read_twice_is_fetched_once(tree, count_calls, monkeypatch):
     calls = count_calls(LocalFileSystem)
     reads = []
-    read_local = sources_module._read_local
-    monkeypatch.setattr(sources_module, "_read_local", lambda p: reads.append(p) or read_local(p))
+    read_local = sources_module.read_local
+    monkeypatch.setattr(sources_module, "read_local", lambda p: reads.append(p) or read_local(p))
     source = Source(next(expand(str(tree / "readme.txt"))))
     assert source.read() == b"hello"
     assert source.open().read() == b"hello"

@@ -23,10 +23,10 @@ from pipeline.errors import (
     SchemaError,
     WriterError,
 )
-from pipeline.files.handles import _fsync, _open_for_writing
+from pipeline.files.handles import fsync_file, open_for_writing
 from pipeline.format import layout
-from pipeline.format.hdf5_errors import _broken
-from pipeline.format.partial import _remove_stale_partial, _unusable_partial, partial_path
+from pipeline.format.hdf5_errors import is_broken
+from pipeline.format.partial import partial_path, remove_stale_partial, unusable_partial
 from pipeline.read.records import ColumnSpec, RawRows, read_raw
 from pipeline.version import __version__
 
@@ -54,11 +54,11 @@ _ABORTED: set[str] = set()
 
 def _resume_partial(partial: str, plan: BuildPlan) -> h5py.File:
     """Open a stopped build's partial file and cut it back to its last commit."""
-    f = _open_for_writing(partial, "r+")
+    f = open_for_writing(partial, "r+")
     try:
         layout.check_format(f)
         _merge_schema(f, plan.features)
-        layout.truncate(f, rebuild=True, sync=(lambda: _fsync(f)) if plan.fsync else None)
+        layout.truncate(f, rebuild=True, sync=(lambda: fsync_file(f)) if plan.fsync else None)
     except BaseException:
         with contextlib.suppress(Exception):
             f.close()
@@ -316,7 +316,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
     has_partial, has_bank = os.path.exists(partial), os.path.exists(plan.path)
     notes: list[str] = []
     if plan.mode == "a" and has_partial:
-        unusable = _unusable_partial(partial)
+        unusable = unusable_partial(partial)
         if unusable:
             notes.append(unusable)
             has_partial = False
@@ -331,7 +331,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
         try:
             f = _resume_partial(partial, plan)
         except (OSError, RuntimeError, KeyError, ValueError) as error:
-            if not _broken(error):
+            if not is_broken(error):
                 raise
             # HDF5 cannot make sense of what the killed build left (its flushes are not
             # atomic): keep the file aside and build again, rather than never resuming.
@@ -350,7 +350,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
             )
             resuming = has_partial = False
     if resuming and not has_partial:
-        f = _open_for_writing(plan.path, "r+")
+        f = open_for_writing(plan.path, "r+")
         try:
             layout.check_format(f)
             _merge_schema(f, plan.features)
@@ -360,8 +360,8 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
             raise
     elif not resuming:
         if os.path.exists(partial):
-            _remove_stale_partial(partial)
-        f = _open_for_writing(partial, "w-")
+            remove_stale_partial(partial)
+        f = open_for_writing(partial, "w-")
     try:
         if not resuming:
             schema = {path: feature.describe() for path, feature in plan.features.items()}

@@ -29,6 +29,8 @@ from pipeline.build.summary import Failure
 from pipeline.errors import FeatureTypeError, SourceError
 from pipeline.files.cache import LazyFile
 from pipeline.format.filters import FilteredRows, filter_rows, precompressed
+from pipeline.format.storage import StorageKind
+from pipeline.format.storage import kind as storage_kind
 from pipeline.read.records import ColumnSpec, RawRows, decode_rows, read_rows_lazily
 from pipeline.schema import feature_for_value, feature_of
 from pipeline.sources import Source, fetch, route
@@ -56,6 +58,11 @@ class PackedColumn:
     data: Any = None
     shapes: list[tuple[int, ...]] | None = None
     filtered: FilteredRows | None = None  # each entry's row compressed (precompressed)
+
+    @property
+    def kind(self) -> StorageKind:
+        """The column's storage kind: how its entries are packed, checked and appended."""
+        return storage_kind(self.storage)
 
 
 @dataclass
@@ -249,6 +256,7 @@ def to_stored(
     producer = producer or f"{feature_name}.load()"
     if value is None:
         return {}
+    kind = storage_kind(storage)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -257,40 +265,9 @@ def to_stored(
                     f"load() returned a dict with key {key!r}; keys must be plain names"
                 )
             if item is not None:
-                out[posixpath.join(path, key)] = _entry(item, storage, producer)
+                out[posixpath.join(path, key)] = kind.entry(item, producer)
         return out
-    return {path: _entry(value, storage, producer)}
-
-
-def _entry(value: Any, storage: str, producer: str) -> Any:
-    if storage == "category":
-        if isinstance(value, str):
-            return value
-        raise FeatureTypeError(f"{producer} returned {type(value).__name__}; expected a str label")
-    if storage == "bytes":
-        if isinstance(value, str):
-            value = value.encode("utf-8")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return (np.frombuffer(bytes(value), dtype=np.uint8), None)
-        if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-            return (value.reshape(-1), None)
-        raise FeatureTypeError(f"{producer} returned {type(value).__name__}; expected bytes or str")
-    if not isinstance(value, (np.ndarray, np.generic, int, float, complex)):
-        raise FeatureTypeError(
-            f"{producer} returned {type(value).__name__}; "
-            "expected a numpy array, a dict of them, or None"
-        )
-    array = np.asarray(value)
-    if array.dtype.kind in "OUSV":
-        raise FeatureTypeError(
-            f"{producer} returned an array of dtype {array.dtype}; "
-            "store numbers in arrays, text with String, bytes with Bytes"
-        )
-    if storage == "item":
-        return (array[np.newaxis], None)
-    if storage == "flat":
-        return (array.reshape(-1), tuple(array.shape))
-    return (array.reshape(1) if array.ndim == 0 else array, None)  # rows
+    return {path: kind.entry(value, producer)}
 
 
 def pack(
@@ -308,29 +285,18 @@ def pack(
             column = columns.get(key)
             if column is None:
                 feature = feature_of(key, features)
-                storage = features[feature].storage
-                column = columns[key] = PackedColumn(feature, storage)
-                if storage == "flat":
+                column = columns[key] = PackedColumn(feature, features[feature].storage)
+                if column.kind.has_shape_table:
                     column.shapes = []
                 pieces[key] = []
+            piece, length, shape = column.kind.part(entry)
             column.rows.append(row)
-            if column.storage == "category":
-                column.lengths.append(1)
-                pieces[key].append(entry)
-                continue
-            array, shape = entry
-            column.lengths.append(int(array.shape[0]))
-            pieces[key].append(array)
+            column.lengths.append(length)
+            pieces[key].append(piece)
             if column.shapes is not None:
                 column.shapes.append(shape)
     for key, column in columns.items():
-        parts = pieces[key]
-        if column.storage == "category":
-            column.data = parts
-        elif all(p.shape[1:] == parts[0].shape[1:] and p.dtype == parts[0].dtype for p in parts):
-            column.data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        else:
-            column.data = parts
+        column.data = column.kind.concatenate(pieces[key])
         if isinstance(column.data, np.ndarray) and len(column.data):
             options = features[column.feature].dataset_options
             if precompressed(column.storage, options, column.data[0].nbytes):

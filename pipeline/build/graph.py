@@ -42,7 +42,6 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.task_spec import DataNode, Task, TaskRef
 
 from features.base import Feature
-from pipeline import config
 from pipeline.build.chain import (
     abort_build,
     attach_partition,
@@ -52,7 +51,8 @@ from pipeline.build.chain import (
     write_partition,
 )
 from pipeline.build.decode import decode_partition, map_partition
-from pipeline.build.plan import BuildPlan, _plan, committed_ids, describe_sources, partition_sources
+from pipeline.build.options import BuildOptions
+from pipeline.build.plan import BuildPlan, committed_ids, describe_sources, partition_sources
 from pipeline.clients import default_client
 from pipeline.errors import SchemaError
 from pipeline.read.records import ColumnSpec
@@ -163,9 +163,7 @@ class Graph:
 
     def __init__(self, token: str, writer: str | None, decoders: list[str] | None = None) -> None:
         self.token = token
-        self.schedule = (
-            decode_schedule(decoders, writer) if decoders and writer is not None else []
-        )
+        self.schedule = decode_schedule(decoders, writer) if decoders and writer is not None else []
         self.name = f"h5bank-build-{token}"
         self.tasks: dict[str, Any] = {}
         self.context = dask.get_annotations()
@@ -227,12 +225,8 @@ def build_graph(
     bases: Mapping[str, str],
     path: str | os.PathLike[str],
     sources: Any,
+    options: BuildOptions,
     *,
-    mode: str = "w",
-    on_error: str | None = None,
-    partition_size: int | None = None,
-    max_pending: int | None = None,
-    storage_options: Mapping[str, Any] | None = None,
     writer: str | None = None,
     threads: int | None = None,
     decoders: list[str] | None = None,
@@ -247,24 +241,20 @@ def build_graph(
     """
     if not features:
         raise SchemaError("the bank type has no features: add Feature class attributes to it")
-    if mode not in ("w", "a"):
-        raise ValueError(f"mode must be 'w' (new bank) or 'a' (append / resume), got {mode!r}")
-    on_error = config.get("build.on-error", on_error)
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
+    mode, on_error = options.mode, options.on_error
     skip = committed_ids(path) if mode == "a" else set()
     reads_bytes = any(feature.reads_bytes for feature in features.values())
     partitions, skipped = partition_sources(
-        sources, storage_options, partition_size, threads, skip, reads_bytes
+        sources, options.storage_options, options.partition_size, threads, skip, reads_bytes
     )
     sizes = [len(p) for p in partitions]
-    window = config.get("build.max-pending", max_pending)
+    window = options.max_pending
     if window is None and (writer is None or decoders):
         window = 2 * threads
     token = uuid.uuid4().hex
-    plan = _plan(
+    plan = BuildPlan(
         token=token,
         path=path,
         mode=mode,
@@ -279,16 +269,18 @@ def build_graph(
         skipped=skipped,
         pinned=writer is not None,
         planned=sum(sizes),
+        chunk_bytes=options.chunk_bytes,
+        fsync=options.fsync,
     )
 
-    options = dict(storage_options or {})
-    fetch_settings = config.section("fetch")
+    storage_options = dict(options.storage_options)
+    fetch_settings = dict(options.fetch)
 
     def decode(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
         return graph.add(
             Task(
                 f"h5bank-decode-{k}-{token}", decode_partition, partitions[k], graph.constant("features", dict(features)),
-                dict(bases), options, after, fetch_settings,
+                dict(bases), storage_options, after, fetch_settings,
             ),
             place=k,
         )  # fmt: skip
@@ -350,10 +342,9 @@ def map_graph(
     partitions: list[Any],
     output: str,
     feature: Feature | None,
+    options: BuildOptions,
     *,
-    on_error: str,
     skipped: int = 0,
-    max_pending: int | None = None,
     writer: str | None = None,
     threads: int | None = None,
     decoders: list[str] | None = None,
@@ -376,11 +367,12 @@ def map_graph(
     """
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
-    window = config.get("build.max-pending", max_pending) or 2 * threads
+    window = options.max_pending or 2 * threads
+    on_error = options.on_error
     sizes = [len(p) for p in partitions]
     token = uuid.uuid4().hex
     name = getattr(func, "__qualname__", None) or type(func).__name__
-    plan = _plan(
+    plan = BuildPlan(
         token=token,
         path=path,
         mode="a",
@@ -397,6 +389,8 @@ def map_graph(
         skipped=skipped,
         pinned=writer is not None,
         planned=sum(sizes),
+        chunk_bytes=options.chunk_bytes,
+        fsync=options.fsync,
     )
 
     def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:

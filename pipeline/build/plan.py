@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 
 from features.base import Feature
-from pipeline import config
 from pipeline.build.summary import Failure
 from pipeline.errors import (
     DuplicateIdError,
@@ -165,8 +164,6 @@ def partition_sources(
     known = isinstance(sources, (str, os.PathLike, list, tuple))
     specs = iter(expand(sources, storage_options))
     if partition_size is None:
-        partition_size = config.get("build.partition-size")
-    if partition_size is None:
         partition_size = PARTITION_SOURCES if reads_bytes else 4096
         head = list(itertools.islice(specs, 4 * max(threads, 1) * partition_size))
         if reads_bytes:
@@ -303,12 +300,3 @@ def describe_sources(sources: Any, limit: int = 50) -> Any:
             shown.append(f"... and {len(sources) - limit} more")
         return shown
     return f"<{type(sources).__name__} streamed>"
-
-
-def _plan(**fields: Any) -> BuildPlan:
-    """A :class:`BuildPlan` with the writer's settings read here, where the build is made."""
-    return BuildPlan(
-        **fields,
-        chunk_bytes=int(config.get("build.chunk-bytes")),
-        fsync=bool(config.get("build.fsync")),
-    )

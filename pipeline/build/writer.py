@@ -20,7 +20,6 @@ column, then refs, then ids (the commit record), then failures, then a flush.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import resource
 import shutil
@@ -39,16 +38,17 @@ from pipeline.errors import (
     DiskFullError,
     SourceError,
 )
-from pipeline.files.handles import _fsync
+from pipeline.files.handles import fsync_file
 from pipeline.format import layout
 from pipeline.format.filters import filter_pipeline
-from pipeline.format.hdf5_errors import _disk_full
+from pipeline.format.hdf5_errors import is_disk_full
 from pipeline.format.ids import IdIndex
+from pipeline.format.storage import Labels, split
 from pipeline.schema import feature_for_column, feature_for_value, feature_of
 
 
-class BankWriter:
-    """Appends sources to an open bank and keeps its tables consistent.
+class CommitWriter:
+    """Appends partitions of sources to an open bank and commits them (see :class:`BankWriter`).
 
     Used by the build's writer chain and by ``TypedFile.add`` / ``set``.
     ``features`` maps feature paths to features; columns of features it does
@@ -89,7 +89,7 @@ class BankWriter:
         self._index: IdIndex | None = None
         self._columns: dict[str, layout.Column] = {}
         self._listed = False
-        self._codes: dict[str, dict[str, int]] = {}
+        self._labels: dict[str, Labels] = {}  # category columns' name -> code, per column
         self.busy = 0.0
         self.started = time.time()
 
@@ -192,22 +192,8 @@ class BankWriter:
                 "feature is fixed by the first data written; give the feature explicitly)"
             )
             return {row: reason for row in packed.rows if row not in skip}
-        if packed.storage == "category":
-            return {}
         target = None if column is None else (column.data.shape[1:], column.data.dtype)
-        if isinstance(packed.data, np.ndarray):  # every entry shares one shape and dtype
-            reason = _mismatch(packed.data, target)
-            return {row: reason for row in packed.rows if row not in skip} if reason else {}
-        bad: dict[int, str] = {}
-        for row, entry in zip(packed.rows, packed.data, strict=True):
-            if row in skip:
-                continue
-            if target is None:
-                target = (entry.shape[1:], entry.dtype)  # the first entry will create the column
-            reason = _mismatch(entry, target)
-            if reason:
-                bad[row] = reason
-        return bad
+        return packed.kind.rejected(packed.data, packed.rows, target, skip)
 
     # -- the commit ----------------------------------------------------------
 
@@ -225,7 +211,7 @@ class BankWriter:
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
         bank_row = {row: self.n + k for k, row in enumerate(keep)}
         n_new = self.n + len(keep)
-        self._check_space(packed, len(keep))
+        check_space(self, packed, len(keep))
         with self._rollback_on_error():
             touched = set()
             for key, column in packed.columns.items():
@@ -263,7 +249,7 @@ class BankWriter:
         report writes that failed later) raises.
         """
         if self.fsync:
-            _fsync(self.f)
+            fsync_file(self.f)
 
     def _screen(
         self, packed: Packed, skip: set[int], failures: list[Failure], on_error: str
@@ -285,62 +271,13 @@ class BankWriter:
             raise SourceError(first.id, first.feature, first.error)
         return rejected
 
-    def _check_space(self, packed: Packed, sources: int) -> None:
-        """Refuse a commit the disk (or the process's file-size limit) has no room for.
-
-        Checked before anything of the commit is written, so a full disk stops
-        the build at its last commit instead of halfway through one (HDF5 can
-        neither finish nor undo a write that failed for space). The estimate
-        is generous: the data uncompressed, plus two chunks per column and a
-        MiB for the bookkeeping.
-        """
-        if not sources:
-            return
-        needed = 1 << 20  # the bookkeeping: refs, ids, failures, HDF5's metadata
-        for key, packed_column in packed.columns.items():
-            entries = (
-                [packed_column.data]
-                if isinstance(packed_column.data, np.ndarray)
-                else list(packed_column.data or [])
-            )
-            column = self.column(key)
-            if packed_column.storage == "category":
-                needed += 8 * len(packed_column.rows)
-                continue
-            for entry in entries:
-                size = getattr(entry, "size", None)
-                itemsize = column.data.dtype.itemsize if column is not None else None
-                if size is not None and itemsize:  # as the column stores it (float32 -> float64)
-                    needed += int(size) * itemsize
-                else:
-                    needed += int(getattr(entry, "nbytes", None) or len(entry))
-            needed += self.chunk_bytes  # the chunk the new rows start in
-        folder = os.path.dirname(os.path.abspath(self.f.filename))
-        free = shutil.disk_usage(folder).free
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        room = free
-        if limit != resource.RLIM_INFINITY:
-            room = min(room, limit - self.f.id.get_filesize())
-        if needed > room:
-            what = (
-                f"{human_bytes(free)} free in {folder}"
-                if room == free
-                else f"a file-size limit of {human_bytes(limit)} (ulimit -f)"
-            )
-            raise DiskFullError(
-                f"no room to commit {sources} more sources to {self.f.filename}: {what}, about "
-                f"{human_bytes(needed)} needed. Nothing of them was written; the {self.n} "
-                "sources committed are kept: free space, then retry (a build: resume it with "
-                "mode='a' or h5bank build --resume)"
-            )
-
     @contextlib.contextmanager
     def _rollback_on_error(self) -> Any:
         """Cut the bank back to its last commit if writing fails half-way (I/O error, full disk)."""
         try:
             yield
         except BaseException as error:
-            if _disk_full(error):
+            if is_disk_full(error):
                 # HDF5 cannot write anything more to this file: the truncate below
                 # would fail again. Its last commit is on disk; a resume cuts the rest.
                 raise DiskFullError(
@@ -353,7 +290,7 @@ class BankWriter:
                 self.f.flush()
             self.n = layout.ids_table(self.f).shape[0]
             self._index = None
-            self._columns, self._listed, self._codes = {}, False, {}
+            self._columns, self._listed, self._labels = {}, False, {}
             recorded = layout.failure_tables(self.f)[0].shape[0] - self._failures_at_open
             self._marks = self._marks[: max(0, recorded)]
             raise
@@ -363,16 +300,8 @@ class BankWriter:
     ) -> None:
         """Append the chosen entries of a packed column and point their refs at them."""
         lengths = np.array([packed.lengths[j] for j in entries], dtype=np.int64)
-        if packed.storage == "category":
-            data = self._codes_for(key, packed, entries, rows)
-        elif isinstance(packed.data, np.ndarray) and len(entries) == len(packed.rows):
-            data = packed.data  # the whole packed array: no copy
-        else:
-            parts = _split(packed)
-            data = np.concatenate([parts[j] for j in entries])
-        column = self.column(key) or self._create(key, packed, data, rows)
-        if packed.storage == "category":
-            data = data.astype(column.data.dtype, copy=False)
+        data, column = self._new_rows(key, packed, entries, rows)
+        data = packed.kind.as_stored(data, column.data.dtype)
         start = column.data.shape[0]
         if len(data):
             column.data.resize(start + len(data), axis=0)
@@ -400,24 +329,27 @@ class BankWriter:
             write((start + i, *zeros), filtered.chunks[j], filter_mask=filtered.masks[j])
         return True
 
-    def _codes_for(
+    def _new_rows(
         self, key: str, packed: PackedColumn, entries: list[int], rows: np.ndarray
-    ) -> np.ndarray:
-        """The label codes of the chosen entries (``rows``: their bank rows); new names are
-        added to the column (created if it is new)."""
+    ) -> tuple[np.ndarray, layout.Column]:
+        """The rows the chosen entries append (``rows``: their bank rows), and the column.
+
+        The column is created if it is new, and label names the entries bring
+        are saved to it first, so no code is written before its name.
+        """
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = self._labels[key] = Labels(lambda: self._names(key))
+        data = packed.kind.new_rows(packed.data, packed.lengths, entries, labels)
+        column = self.column(key) or self._create(key, packed, data, rows)
+        names = labels.unsaved()
+        if names is not None:
+            layout.set_category_names(column, names)
+        return data, column
+
+    def _names(self, key: str) -> list[str]:
         column = self.column(key)
-        codes = self._codes.get(key)
-        if codes is None:
-            names = layout.category_names(column) if column is not None else []
-            codes = self._codes[key] = {name: code for code, name in enumerate(names)}
-        before = len(codes)
-        out = np.empty(len(entries), dtype=np.int64)
-        for i, j in enumerate(entries):
-            out[i] = codes.setdefault(packed.data[j], len(codes))
-        if len(codes) != before:
-            column = self.column(key) or self._create(key, packed, out, rows)
-            layout.set_category_names(column, list(codes))
-        return out
+        return layout.category_names(column) if column is not None else []
 
     def _record(self, failures: list[Failure]) -> None:
         if not failures:
@@ -427,6 +359,11 @@ class BankWriter:
         columns = zip(*[(f.id, f.feature, f.error) for f in failures], strict=True)
         for table, values in zip(tables, columns, strict=True):
             layout.append_strings(table, list(values))
+
+
+class BankWriter(CommitWriter):
+    """A :class:`CommitWriter` that also writes single sources by id (``add``, ``set``),
+    attaches ``bank.map`` results to sources in the bank, and finishes a build."""
 
     # -- single sources, on the fly --------------------------------------------
 
@@ -464,15 +401,11 @@ class BankWriter:
     def _overwrite(self, column: layout.Column, key: str, packed: PackedColumn, row: int) -> bool:
         """Replace a source's data in place when the new data has the same extent."""
         start, stop = (int(v) for v in column.refs[row])
-        if packed.storage == "category":
-            column.data[start] = self._codes_for(key, packed, [0], np.array([row]))[0]
-            return True
-        entry = _split(packed)[0]
-        if stop - start != len(entry) or entry.shape[1:] != column.data.shape[1:]:
+        entry = split(packed.data, packed.lengths)[0]
+        if not packed.kind.fits(entry, stop - start, column.data):
             return False  # appended instead; the old rows are left unreferenced
-        if not _castable(entry.dtype, column.data.dtype):
-            return False
-        column.data[start:stop] = entry
+        data, column = self._new_rows(key, packed, [0], np.array([row]))
+        column.data[start:stop] = packed.kind.as_stored(data, column.data.dtype)
         if column.shape is not None and packed.shapes is not None:
             layout.write_shapes(column, np.array([row]), packed.shapes)
         return True
@@ -556,11 +489,11 @@ class BankWriter:
     def sort_categories(self) -> None:
         """Renumber every category column so its names are sorted (label i is names[i])."""
         for column in self.all_columns():
-            if column.storage == "category":
+            if column.kind.has_names:
                 names = layout.category_names(column)
                 if names != sorted(names):
                     self._columns[column.path] = layout.renumber_category(column, sorted(names))
-                    self._codes.pop(column.path, None)
+                    self._labels.pop(column.path, None)
 
     def compact_failures(self) -> list[Failure]:
         """Keep the latest failure per id (per id and feature for sources in the bank).
@@ -617,41 +550,52 @@ class BankWriter:
         }
 
 
-def _split(packed: PackedColumn) -> list[Any]:
-    """The entries of a packed column, one per source."""
-    if not isinstance(packed.data, np.ndarray):
-        return list(packed.data)
-    bounds = np.cumsum([0, *packed.lengths])
-    return [packed.data[a:b] for a, b in itertools.pairwise(bounds)]
+def check_space(writer: CommitWriter, packed: Packed, sources: int) -> None:
+    """Refuse a commit the disk (or the process's file-size limit) has no room for.
 
-
-def _mismatch(entry: np.ndarray, target: tuple[tuple[int, ...], np.dtype] | None) -> str | None:
-    """Why ``entry`` cannot join a column storing ``target`` (trailing shape, dtype), if it cannot."""
-    if target is None:
-        return None
-    shape, dtype = target
-    if entry.shape[1:] != shape:
-        return f"trailing shape {entry.shape[1:]} does not match the shape {shape} this feature already stores"
-    if not _castable(entry.dtype, dtype):
-        return (
-            f"dtype {entry.dtype} does not match the dtype {dtype} this feature already stores "
-            "(set dtype= on the feature to convert)"
+    Checked before anything of the commit is written, so a full disk stops
+    the build at its last commit instead of halfway through one (HDF5 can
+    neither finish nor undo a write that failed for space). The estimate
+    is generous: the data uncompressed, plus two chunks per column and a
+    MiB for the bookkeeping.
+    """
+    if not sources:
+        return
+    needed = 1 << 20  # the bookkeeping: refs, ids, failures, HDF5's metadata
+    for key, packed_column in packed.columns.items():
+        column = writer.column(key)
+        itemsize = column.data.dtype.itemsize if column is not None else None
+        needed += packed_column.kind.space_needed(
+            packed_column.data, len(packed_column.rows), itemsize, writer.chunk_bytes
         )
-    return None
-
-
-def _castable(source: np.dtype, target: np.dtype) -> bool:
-    """Safe casts, plus float to float (stored precision chosen by the first source)."""
-    return np.can_cast(source, target, "safe") or (source.kind == target.kind == "f")
+    folder = os.path.dirname(os.path.abspath(writer.f.filename))
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    room = free
+    if limit != resource.RLIM_INFINITY:
+        room = min(room, limit - writer.f.id.get_filesize())
+    if needed > room:
+        what = (
+            f"{human_bytes(free)} free in {folder}"
+            if room == free
+            else f"a file-size limit of {human_bytes(limit)} (ulimit -f)"
+        )
+        raise DiskFullError(
+            f"no room to commit {sources} more sources to {writer.f.filename}: {what}, about "
+            f"{human_bytes(needed)} needed. Nothing of them was written; the {writer.n} "
+            "sources committed are kept: free space, then retry (a build: resume it with "
+            "mode='a' or h5bank build --resume)"
+        )
 
 
 def _single(feature: str, storage: str, entry: Any) -> PackedColumn:
-    if storage == "category":
-        return PackedColumn(feature, storage, [0], [1], [entry])
-    array, shape = entry
-    return PackedColumn(
-        feature, storage, [0], [len(array)], array, [shape] if shape is not None else None
-    )
+    """A packed column of one entry (``add``, ``set``): what a decode task packs for one source."""
+    column = PackedColumn(feature, storage, [0])
+    piece, length, shape = column.kind.part(entry)
+    column.lengths = [length]
+    column.data = column.kind.concatenate([piece])
+    column.shapes = [shape] if column.kind.has_shape_table else None
+    return column
 
 
 # -- the writer chain of a build ---------------------------------------------------

@@ -21,7 +21,7 @@ from pipeline.errors import (
 from pipeline.files.remote import open_remote
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
-from pipeline.format.hdf5_errors import _locked
+from pipeline.format.hdf5_errors import is_locked
 from pipeline.format.partial import partial_path
 from pipeline.urls import is_url
 
@@ -154,12 +154,12 @@ def open_for_reading(
         raise
 
 
-def _open_for_writing(path: str, mode: str) -> h5py.File:
+def open_for_writing(path: str, mode: str) -> h5py.File:
     register_plugin_filters()  # the bank's features may use hdf5plugin's filters
     try:
         return h5py.File(path, mode, locking="best-effort")
     except OSError as error:
-        if _locked(error):
+        if is_locked(error):
             raise WriterError(
                 f"cannot open {path} for writing: it is open elsewhere ({error}). Close every "
                 "handle on it (another build, a program, or a bank this process opened: the bank "
@@ -169,7 +169,7 @@ def _open_for_writing(path: str, mode: str) -> h5py.File:
         raise WriterError(f"cannot open {path} as an HDF5 file for writing: {error}") from None
 
 
-def _fsync(f: h5py.File) -> None:
+def fsync_file(f: h5py.File) -> None:
     """``fsync`` ``f`` when its HDF5 driver has a file descriptor."""
     try:
         handle = f.id.get_vfd_handle()

@@ -1,1 +1,1 @@
-"""."""
+"""The on-disk format: dataset names and the commit order (layout), storage kinds (storage), fast row reads (rows), compression filters, verify, the id index, the partial-file paths, and what HDF5's errors mean. Imports nothing from the layers above."""

@@ -50,6 +50,8 @@ import numpy as np
 from pipeline.errors import FormatVersionError, NotABankError
 from pipeline.format.filters import precompressed
 from pipeline.format.rows import open_dataset
+from pipeline.format.storage import StorageKind
+from pipeline.format.storage import kind as storage_kind
 
 FORMAT = "h5bank"
 VERSION = 1
@@ -294,7 +296,11 @@ def failure_tables(f: h5py.File) -> list[h5py.Dataset]:
 
 @dataclass
 class Column:
-    """The datasets of one feature column: ``data``, ``refs`` and, for flat storage, ``shape``."""
+    """The datasets of one feature column: ``data``, ``refs`` and, for flat storage, ``shape``.
+
+    ``storage`` is the kind's name as the file records it; :attr:`kind` is
+    the object that knows what it means.
+    """
 
     path: str
     storage: str
@@ -303,13 +309,19 @@ class Column:
     refs: h5py.Dataset
     shape: h5py.Dataset | None
 
+    @property
+    def kind(self) -> StorageKind:
+        """The column's storage kind (raises ``SchemaError`` for a kind h5bank does not know)."""
+        return storage_kind(self.storage)
+
     @classmethod
     def open(cls, f: h5py.File, path: str) -> Column:
         group = f[path]
         storage = str(group.attrs[ATTR_STORAGE])
         # Items are read a row at a time at random (batches, get_rows): no chunk cache.
         # Sequences (rows, flat) are read in windows and strides, which the cache serves.
-        data = open_dataset(group, DATA) if storage == "item" else group[DATA]
+        cached = storage_kind(storage).chunk_cache
+        data = group[DATA] if cached else open_dataset(group, DATA)
         return cls(path, storage, group, data, group[REFS], group.get(SHAPE))
 
 
@@ -378,6 +390,7 @@ def create_column(
     shapes the column was created with, however far the bank grows past
     what was expected.
     """
+    kind = storage_kind(storage)
     group = f.require_group(path)
     for name in (DATA, REFS, SHAPE):  # left by a crash before the column was marked complete
         if name in group:
@@ -390,9 +403,7 @@ def create_column(
     if chunks in (None, True):
         row_bytes = max(1, math.prod(row_shape) * sample.dtype.itemsize)
         target = data_chunk_bytes(sample.nbytes / sources, max(planned, sources), chunk_bytes)
-        rows = max(1, target // row_bytes)
-        if storage == "category":
-            rows = rows_per_table  # one code per source: chunked like the other per-source tables
+        rows = kind.chunk_rows(max(1, target // row_bytes), rows_per_table)
         if precompressed(storage, options, sample[:1].nbytes):
             rows = 1  # a chunk per source, compressed by the decode tasks
         chunks = (rows, *row_shape)
@@ -413,7 +424,7 @@ def create_column(
         fillvalue=-1,
     )
     shape = None
-    if storage == "flat":
+    if kind.has_shape_table:
         shape = group.create_dataset(
             SHAPE,
             shape=(n_sources, 1),
@@ -422,7 +433,7 @@ def create_column(
             chunks=(rows_per_table, 4),
             fillvalue=-1,
         )
-    if storage == "category":
+    if kind.has_names:
         group.attrs[ATTR_NAMES] = np.array([], dtype=_STR)
     group.attrs[ATTR_FEATURE] = feature_class
     for key, value in attrs.items():
@@ -499,12 +510,12 @@ def renumber_category(column: Column, order: list[str]) -> Column:
     group.file.flush()
     del group[DATA]
     group.move(SORTED_CODES, DATA)
-    _adopt_names(group)
+    adopt_names(group)
     group.file.flush()
     return Column.open(group.file, column.path)
 
 
-def _adopt_names(group: h5py.Group) -> None:
+def adopt_names(group: h5py.Group) -> None:
     data = group[DATA]
     if ATTR_NAMES in data.attrs:
         group.attrs[ATTR_NAMES] = data.attrs[ATTR_NAMES]
@@ -514,13 +525,13 @@ def _adopt_names(group: h5py.Group) -> None:
 def recover_renumbering(f: h5py.File) -> None:
     """Finish a label renumbering whose new codes replaced ``data``, or drop one that had not."""
     groups: list[h5py.Group] = []
-    f.visititems(
-        lambda name, node: (
+
+    def visit(name: str, node: Any) -> None:
+        storage = node.attrs.get(ATTR_STORAGE) if isinstance(node, h5py.Group) else None
+        if storage is not None and storage_kind(str(storage)).has_names:
             groups.append(node)
-            if isinstance(node, h5py.Group) and node.attrs.get(ATTR_STORAGE) == "category"
-            else None
-        )
-    )
+
+    f.visititems(visit)
     for group in groups:
         if SORTED_CODES in group:
             if DATA in group:
@@ -528,7 +539,7 @@ def recover_renumbering(f: h5py.File) -> None:
             else:
                 group.move(SORTED_CODES, DATA)
         if DATA in group:
-            _adopt_names(group)
+            adopt_names(group)
 
 
 def resize_sources(column: Column, n: int) -> None:
@@ -588,7 +599,7 @@ def consistent(f: h5py.File) -> bool:
         column = Column.open(f, path)
         if column.refs.shape[0] != n or (column.shape is not None and column.shape.shape[0] != n):
             return False
-        if column.storage == "category" and SORTED_CODES in column.group:
+        if column.kind.has_names and SORTED_CODES in column.group:
             return False
     lengths = {t.shape[0] for t in failure_tables(f)}
     return len(lengths) == 1 and _committed_failures(f) in lengths

@@ -13,7 +13,7 @@ from pipeline.errors import (
     WriterError,
 )
 from pipeline.format import layout
-from pipeline.format.hdf5_errors import _broken, _locked
+from pipeline.format.hdf5_errors import is_broken, is_locked
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -23,7 +23,7 @@ def partial_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) + PARTIAL_SUFFIX
 
 
-def _unusable_partial(partial: str) -> str | None:
+def unusable_partial(partial: str) -> str | None:
     """Why a stopped build's partial file cannot be resumed (it was set aside), or ``None``.
 
     A build killed while it created the file leaves one that is no bank yet
@@ -38,9 +38,9 @@ def _unusable_partial(partial: str) -> str | None:
             if layout.is_bank(f):
                 return None
     except OSError as error:
-        if _locked(error):
+        if is_locked(error):
             return None  # a live writer: opening it for writing says so
-        if not _broken(error):
+        if not is_broken(error):
             raise WriterError(
                 f"cannot open {partial} to resume the build it holds ({error}); nothing was "
                 "changed: fix that and resume again"
@@ -52,13 +52,13 @@ def _unusable_partial(partial: str) -> str | None:
     return f"{partial} was not a bank yet (its build stopped while creating it): removed"
 
 
-def _remove_stale_partial(partial: str) -> None:
+def remove_stale_partial(partial: str) -> None:
     """Delete a stopped build's partial file, unless a live writer holds it."""
     try:
         with h5py.File(partial, "r+"):
             pass
     except OSError as error:
-        if _locked(error):
+        if is_locked(error):
             raise WriterError(
                 f"{partial} is being written by another build; wait for it or stop it first"
             ) from None

@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 
 from pipeline import config
-from pipeline.files.cache import Expect, LazyFile, _shown
+from pipeline.files.cache import Expect, LazyFile
+from pipeline.urls import redact
 
 
 class LazyDataset:
@@ -65,7 +66,7 @@ class LazySourceRows(LazyDataset):
         if (starts < 0).any():
             row = start + int(np.flatnonzero(starts < 0)[0])
             raise ValueError(
-                f"{_shown(self.file.path)}: source row {row} has no data in {self.name}; read this "
+                f"{redact(self.file.path)}: source row {row} has no data in {self.name}; read this "
                 "feature with to_dask_sources(), which skips such sources"
             )
         # Read each run of consecutive rows once, then put the rows in source order.

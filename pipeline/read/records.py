@@ -13,9 +13,11 @@ import numpy as np
 from features.base import Feature
 from pipeline import config
 from pipeline.errors import BankChangedError
-from pipeline.files.cache import Expect, LazyFile, _shown
+from pipeline.files.cache import Expect, LazyFile
 from pipeline.format import layout
+from pipeline.format.storage import kind as storage_kind
 from pipeline.schema import feature_of
+from pipeline.urls import redact
 
 # Sources per partition of a per-source bag at most: each becomes a Python
 # object in the partition's list, so bytes alone would make label bags huge.
@@ -40,16 +42,13 @@ class ColumnSpec:
 def stored_value(
     feature: Feature, storage: str, block: np.ndarray, shape: tuple[int, ...] | None, id_: str
 ) -> Any:
-    """One source's value as reads return it, from its rows of a column's ``data``."""
-    if storage == "category":
-        return int(block[0])
-    if storage == "bytes":
-        return feature.from_stored(block.tobytes(), id_)
-    if storage == "item":
-        return feature.from_stored(block[0], id_)
-    if storage == "flat":
-        return feature.from_stored(block.reshape(shape), id_)
-    return feature.from_stored(block, id_)
+    """One source's value as reads return it, from its rows of a column's ``data``.
+
+    Shorthand for ``kind(storage).value(...)`` (:meth:`StorageKind.value
+    <pipeline.format.storage.StorageKind.value>`) for callers that hold the
+    storage name.
+    """
+    return storage_kind(storage).value(feature, block, shape, id_)
 
 
 @dataclass
@@ -81,7 +80,7 @@ def read_raw(f: h5py.File, columns: Sequence[ColumnSpec], rows: Sequence[int]) -
         problem = spec.expect.problem(Expect.of(column.data)) if spec.expect else None
         if problem:
             raise BankChangedError(
-                f"{_shown(f.filename)}: {spec.path} no longer holds what this Dask graph was made from "
+                f"{redact(f.filename)}: {spec.path} no longer holds what this Dask graph was made from "
                 f"({problem}): make it again from the bank as it is now"
             )
         refs = column.refs[first:last][offsets]
@@ -119,12 +118,13 @@ def decode_rows(
     """``(id, {key: value})`` for each source of ``raw``, values as ``proxy.get`` returns them."""
     if raw is None:
         return []
+    kinds = [storage_kind(spec.storage) for spec in columns]
     out = []
     for i, id_ in enumerate(raw.ids):
         values = {}
-        for spec, column in zip(columns, raw.columns, strict=True):
+        for spec, kind, column in zip(columns, kinds, raw.columns, strict=True):
             block, shape = column[i]
-            values[spec.key] = stored_value(spec.feature, spec.storage, block, shape, id_)
+            values[spec.key] = kind.value(spec.feature, block, shape, id_)
         out.append((id_, values))
     return out
 

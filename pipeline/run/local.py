@@ -165,7 +165,7 @@ class SpawnWithoutMain:
 
 
 @contextlib.contextmanager
-def _local_cluster(progress: bool = False, n_workers: int | None = None) -> Iterator[Any]:
+def start_local_cluster(progress: bool = False, n_workers: int | None = None) -> Iterator[Any]:
     """The embedded default: a ``LocalCluster`` of worker processes (:func:`local_cluster_size`),
     which do not import the user's ``__main__`` (:class:`SpawnWithoutMain`)."""
     from distributed import LocalCluster
@@ -173,7 +173,7 @@ def _local_cluster(progress: bool = False, n_workers: int | None = None) -> Iter
     settings = config.section("local-cluster")
     size = local_cluster_size(n_workers)
     if size.allocation is not None:
-        _say(progress, f"starting {size}")
+        say(progress, f"starting {size}")
     with SpawnWithoutMain.active():
         try:
             cluster = LocalCluster(
@@ -193,7 +193,7 @@ def _local_cluster(progress: bool = False, n_workers: int | None = None) -> Iter
                 f"processes ({type(error).__name__}: {error}). Build in this process instead "
                 "(scheduler='threads'), or start a Dask cluster yourself and pass its Client"
             ) from None  # Dask's internal traceback says nothing more to a user
-        with _closing(cluster):
+        with closing(cluster):
             yield cluster
 
 
@@ -217,12 +217,12 @@ def local_cluster(n_workers: int | None = None, progress: bool = False) -> Itera
     """
     from distributed import Client
 
-    with _local_cluster(progress, n_workers) as cluster, _closing(Client(cluster)) as client:
+    with start_local_cluster(progress, n_workers) as cluster, closing(Client(cluster)) as client:
         yield client
 
 
 @contextlib.contextmanager
-def _closing(thing: Any) -> Iterator[Any]:
+def closing(thing: Any) -> Iterator[Any]:
     """Close a cluster or client at the end; a failure to close never hides the build's error.
 
     (Closing a cluster whose workers just died can raise, e.g. "can only join
@@ -238,6 +238,6 @@ def _closing(thing: Any) -> Iterator[Any]:
     thing.close()
 
 
-def _say(progress: bool, message: str) -> None:
+def say(progress: bool, message: str) -> None:
     if progress:
         print(f"h5bank: {message}", file=sys.stderr, flush=True)

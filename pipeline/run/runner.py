@@ -43,8 +43,8 @@ from pipeline.clients import cluster_workers, default_client
 from pipeline.errors import SchedulerError, WorkerDiedError, WriterError
 from pipeline.files.cache import release
 from pipeline.format.partial import partial_path
-from pipeline.run.local import _closing, _local_cluster
-from pipeline.run.slurm import _slurm_cluster
+from pipeline.run.local import closing, start_local_cluster
+from pipeline.run.slurm import start_slurm_cluster
 
 LOCAL = {"threads": "threads", "threading": "threads", "sync": "sync", "synchronous": "sync"}
 
@@ -69,7 +69,7 @@ class Runner:
         present = sum(w.get("nthreads", 1) for w in cluster_workers(self.client).values())
         return max(present, self.expected_threads) or 1
 
-    def decodeworkers(self) -> list[str] | None:
+    def decode_workers(self) -> list[str] | None:
         """Where decode task ``k`` goes: entry ``k % len`` (each worker once per thread), when
         every expected worker is connected; ``None`` for a cluster still growing (and in
         process), whose decode tasks Dask places as workers arrive."""
@@ -279,7 +279,7 @@ def placement(scheduler: Any = None) -> tuple[str | None, int, list[str] | None]
     ``"slurm"`` are refused: the cluster would be gone before the graph runs.
     """
     if isinstance(scheduler, Runner):
-        return scheduler.writer_worker(), scheduler.threads, scheduler.decodeworkers()
+        return scheduler.writer_worker(), scheduler.threads, scheduler.decode_workers()
     if scheduler in ("local", "slurm"):
         raise SchedulerError(
             f"a graph cannot be made for scheduler={scheduler!r}: that cluster would be closed "
@@ -289,7 +289,7 @@ def placement(scheduler: Any = None) -> tuple[str | None, int, list[str] | None]
     if scheduler is None and default_client() is None:
         return None, os.cpu_count() or 1, None
     with runner_for(scheduler) as runner:
-        return runner.writer_worker(), runner.threads, runner.decodeworkers()
+        return runner.writer_worker(), runner.threads, runner.decode_workers()
 
 
 # h5mapper's create(parallelism=...): its three kinds of parallelism, as h5bank schedulers.
@@ -370,11 +370,14 @@ def runner_for(
         yield Runner(client=scheduler)
         return
     if scheduler == "local":
-        with _local_cluster(progress, n_workers) as cluster, _closing(Client(cluster)) as client:
+        with (
+            start_local_cluster(progress, n_workers) as cluster,
+            closing(Client(cluster)) as client,
+        ):
             yield Runner(client=client)
         return
     if scheduler == "slurm":
-        with _slurm_cluster(progress) as (client, threads):
+        with start_slurm_cluster(progress) as (client, threads):
             yield Runner(client=client, expected_threads=threads)
         return
     if (isinstance(scheduler, str) and "://" in scheduler) or hasattr(

@@ -15,7 +15,7 @@ import dask
 from pipeline import config
 from pipeline.clients import cluster_workers
 from pipeline.errors import SchedulerError
-from pipeline.run.local import _closing, _say
+from pipeline.run.local import closing, say
 
 
 def slurm_job_script() -> str:
@@ -73,7 +73,7 @@ def _test_submit(script: str) -> None:
 
 
 @contextlib.contextmanager
-def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
+def start_slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
     """A client to a ``SLURMCluster`` with its jobs submitted and one worker connected."""
     from dask_jobqueue import SLURMCluster
     from distributed import Client
@@ -82,7 +82,7 @@ def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
     plan, threads = slurm_plan()
     started = time.perf_counter()
     cluster = SLURMCluster()  # everything from jobqueue.slurm
-    with _closing(cluster):
+    with closing(cluster):
         if settings.get("test-submit", True):
             _test_submit(cluster.job_script())
         if settings.get("minimum-jobs") is not None and settings.get("maximum-jobs") is not None:
@@ -92,10 +92,10 @@ def _slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
             )
         else:
             cluster.scale(jobs=int(settings.get("jobs") or 1))
-        _say(progress, f"submitted {plan}")
-        with _closing(Client(cluster)) as client:
+        say(progress, f"submitted {plan}")
+        with closing(Client(cluster)) as client:
             _wait_for_first_worker(client, cluster, float(settings.get("wait-timeout") or 600))
-            _say(
+            say(
                 progress,
                 f"first Slurm worker connected {time.perf_counter() - started:.1f} s after "
                 f"starting the cluster (jobs {', '.join(_job_ids(cluster)) or '?'})",

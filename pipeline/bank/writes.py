@@ -1,0 +1,103 @@
+"""Writing sources by id into an open bank: ``add``, ``set`` and item assignment.
+
+Each write goes through the bank's single :class:`~pipeline.build.writer.BankWriter`,
+opened on the first write and checked against the bank type then; the
+writer commits like a build does (rows, refs, then the id), so a write killed
+halfway leaves the bank as of its last commit.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline import config
+from pipeline.bank.catalog import Catalog
+from pipeline.build.chain import check_schema
+from pipeline.build.decode import to_stored
+from pipeline.build.writer import BankWriter
+from pipeline.errors import NotABankError
+from pipeline.format import layout
+
+
+class Writes:
+    """The writes of one bank object: its handle must be writable (or turn writable)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._writer: BankWriter | None = None
+        self._generation = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"catalog": self.catalog}  # no writer: only read-only banks pickle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["catalog"])  # type: ignore[misc]
+
+    def write(self, id_: str, data: Mapping[str, Any], replace: bool, prefix: str = "") -> None:
+        """Write ``data`` (nested like the schema, below ``prefix``) for source ``id_``.
+
+        A new id is committed as a new source; an existing one gets the
+        columns it has no data in (``replace=False``, else ``ValueError``) or
+        any (``replace=True``).
+        """
+        catalog = self.catalog
+        catalog.handle.require_writable()
+        if not isinstance(id_, str) or not id_:
+            raise TypeError(f"a source id must be a non-empty str, got {id_!r}")
+        values = self.flatten(data, prefix)
+        if not values:
+            raise ValueError(f"nothing to write for {id_!r}: {data!r}")
+        writer = self.writer()
+        features = writer.features_for(values)
+        entries: dict[str, Any] = {}
+        for path, value in values.items():
+            feature = features[path]
+            entries.update(to_stored(value, feature.storage, path, type(feature).__name__))
+        new = writer.register(features)  # the writer shares the catalog's features
+        try:
+            if catalog.has(id_):
+                writer.update(id_, entries, replace=replace)
+            else:
+                writer.add_source(id_, entries)
+                catalog.added(id_)
+        except BaseException:
+            writer.forget(new)
+            raise
+        finally:
+            catalog.written()
+
+    def writer(self) -> BankWriter:
+        """The writer of the bank, checked against the bank type on first use."""
+        catalog = self.catalog
+        f = catalog.file
+        if self._writer is None or self._generation != catalog.handle.generation:
+            if not layout.is_bank(f):
+                raise NotABankError(
+                    f"{catalog.handle.shown} is a plain HDF5 file; h5bank writes sources only to "
+                    f"banks (build one with {catalog.handle.owner}.create, or open a new path "
+                    "with mode='a')"
+                )
+            check_schema(f, catalog.schema)
+            if not layout.consistent(f):  # a writer that died in add() left a half commit
+                layout.truncate(f)
+            self._writer = BankWriter(f, catalog.features, int(config.get("build.chunk-bytes")))
+            self._generation = catalog.handle.generation
+        return self._writer
+
+    def flatten(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """``{feature path: value}`` from data nested like the schema."""
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"data must be a dict of feature name to value, got {type(data).__name__}"
+            )
+        out: dict[str, Any] = {}
+        features = self.catalog.features
+        for name, value in data.items():
+            path = posixpath.join(prefix, str(name))
+            if path in features or not isinstance(value, Mapping):
+                out[path] = value
+            else:
+                out.update(self.flatten(value, path))
+        return out
