@@ -12,7 +12,7 @@ from conftest import write_images
 
 from features import DirLabels, Feature, Image
 from pipeline import TypedFile
-from pipeline.format import layout
+from pipeline.build import decode
 from pipeline.format.filters import filter_pipeline, filter_rows, precompressed
 
 
@@ -79,7 +79,7 @@ def test_the_writer_stores_the_chunks_the_decode_tasks_made(tmp_path, monkeypatc
         made.chunks = real(rows, {**options, "compression_opts": 9}).chunks
         return made
 
-    monkeypatch.setattr(layout, "filter_rows", level9)
+    monkeypatch.setattr(decode, "filter_rows", level9)  # where the decode tasks call it
     Waves.create(tmp_path / "w.h5", ["w-3"], scheduler="threads", progress=False).close()
     row = expected_wave(3)
     options = Waves.__schema__["wave"].dataset_options
@@ -182,7 +182,7 @@ def test_the_writer_refuses_chunks_made_for_another_pipeline(tmp_path, monkeypat
     stored raw: h5py writes the rows, which HDF5 filters as the column says."""
     real = filter_rows
     monkeypatch.setattr(
-        layout, "filter_rows", lambda rows, options: real(rows, {**options, "compression_opts": 1})
+        decode, "filter_rows", lambda rows, options: real(rows, {**options, "compression_opts": 1})
     )
     Waves.create(tmp_path / "w.h5", ["w-2"], scheduler="threads", progress=False).close()
     row = expected_wave(2)
@@ -258,7 +258,7 @@ def test_rows_the_decode_tasks_cannot_filter_are_filtered_by_the_writer(tmp_path
     def broken(rows, options):
         raise ValueError("Unknown compression filter number: 32015")
 
-    monkeypatch.setattr(layout, "filter_rows", broken)
+    monkeypatch.setattr(decode, "filter_rows", broken)
     ids = [f"w-{k}" for k in range(6)]
     with Waves.create(tmp_path / "w.h5", ids, scheduler="threads", progress=False) as bank:
         assert bank.summary.ok == 6 and not bank.failures()
