@@ -51,19 +51,18 @@ def map_bank(
     catalog: Catalog,
     close: Callable[[], None],
     func: Any,
-    inputs: str | list[str] | None = None,
-    output: str | None = None,
-    *,
-    feature: Feature | None = None,
-    scheduler: Any = None,
-    partition_size: int | None = None,
-    on_error: str | None = None,
-    progress: bool | None = None,
-    max_pending: int | None = None,
+    inputs: str | list[str] | None,
+    output: str | None,
+    feature: Feature | None,
+    scheduler: Any,
+    partition_size: int | None,
+    options: BuildOptions,
 ) -> MapResult | BuildSummary:
     """``bank.map``: apply ``func`` to each source's data in parallel, on the cluster.
 
-    ``catalog`` is the bank object's; ``close()`` closes the bank object while the map runs.
+    ``catalog`` is the bank object's; ``close()`` closes the bank object while the map runs;
+    ``options`` holds ``on_error``, ``progress`` and ``max_pending``, resolved. The
+    parameters below are those of ``bank.map``.
 
     Parameters
     ----------
@@ -108,8 +107,7 @@ def map_bank(
     commit before the error is raised: the results written so far stay.
     """
     handle = catalog.handle
-    options = BuildOptions.resolve("a", on_error, progress, partition_size, max_pending)
-    on_error, progress = options.on_error, options.progress
+    progress = options.progress
     keys = _inputs(catalog, inputs)
     columns = columns_for(catalog.features, catalog.file, keys)
     have = np.ones(catalog.count(), dtype=bool)

@@ -324,10 +324,10 @@ class TypedFile:
         If a map with an output fails, the bank is put back as of its last
         commit before the error is raised: the results written so far stay.
         """
+        options = BuildOptions.resolve("a", on_error, progress, max_pending=max_pending)
         result = map_bank(
-            self._parts.catalog, self.close, func, inputs, output, feature=feature,
-            scheduler=scheduler, partition_size=partition_size, on_error=on_error,
-            progress=progress, max_pending=max_pending,
+            self._parts.catalog, self.close, func, inputs, output, feature, scheduler,
+            partition_size, options,
         )  # fmt: skip
         if output is not None:
             self.summary = result

@@ -243,7 +243,7 @@ def build_graph(
         raise SchemaError("the bank type has no features: add Feature class attributes to it")
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
-    mode, on_error = options.mode, options.on_error
+    mode = options.mode
     skip = committed_ids(path) if mode == "a" else set()
     reads_bytes = any(feature.reads_bytes for feature in features.values())
     partitions, skipped = partition_sources(
@@ -253,25 +253,11 @@ def build_graph(
     window = options.max_pending
     if window is None and (writer is None or decoders):
         window = 2 * threads
-    token = uuid.uuid4().hex
-    plan = BuildPlan(
-        token=token,
-        path=path,
-        mode=mode,
-        features=dict(features),
-        on_error=on_error,
-        provenance={
-            "mode": mode,
-            "sources": describe_sources(sources),
-            "partitions": len(partitions),
-            "on_error": on_error,
-        },
-        skipped=skipped,
-        pinned=writer is not None,
-        planned=sum(sizes),
-        chunk_bytes=options.chunk_bytes,
-        fsync=options.fsync,
-    )
+    plan = _plan(
+        options, path, mode, dict(features), sizes, skipped, writer,
+        {"mode": mode, "sources": describe_sources(sources)},
+    )  # fmt: skip
+    token = plan.token
 
     storage_options = dict(options.storage_options)
     fetch_settings = dict(options.fetch)
@@ -286,6 +272,33 @@ def build_graph(
         )  # fmt: skip
 
     return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+
+
+def _plan(
+    options: BuildOptions,
+    path: str,
+    mode: str,
+    features: dict[str, Feature],
+    sizes: list[int],
+    skipped: int,
+    writer: str | None,
+    provenance: dict[str, Any],
+) -> BuildPlan:
+    """The plan of a new writer chain over partitions of ``sizes``, with ``options``' settings;
+    ``provenance`` is completed with the partitions and ``on_error``."""
+    return BuildPlan(
+        token=uuid.uuid4().hex,
+        path=path,
+        mode=mode,
+        features=features,
+        on_error=options.on_error,
+        provenance={**provenance, "partitions": len(sizes), "on_error": options.on_error},
+        skipped=skipped,
+        pinned=writer is not None,
+        planned=sum(sizes),
+        chunk_bytes=options.chunk_bytes,
+        fsync=options.fsync,
+    )
 
 
 def decode_schedule(decoders: list[str], writer: str) -> list[str]:
@@ -368,30 +381,17 @@ def map_graph(
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
     window = options.max_pending or 2 * threads
-    on_error = options.on_error
     sizes = [len(p) for p in partitions]
-    token = uuid.uuid4().hex
     name = getattr(func, "__qualname__", None) or type(func).__name__
-    plan = BuildPlan(
-        token=token,
-        path=path,
-        mode="a",
-        features={output: feature} if feature is not None else {},
-        on_error=on_error,
-        provenance={
-            "mode": "map",
-            "function": f"{getattr(func, '__module__', '')}.{name}".lstrip("."),
-            "inputs": [spec.path for spec in columns],
-            "output": output,
-            "partitions": len(partitions),
-            "on_error": on_error,
-        },
-        skipped=skipped,
-        pinned=writer is not None,
-        planned=sum(sizes),
-        chunk_bytes=options.chunk_bytes,
-        fsync=options.fsync,
-    )
+    provenance = {
+        "mode": "map",
+        "function": f"{getattr(func, '__module__', '')}.{name}".lstrip("."),
+        "inputs": [spec.path for spec in columns],
+        "output": output,
+    }
+    features = {output: feature} if feature is not None else {}
+    plan = _plan(options, path, "a", features, sizes, skipped, writer, provenance)
+    token = plan.token
 
     def read_and_map(k: int, graph: Graph, after: TaskRef | None) -> TaskRef:
         opened = TaskRef(f"h5bank-open-{token}")
