@@ -52,7 +52,7 @@ from pipeline import config
 from pipeline.bank.typedfile import TypedFile
 from pipeline.errors import ConfigError
 from pipeline.run.local import local_cluster_size
-from pipeline.run.slurm import slurm_job_script, slurm_plan
+from pipeline.run.slurm import slurm_job_script, slurm_scaling
 from pipeline.schema import Group
 from pipeline.urls import is_url, redact
 
@@ -104,8 +104,8 @@ class BuildConfig:
         with dask.config.set(self.settings):
             scheduler = self.scheduler
             if scheduler == "slurm":
-                plan, _ = slurm_plan()
-                lines.append(f"runs on:  {plan}, each submitted with this script:")
+                scaling, _ = slurm_scaling()
+                lines.append(f"runs on:  {scaling}, each submitted with this script:")
                 lines.append(slurm_job_script().rstrip())
             elif scheduler == "local":
                 lines.append(f"runs on:  {local_cluster_size()}")

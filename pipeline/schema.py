@@ -145,7 +145,7 @@ class Schema(Mapping[str, Feature]):
         return f"Schema({', '.join(f'{p}={f!r}' for p, f in self._features.items())})"
 
 
-def feature_of(column: str, features: Mapping[str, Any]) -> str:
+def owner_path(column: str, features: Mapping[str, Any]) -> str:
     """The feature path a column belongs to: itself, or its parent for a dict-valued feature."""
     return column if column in features else posixpath.dirname(column)
 

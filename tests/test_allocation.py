@@ -13,7 +13,7 @@ import pytest
 from configbank import Pictures
 
 from pipeline.run.local import Allocation, LocalSize, local_cluster_size, slurm_allocation
-from pipeline.run.slurm import slurm_job_script, slurm_plan
+from pipeline.run.slurm import slurm_job_script, slurm_scaling
 
 GiB = 2**30
 MiB = 2**20
@@ -178,7 +178,7 @@ def in_new_process(expression: str, **env: str) -> str:
 
 def test_an_environment_variable_sets_the_number_of_slurm_jobs():
     jobs = {"DASK_H5BANK__SLURM__JOBS": "4", "DASK_JOBQUEUE__SLURM__CORES": "1"}
-    assert in_new_process("slurm_plan()", **jobs) == ("('4 Slurm jobs of 1 core', 4)")
+    assert in_new_process("slurm_scaling()", **jobs) == ("('4 Slurm jobs of 1 core', 4)")
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def test_an_environment_variable_sets_the_number_of_slurm_jobs():
         ({"DASK_H5BANK__LOCAL_CLUSTER__N_WORKERS": "5"}, "local_cluster_size().n_workers", "5"),
         (
             {"DASK_H5BANK__SLURM__MINIMUM_JOBS": "2", "DASK_H5BANK__SLURM__MAXIMUM_JOBS": "5"},
-            "slurm_plan()",
+            "slurm_scaling()",
             "('adaptive, 2 to 5 Slurm jobs of 1 core', 5)",
         ),
     ],
@@ -208,11 +208,11 @@ def test_the_slurm_plan_follows_jobs_or_adaptive_bounds():
         "jobqueue.slurm.cores": 1,
     }
     with dask.config.set(fixed):
-        assert slurm_plan() == ("1 Slurm job of 1 core", 1)
+        assert slurm_scaling() == ("1 Slurm job of 1 core", 1)
         with dask.config.set({"h5bank.slurm.jobs": 4, "jobqueue.slurm.cores": 2}):
-            assert slurm_plan() == ("4 Slurm jobs of 2 cores", 8)
+            assert slurm_scaling() == ("4 Slurm jobs of 2 cores", 8)
         with dask.config.set({"h5bank.slurm.minimum-jobs": 1, "h5bank.slurm.maximum-jobs": 6}):
-            assert slurm_plan() == ("adaptive, 1 to 6 Slurm jobs of 1 core", 6)
+            assert slurm_scaling() == ("adaptive, 1 to 6 Slurm jobs of 1 core", 6)
 
 
 def test_the_job_script_comes_from_jobqueue_slurm():

@@ -17,7 +17,7 @@ from pipeline.bank.handle import BankFile
 from pipeline.build.summary import Failure
 from pipeline.errors import UnknownIdError
 from pipeline.format import layout
-from pipeline.schema import Schema, feature_for_column, feature_of
+from pipeline.schema import Schema, feature_for_column, owner_path
 
 
 class Catalog:
@@ -62,10 +62,10 @@ class Catalog:
         if layout.is_bank(f):
             records = layout.read_json_attr(f, layout.ATTR_SCHEMA)
             for path in layout.iter_columns(f):
-                owner = feature_of(path, features)
+                owner = owner_path(path, features)
                 if owner not in features:
                     attrs = f[path].attrs
-                    owner = path if path in records else feature_of(path, records)
+                    owner = path if path in records else owner_path(path, records)
                     features[owner] = feature_for_column(
                         str(attrs[layout.ATTR_STORAGE]), attrs, records.get(owner)
                     )
@@ -80,7 +80,7 @@ class Catalog:
     def feature_of(self, path: str) -> Feature:
         """The feature that owns column ``path``."""
         features = self.features
-        return features[feature_of(path, features)]
+        return features[owner_path(path, features)]
 
     # -- ids ----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from pipeline.files.handles import (
 from pipeline.files.remote import remote_identity
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
+from pipeline.format.hdf5_errors import LOCKED, READ_ONLY_HERE, lock_refusal
 from pipeline.format.partial import partial_path
 from pipeline.urls import is_url, redact
 from pipeline.version import __version__
@@ -54,9 +55,9 @@ LIVE: weakref.WeakSet[BankFile] = weakref.WeakSet()
 # What HDF5 says when it refuses to open a file for writing, and what the user must do once
 # h5bank has closed its own read handles (BankFile.release_readers) and it still refuses.
 WRITE_REFUSALS = {
-    "already open for read-only": "this process has it open read-only outside h5bank (an "
+    READ_ONLY_HERE: "this process has it open read-only outside h5bank (an "
     "h5py.File, or a Dask array computing on threads); close that first",
-    "lock": "another process has it open. Dask workers that computed arrays of it keep it open "
+    LOCKED: "another process has it open. Dask workers that computed arrays of it keep it open "
     "until client.run(pipeline.release, path); other programs must close it",
 }
 
@@ -231,8 +232,8 @@ class BankFile:
             try:
                 return h5py.File(self.path, self.mode, **self.options)
             except OSError as error:
-                refusal = next((r for r in WRITE_REFUSALS if r in str(error)), None)
-                if refusal is None:
+                refusal = lock_refusal(error)
+                if refusal not in WRITE_REFUSALS:
                     raise
                 if refusal in tried:
                     raise BankBusyError(
@@ -245,15 +246,15 @@ class BankFile:
     def release_readers(self, refusal: str) -> None:
         """Close the read handles h5bank holds on the file that made HDF5 refuse a writer.
 
-        ``"already open for read-only"``: other bank objects of this process
+        :data:`~pipeline.format.hdf5_errors.READ_ONLY_HERE`: other bank objects of this process
         read it (``exp = Bank.create(...)``, then ``Bank(path, mode="r+")``);
         their handles are closed and each reopens on its next use (then
         sharing the writable handle, as HDF5 does within a process).
-        ``"lock"``: other processes read it, maybe the workers of the default
+        :data:`~pipeline.format.hdf5_errors.LOCKED`: other processes read it, maybe the workers of the default
         Dask client, whose cached handles h5bank can close. Anyone else has
         to close theirs.
         """
-        if refusal == "already open for read-only":
+        if refusal == READ_ONLY_HERE:
             evict_others(self)
             return
         client = default_client()

@@ -32,7 +32,7 @@ from pipeline.format.filters import FilteredRows, filter_rows, precompressed
 from pipeline.format.storage import StorageKind
 from pipeline.format.storage import kind as storage_kind
 from pipeline.read.records import ColumnSpec, RawRows, decode_rows, read_rows_lazily
-from pipeline.schema import feature_for_value, feature_of
+from pipeline.schema import feature_for_value, owner_path
 from pipeline.sources import Source, fetch, route
 
 # Sources whose bytes are fetched (and held) together; bounds a task's memory
@@ -284,7 +284,7 @@ def pack(
         for key, entry in entries.items():
             column = columns.get(key)
             if column is None:
-                feature = feature_of(key, features)
+                feature = owner_path(key, features)
                 column = columns[key] = PackedColumn(feature, features[feature].storage)
                 if column.kind.has_shape_table:
                     column.shapes = []

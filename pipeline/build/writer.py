@@ -44,7 +44,7 @@ from pipeline.format.filters import filter_pipeline
 from pipeline.format.hdf5_errors import is_disk_full
 from pipeline.format.ids import IdIndex
 from pipeline.format.storage import Labels, split
-from pipeline.schema import feature_for_column, feature_for_value, feature_of
+from pipeline.schema import feature_for_column, feature_for_value, owner_path
 
 
 class CommitWriter:
@@ -158,7 +158,7 @@ class CommitWriter:
         """
         out: dict[str, Feature] = {}
         for key, value in values.items():
-            owner = feature_of(key, self.features)
+            owner = owner_path(key, self.features)
             if owner in self.features:
                 out[key] = self.features[owner]
                 continue
@@ -171,7 +171,7 @@ class CommitWriter:
 
     def register(self, features: Mapping[str, Feature]) -> list[str]:
         """Add features to the ones this writer knows; return the paths that were new."""
-        new = [path for path in features if feature_of(path, self.features) not in self.features]
+        new = [path for path in features if owner_path(path, self.features) not in self.features]
         self.features.update({path: features[path] for path in new})
         return new
 
@@ -377,7 +377,7 @@ class BankWriter(CommitWriter):
         started = time.perf_counter()
         planned = []
         for key, entry in values.items():
-            feature = feature_of(key, self.features)
+            feature = owner_path(key, self.features)
             packed = _single(feature, self.features[feature].storage, entry)
             column = self.column(key)
             has_data = (
@@ -414,7 +414,7 @@ class BankWriter(CommitWriter):
         """Commit a new source with the given column entries."""
         packed_columns = {}
         for key, entry in values.items():
-            feature = feature_of(key, self.features)
+            feature = owner_path(key, self.features)
             packed_columns[key] = _single(feature, self.features[feature].storage, entry)
         try:
             self.commit(Packed(0, [id_], packed_columns, []), on_error="raise")

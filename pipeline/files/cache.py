@@ -29,6 +29,7 @@ from pipeline.files.handles import (
 )
 from pipeline.files.remote import REMOTE_REVALIDATE, remote_identity
 from pipeline.format import layout
+from pipeline.format.storage import KINDS
 from pipeline.urls import is_url, redact
 
 
@@ -76,7 +77,8 @@ class Expect:
 def _names(dataset: h5py.Dataset) -> tuple[str, ...] | None:
     """The label names of the category column ``dataset`` belongs to, if it is one."""
     group = dataset.parent
-    if group.attrs.get(layout.ATTR_STORAGE) != "category" or dataset.name != group.name + "/data":
+    storage = KINDS.get(str(group.attrs.get(layout.ATTR_STORAGE)))
+    if storage is None or not storage.has_names or dataset.name != group.name + "/data":
         return None
     return tuple(str(n) for n in np.atleast_1d(group.attrs.get(layout.ATTR_NAMES, [])))
 

@@ -21,7 +21,7 @@ from pipeline.errors import (
 from pipeline.files.remote import open_remote
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
-from pipeline.format.hdf5_errors import is_locked
+from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
 from pipeline.format.partial import partial_path
 from pipeline.urls import is_url
 
@@ -145,7 +145,7 @@ def open_for_reading(
             "tasks read a bank from its path, so it must be on storage every worker reaches"
         ) from None
     except OSError as error:
-        if "lock" in str(error):
+        if lock_refusal(error) == LOCKED:
             raise BankBusyError(
                 f"{path} is open for writing in another process (a bank opened with mode 'r+' or "
                 "'a', or a writer that has not finished): h5bank readers do not read a bank "

@@ -15,6 +15,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.format.storage import kind
+
 
 def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> bool:
     """Whether a column's chunks are filtered (compressed) by the decode tasks.
@@ -30,7 +32,7 @@ def precompressed(storage: str, options: dict[str, Any], row_bytes: int) -> bool
     file and made a scan 60x slower) and are compressed by the writer.
     """
     return (
-        storage == "item"
+        kind(storage).row_chunks
         and options.get("chunks") in (None, True)
         and row_bytes >= PRECOMPRESSED_ROW_BYTES
         and options.get("compression") is not None

@@ -15,9 +15,29 @@ def is_disk_full(error: BaseException) -> bool:
     ) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # fmt: skip
 
 
-def is_locked(error: OSError) -> bool:
+# Why HDF5 refused a file that is open elsewhere (lock_refusal).
+READ_ONLY_HERE = "open read-only in this process"  # HDF5 refuses a writer beside it
+OPEN_HERE = "open in this process"
+LOCKED = "locked by another process"  # HDF5's file lock
+
+
+def lock_refusal(error: BaseException) -> str | None:
+    """Why HDF5 refused to open a file because it is open elsewhere (:data:`READ_ONLY_HERE`,
+    :data:`OPEN_HERE`, :data:`LOCKED`), or ``None`` when that is not why: the one place
+    that reads HDF5's words for it."""
     text = str(error)
-    return "unable to lock file" in text or "already open" in text
+    if "already open for read-only" in text:
+        return READ_ONLY_HERE
+    if "already open" in text:
+        return OPEN_HERE
+    if "lock" in text:
+        return LOCKED
+    return None
+
+
+def is_locked(error: BaseException) -> bool:
+    """Whether HDF5 refused a file because it is open elsewhere (see :func:`lock_refusal`)."""
+    return lock_refusal(error) is not None
 
 
 # What HDF5 says of a file that is not (or no longer) an HDF5 file it can read.

@@ -114,6 +114,9 @@ class StorageKind:
     """``data`` holds codes into the group's ``names`` attribute."""
     chunk_cache: ClassVar[bool] = True
     """``data`` is read in windows and strides, which HDF5's chunk cache serves."""
+    row_chunks: ClassVar[bool] = False
+    """Large rows may be chunked one a chunk, each compressed by the decode tasks
+    (:func:`pipeline.format.filters.precompressed`): one array row per source."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -285,6 +288,7 @@ class Item(StorageKind):
     one_row_per_source = True
     # Items are read a row at a time at random (batches, get_rows): no chunk cache.
     chunk_cache = False
+    row_chunks = True
 
     def entry(self, value: Any, producer: str) -> Any:
         return (numeric(value, producer)[np.newaxis], None)

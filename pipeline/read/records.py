@@ -16,7 +16,7 @@ from pipeline.errors import BankChangedError
 from pipeline.files.cache import Expect, LazyFile
 from pipeline.format import layout
 from pipeline.format.storage import kind as storage_kind
-from pipeline.schema import feature_of
+from pipeline.schema import owner_path
 from pipeline.urls import redact
 
 # Sources per partition of a per-source bag at most: each becomes a Python
@@ -201,6 +201,6 @@ def columns_for(
     specs = []
     for key, path in paths.items():
         column = layout.Column.open(f, path)
-        owner = feature_of(path, features)
+        owner = owner_path(path, features)
         specs.append(ColumnSpec(key, path, column.storage, features[owner], Expect.of(column.data)))
     return specs

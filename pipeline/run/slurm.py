@@ -34,7 +34,7 @@ def slurm_job_script() -> str:
     ).job_script()
 
 
-def slurm_plan() -> tuple[str, int]:
+def slurm_scaling() -> tuple[str, int]:
     """How ``scheduler="slurm"`` scales (for messages), and the threads it will have."""
     config.load_jobqueue_defaults()
     settings = config.section("slurm")
@@ -79,7 +79,7 @@ def start_slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
     from distributed import Client
 
     settings = config.section("slurm")
-    plan, threads = slurm_plan()
+    scaling, threads = slurm_scaling()
     started = time.perf_counter()
     cluster = SLURMCluster()  # everything from jobqueue.slurm
     with closing(cluster):
@@ -92,7 +92,7 @@ def start_slurm_cluster(progress: bool = False) -> Iterator[tuple[Any, int]]:
             )
         else:
             cluster.scale(jobs=int(settings.get("jobs") or 1))
-        say(progress, f"submitted {plan}")
+        say(progress, f"submitted {scaling}")
         with closing(Client(cluster)) as client:
             _wait_for_first_worker(client, cluster, float(settings.get("wait-timeout") or 600))
             say(
