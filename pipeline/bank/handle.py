@@ -44,7 +44,7 @@ from pipeline.files.remote import remote_identity
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, READ_ONLY_HERE, lock_refusal
-from pipeline.format.partial import partial_path
+from pipeline.format.partial import BankFiles, partial_path
 from pipeline.urls import is_url, redact
 from pipeline.version import __version__
 
@@ -117,11 +117,7 @@ class BankFile:
                 f"{self.shown} is a remote bank: it opens read-only. Build or change it "
                 "locally (create() to a URL builds locally and uploads it when complete)"
             )
-        if (
-            not self.remote
-            and not os.path.exists(self.path)
-            and os.path.exists(partial_path(self.path))
-        ):
+        if not self.remote and BankFiles.at(self.path).only_building:
             raise BuildInProgressError(
                 f"{self.shown} is being built, or its build stopped: only "
                 f"{partial_path(self.path)} exists. Wait for the build, or resume it "

@@ -26,7 +26,7 @@ from pipeline.errors import (
 from pipeline.files.handles import fsync_file, open_for_writing
 from pipeline.format import layout
 from pipeline.format.hdf5_errors import is_broken
-from pipeline.format.partial import partial_path, remove_stale_partial, unusable_partial
+from pipeline.format.partial import APPEND, NEW, RESUME, BankFiles, partial_path, set_aside
 from pipeline.read.records import ColumnSpec, RawRows, read_raw
 from pipeline.version import __version__
 
@@ -237,9 +237,10 @@ def restore_after_failure(path: str, error: BaseException) -> None:
     renames it back. If it cannot (the writer is still open somewhere), a
     note on ``error`` says how to resume by hand.
     """
-    partial = partial_path(path)
-    if os.path.exists(path) or not os.path.exists(partial):
+    files = BankFiles.at(path)
+    if not files.only_building:
         return
+    partial = files.partial
     plan = BuildPlan(
         token=f"restore-{os.getpid()}-{time.time_ns()}",
         path=path,
@@ -312,22 +313,11 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
 
 def _open_build(plan: BuildPlan) -> dict[str, Any]:
     """:func:`open_build` once this process holds the path (``_OPENING``)."""
-    partial = partial_path(plan.path)
-    has_partial, has_bank = os.path.exists(partial), os.path.exists(plan.path)
+    files = BankFiles.at(plan.path)
+    partial = files.partial
     notes: list[str] = []
-    if plan.mode == "a" and has_partial:
-        unusable = unusable_partial(partial)
-        if unusable:
-            notes.append(unusable)
-            has_partial = False
-    if plan.mode == "a" and has_partial and has_bank:
-        raise WriterError(
-            f"both {plan.path} and {partial} exist: the partial file is a build that stopped, and "
-            f"resuming it would replace the bank. Delete {partial} to append to the bank, or move "
-            "the bank away to resume the stopped build"
-        )
-    resuming = plan.mode == "a" and (has_partial or has_bank)
-    if resuming and has_partial:
+    start = files.start(plan.mode, notes)
+    if start == RESUME:
         try:
             f = _resume_partial(partial, plan)
         except (OSError, RuntimeError, KeyError, ValueError) as error:
@@ -335,8 +325,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
                 raise
             # HDF5 cannot make sense of what the killed build left (its flushes are not
             # atomic): keep the file aside and build again, rather than never resuming.
-            aside = f"{partial}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
-            os.replace(partial, aside)
+            aside = set_aside(partial)
             if plan.skipped:
                 # This build was planned without the sources the partial file said it
                 # committed: building now would leave them out. The next run plans anew.
@@ -348,8 +337,8 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
             notes.append(
                 f"{partial} could not be resumed ({error}): moved to {aside}, building again"
             )
-            resuming = has_partial = False
-    if resuming and not has_partial:
+            start = NEW
+    if start == APPEND:
         f = open_for_writing(plan.path, "r+")
         try:
             layout.check_format(f)
@@ -358,12 +347,10 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
         except BaseException:
             f.close()
             raise
-    elif not resuming:
-        if os.path.exists(partial):
-            remove_stale_partial(partial)
+    elif start == NEW:
         f = open_for_writing(partial, "w-")
     try:
-        if not resuming:
+        if start == NEW:
             schema = {path: feature.describe() for path, feature in plan.features.items()}
             layout.init_bank(
                 f,
@@ -373,7 +360,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
             )
         layout.set_state(f, layout.BUILDING)
         f.flush()
-        if resuming and not has_partial:
+        if start == APPEND:
             os.replace(plan.path, partial)  # the bank is open: POSIX renames it under us
         writer = BankWriter(
             f,

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.errors import H5BankError
-from pipeline.format.partial import partial_path
-from pipeline.urls import scrub
+from pipeline.format.partial import BankFiles
+from pipeline.urls import is_url, scrub
 
 if TYPE_CHECKING:
     from pipeline.bank.typedfile import TypedFile
@@ -60,8 +60,6 @@ class _Bank(click.ParamType):
     name = "bank"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        from pipeline.urls import is_url
-
         text = str(value)
         if is_url(text):
             return text
@@ -129,7 +127,6 @@ def _refuse_to_replace(plan: BuildConfig, resume: bool, overwrite: bool) -> str 
     import dask
 
     from pipeline import config
-    from pipeline.urls import is_url
 
     with dask.config.set(plan.settings):
         storage_options = config.storage_options()
@@ -143,23 +140,6 @@ def _refuse_to_replace(plan: BuildConfig, resume: bool, overwrite: bool) -> str 
                 "be appended to: copy it here, build with --resume, upload it)"
             )
         return None
-    target = os.path.abspath(plan.output)
-    partial = partial_path(target)
-    has_bank, has_partial = os.path.exists(target), os.path.exists(partial)
-    if has_bank and has_partial and not overwrite:
-        raise FileExistsError(
-            f"both {target} and {partial} (a build that stopped) exist: delete the partial file "
-            "to keep the bank (--resume then adds what it lacks), move the bank away to resume "
-            "the stopped build, or --overwrite to build again"
-        )
-    if not (resume or overwrite):
-        if has_partial:
-            raise FileExistsError(
-                f"{partial} holds a build that stopped: --resume continues it, --overwrite "
-                "starts again"
-            )
-        if has_bank:
-            raise FileExistsError(
-                f"{target} exists: --resume adds the sources it lacks, --overwrite builds it again"
-            )
-    return partial
+    files = BankFiles.at(os.path.abspath(plan.output))
+    files.refuse_to_replace(resume, overwrite)
+    return files.partial

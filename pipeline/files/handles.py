@@ -22,7 +22,7 @@ from pipeline.files.remote import open_remote
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
-from pipeline.format.partial import partial_path
+from pipeline.format.partial import BankFiles, partial_path
 from pipeline.urls import is_url
 
 # What a reader opens with unless told otherwise: HDF5's shared lock where the
@@ -134,7 +134,7 @@ def open_for_reading(
         track(f)
         return f
     except FileNotFoundError:
-        if os.path.exists(partial_path(path)):
+        if BankFiles.at(path).only_building:
             raise BuildInProgressError(
                 f"{path} is being written (a build, an append or bank.map with output is "
                 f"running, or one stopped and left {partial_path(path)}); read it when "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -30,7 +31,7 @@ def lock_refusal(error: BaseException) -> str | None:
         return READ_ONLY_HERE
     if "already open" in text:
         return OPEN_HERE
-    if "lock" in text:
+    if re.search(r"\block", text):  # "unable to lock file", "file locking": not "superblock"
         return LOCKED
     return None
 
