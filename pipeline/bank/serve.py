@@ -31,6 +31,7 @@ imports it only in :func:`serve`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 
 from pipeline.bank.proxies import FeatureProxy
 from pipeline.format import layout
-from pipeline.format.rows import absolute_rows, take_rows
+from pipeline.format.rows import absolute_rows, one_request, take_rows
 
 # -- getters ----------------------------------------------------------------------------------
 
@@ -142,9 +143,12 @@ class AsSlice(Getter):
         data = proxy.dataset
         starts = indices * self.shift
         # Windows of a batch that lie close together are read in one request.
-        if len(indices) and starts.max() - starts.min() + self.span <= 4 * self.span * len(indices):
-            low = int(starts.min())
-            block = data[low : int(starts.max()) + self.span]
+        if not len(indices):
+            return []
+        low, high = int(starts.min()), int(starts.max()) + self.span
+        row_bytes = data.dtype.itemsize * math.prod(data.shape[1:])
+        if one_request(low, high, self.span * len(indices), row_bytes):
+            block = data[low:high]
             return [
                 block[s - low : s - low + self.span : self.downsampling].copy()
                 for s in starts.tolist()

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import config
 from pipeline.files.cache import Expect, LazyFile
+from pipeline.format.rows import one_request
 from pipeline.urls import redact
 
 
@@ -69,9 +70,15 @@ class LazySourceRows(LazyDataset):
                 f"{redact(self.file.path)}: source row {row} has no data in {self.name}; read this "
                 "feature with to_dask_sources(), which skips such sources"
             )
-        # Read each run of consecutive rows once, then put the rows in source order.
+        # Read the span at once when close (format.rows.one_request), else each run of
+        # consecutive rows once; then put the rows in source order.
         order = np.argsort(starts, kind="stable")
         ordered = starts[order]
+        low, high = int(ordered[0]), int(ordered[-1]) + 1
+        row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        if one_request(low, high, len(ordered), row_bytes):
+            block = self.file.read(self.name, (slice(low, high), *rest), self.expect)
+            return block[starts - low]
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         runs = [
             self.file.read(self.name, (slice(int(run[0]), int(run[-1]) + 1), *rest), self.expect)

@@ -15,6 +15,7 @@ from pipeline import config
 from pipeline.errors import BankChangedError
 from pipeline.files.cache import Expect, LazyFile
 from pipeline.format import layout
+from pipeline.format.rows import one_request
 from pipeline.format.storage import kind as storage_kind
 from pipeline.schema import owner_path
 from pipeline.urls import redact
@@ -103,7 +104,8 @@ def _read_column(
     starts, stops = refs[have, 0], refs[have, 1]
     low, high = int(starts.min()), int(stops.max())
     needed = int((stops - starts).sum())
-    block = column.data[low:high] if high - low <= 2 * needed + 1024 else None
+    row_bytes = column.data.dtype.itemsize * math.prod(column.data.shape[1:])
+    block = column.data[low:high] if one_request(low, high, needed, row_bytes) else None
     for i in np.flatnonzero(have):
         start, stop = int(refs[i, 0]), int(refs[i, 1])
         rows = block[start - low : stop - low] if block is not None else column.data[start:stop]
