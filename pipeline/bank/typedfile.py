@@ -239,6 +239,9 @@ class TypedFile:
         """The proxy at ``path`` (``"data/images"``), for names that are not identifiers."""
         return node_at(self, self._parts, path.strip("/"))
 
+    def _child(self, name: str) -> Any:  # a declared feature or group (features.base.BankMember)
+        return node_at(self, self._parts, name)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
