@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.main import SCHEDULER_HELP, main, run_plan
+from pipeline.cli.main import SCHEDULER_HELP, main, run_build
 from pipeline.urls import scrub
 
 
@@ -152,11 +152,13 @@ def _build_folder(
         raise click.UsageError("--resume and --overwrite exclude each other")
     overrides = {} if scheduler is None else {"h5bank.build.scheduler": scheduler}
     features = {member: {**spec, **compression}, "labels": "DirLabels"}
-    plan = buildconfig.inline(features, [], output, bank_name, f"h5bank {command}", overrides)
-    plan.sources = _files_taken_by(plan, member, directory)
+    build_config = buildconfig.inline(
+        features, [], output, bank_name, f"h5bank {command}", overrides
+    )
+    build_config.sources = _files_taken_by(build_config, member, directory)
     again = f"`h5bank {command} {shlex.quote(directory)} {shlex.quote(output)} --resume` (and "
     again += "the same options)"
-    bank = run_plan(plan, resume, overwrite, quiet, again)
+    bank = run_build(build_config, resume, overwrite, quiet, again)
     with bank:
         if not quiet:  # create() has printed the summary under its progress bar
             click.echo(bank.tree())
@@ -168,7 +170,7 @@ def _build_folder(
             )
 
 
-def _files_taken_by(plan: Any, member: str, directory: str) -> list[Any]:
+def _files_taken_by(build_config: Any, member: str, directory: str) -> list[Any]:
     """The files under ``directory`` whose names the feature ``member`` takes, in build order.
 
     Listed here, as h5mapper's commands did, so other files (notes, metadata)
@@ -181,8 +183,8 @@ def _files_taken_by(plan: Any, member: str, directory: str) -> list[Any]:
     from pipeline import config
     from pipeline.sources import EmptySourceWarning, expand
 
-    feature = plan.bank.__schema__[member]
-    with dask.config.set(plan.settings), warnings.catch_warnings():
+    feature = build_config.bank.__schema__[member]
+    with dask.config.set(build_config.settings), warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptySourceWarning)
         found = [s for s in expand(directory, config.storage_options()) if feature.accepts(s.id)]
     if not found:

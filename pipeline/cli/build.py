@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.main import SCHEDULER_HELP, main, run_plan
+from pipeline.cli.main import SCHEDULER_HELP, main, run_build
 
 
 @main.command()
@@ -101,14 +101,18 @@ def build(
         overrides["h5bank.build.scheduler"] = scheduler
     if output is not None:
         overrides["h5bank.build.output"] = output
-    plan = buildconfig.load(config_file, overrides)
-    if jobs is not None and plan.scheduler != "slurm":
-        raise click.UsageError(f"--jobs applies to --scheduler slurm, not {plan.scheduler!r}")
+    build_config = buildconfig.load(config_file, overrides)
+    if jobs is not None and build_config.scheduler != "slurm":
+        raise click.UsageError(
+            f"--jobs applies to --scheduler slurm, not {build_config.scheduler!r}"
+        )
     if dry_run:
         click.echo(f"h5bank build {config_file}: dry run, nothing is built or submitted")
-        click.echo(plan.describe())
+        click.echo(build_config.describe())
         return
-    bank = run_plan(plan, resume, overwrite, quiet, f"`h5bank build {config_file} --resume`")
+    bank = run_build(
+        build_config, resume, overwrite, quiet, f"`h5bank build {config_file} --resume`"
+    )
     with bank:
         if quiet:
             click.echo(str(bank.summary))

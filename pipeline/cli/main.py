@@ -95,19 +95,19 @@ def _stop(signum: int, frame: Any) -> None:
     raise _Stopped(signum)
 
 
-def run_plan(
-    plan: BuildConfig, resume: bool, overwrite: bool, quiet: bool, resume_with: str
+def run_build(
+    build_config: BuildConfig, resume: bool, overwrite: bool, quiet: bool, resume_with: str
 ) -> TypedFile:
-    """Run a build plan (``buildconfig.BuildConfig``) as the build commands do; the bank, open.
+    """Run a build config (``buildconfig.BuildConfig``) as the build commands do; the bank, open.
 
     Refuses to replace a bank or a stopped build unless told (``resume``,
     ``overwrite``). SIGTERM (scancel, a time limit) or Ctrl-C stops the build
     and says what it kept and that ``resume_with`` continues it.
     """
-    partial = _refuse_to_replace(plan, resume, overwrite)
+    partial = _refuse_to_replace(build_config, resume, overwrite)
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return plan.run(mode="a" if resume else "w", progress=not quiet)
+        return build_config.run(mode="a" if resume else "w", progress=not quiet)
     except _Stopped as stop:
         kept = (
             f"{partial} keeps every source committed so far: resume with {resume_with}"
@@ -122,24 +122,24 @@ def run_plan(
             signal.signal(sig, handler)
 
 
-def _refuse_to_replace(plan: BuildConfig, resume: bool, overwrite: bool) -> str | None:
+def _refuse_to_replace(build_config: BuildConfig, resume: bool, overwrite: bool) -> str | None:
     """Refuse to replace the bank or a stopped build unless told to; the partial file's path."""
     import dask
 
     from pipeline import config
 
-    with dask.config.set(plan.settings):
+    with dask.config.set(build_config.settings):
         storage_options = config.storage_options()
-    if is_url(plan.output):
+    if is_url(build_config.output):
         from pipeline.files.remote import remote_fs
 
-        fs, path = remote_fs(plan.output, storage_options)
+        fs, path = remote_fs(build_config.output, storage_options)
         if not overwrite and fs.exists(path):
             raise FileExistsError(
-                f"{scrub(plan.output)} exists: --overwrite builds it again (a remote bank cannot "
+                f"{scrub(build_config.output)} exists: --overwrite builds it again (a remote bank cannot "
                 "be appended to: copy it here, build with --resume, upload it)"
             )
         return None
-    files = BankFiles.at(os.path.abspath(plan.output))
+    files = BankFiles.at(os.path.abspath(build_config.output))
     files.refuse_to_replace(resume, overwrite)
     return files.partial
