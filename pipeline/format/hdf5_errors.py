@@ -46,7 +46,7 @@ BROKEN = ("signature not found", "truncated file", "superblock", "bad object hea
            "bad symbol table", "bad B-tree", "not an HDF5 file", "addr overflow",
            "not aligned", "global heap", "len not positive", "doesn't exist",
            "past end of allocation", "bad local heap", "free list", "link count",
-           "delete link", "header version")  # fmt: skip
+           "delete link", "header version", "bad byte number")  # fmt: skip
 
 
 def is_broken(error: BaseException) -> bool:
