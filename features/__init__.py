@@ -5,7 +5,7 @@ See :class:`features.base.Feature` for the contract a custom feature follows.
 
 from features.array import Array
 from features.base import Feature, SourceLike, from_record
-from features.errors import DecodeError, H5BankError, SourceReadError
+from features.errors import DecodeError, H5BankError, RecordError, RecordWarning, SourceReadError
 from features.image import Image
 from features.labels import DirLabels
 from features.sound import Sound
@@ -19,6 +19,8 @@ __all__ = [
     "Feature",
     "H5BankError",
     "Image",
+    "RecordError",
+    "RecordWarning",
     "Sound",
     "SourceLike",
     "SourceReadError",

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from features import records
 from features.base import Feature
 from features.errors import DecodeError
 
@@ -32,6 +33,12 @@ class Array(Feature):
     """
 
     __re__ = r"(?i)\.npy$"
+    recorded_params = {
+        **Feature.recorded_params,
+        "flat": records.boolean,
+        "item": records.boolean,
+        "dtype": records.numeric_dtype,
+    }
 
     def __init__(
         self, flat: bool = False, dtype: str | None = None, item: bool = False, **options: Any

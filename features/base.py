@@ -3,7 +3,9 @@
 A feature turns one source into arrays. It says which sources it accepts
 (``__re__``, searched in the source id), how the writer lays its output out
 on disk (``storage``), which HDF5 dataset options to use, and which parameters
-to record in the bank (``attrs``). It knows nothing about Dask, HDF5 paths or
+to record in the bank (``attrs``), and which recorded parameters may set it
+when it is rebuilt from a bank file (``recorded_params``, checked: see
+:mod:`features.records`). It knows nothing about Dask, HDF5 paths or
 the build: the pipeline calls ``load`` in decode tasks on any worker, so a
 feature must be picklable and cheap to copy.
 
@@ -31,10 +33,14 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+
+from features import records
+from features.errors import RecordError, RecordWarning
 
 # Options a feature may pass on to h5py.Group.create_dataset.
 DATASET_OPTIONS = (
@@ -83,20 +89,58 @@ class BankMember:
 BUILT_IN: dict[str, type[Feature]] = {}
 
 
-def from_record(record: dict[str, Any]) -> Feature | None:
+def rebuild(record: Any) -> Feature | None:
     """The built-in feature a schema record (``Feature.describe()``) describes, or ``None``.
 
-    Only classes of this package are rebuilt (from their recorded ``attrs``):
-    a bank never makes h5bank import code named in a file.
+    Only classes of this package are rebuilt: a bank never makes h5bank import
+    code named in a file, so a record naming any other class gives ``None``.
+    A built-in class is rebuilt by :meth:`Feature.from_attrs`, from the
+    recorded parameters it declares in ``recorded_params`` (checked), with
+    the code's defaults for everything else. Raises
+    :class:`~features.errors.RecordError`, saying what is wrong, for a record
+    that is not a JSON object, or whose parameters are invalid.
     """
-    qualified = str(record.get("class", ""))
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a feature record must be a JSON object, got {type(record).__name__}")
+    qualified = record.get("class", "")
+    if not isinstance(qualified, str):
+        raise RecordError(f"a feature record's class must be a string, got {qualified!r:.80}")
     cls = BUILT_IN.get(qualified.rpartition(".")[2]) if qualified.startswith("features.") else None
     if cls is None:
         return None
+    attrs = record.get("attrs")
+    if attrs is None:
+        attrs = {}
+    if not isinstance(attrs, Mapping):
+        raise RecordError(f"{cls.__name__}: attrs must be a JSON object, got {attrs!r:.80}")
+    return cls.from_attrs(attrs)
+
+
+def from_record(record: Any) -> Feature | None:
+    """The built-in feature a schema record describes; ``None`` if there is none to trust.
+
+    Never raises, whatever JSON the record is: a class that is not built in
+    gives ``None`` (see :func:`rebuild`), and so does an invalid record, with
+    a :class:`~features.errors.RecordWarning` naming the class and what is
+    wrong. ``pipeline.schema`` calls :func:`rebuild` instead, to name the
+    column in its warning.
+    """
     try:
-        return cls.from_attrs(dict(record.get("attrs") or {}))
-    except (TypeError, ValueError):
+        return rebuild(record)
+    except Exception as error:
+        warnings.warn(
+            RecordWarning(f"{record_name(record)} not rebuilt: {error}; its data reads as stored"),
+            stacklevel=2,
+        )
         return None
+
+
+def record_name(record: Any) -> str:
+    """How a warning names a feature record: by its class if it names one."""
+    qualified = record.get("class") if isinstance(record, Mapping) else None
+    if isinstance(qualified, str) and qualified:
+        return f"the record of a {qualified[:80]} feature"
+    return "a feature record"
 
 
 class Feature(BankMember):
@@ -129,6 +173,12 @@ class Feature(BankMember):
     reads_bytes: ClassVar[bool] = True
     derived_from: str | None = None
     _options: dict[str, Any] | None = None
+    # The constructor parameters a bank's record may set when the feature is rebuilt from a
+    # file (``from_attrs``), each with the check of its recorded value: only parameters that
+    # describe the stored data, never a safety limit. Subclasses extend it.
+    # A recorded ``pattern`` is not taken: it routes sources in a build, it does not describe
+    # stored data, and a regex from a file could be made to backtrack for hours.
+    recorded_params: ClassVar[Mapping[str, records.Check]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,13 +259,28 @@ class Feature(BankMember):
         return {}
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> Feature:
-        """The feature whose ``attrs`` are these (used to reopen banks without their type).
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> Feature:
+        """The feature whose recorded ``attrs`` these are (reopening a bank without its type).
 
-        The default passes them to the constructor; override when ``attrs`` and
-        constructor parameters differ.
+        ``attrs`` come from a bank file, so they are untrusted: only the
+        parameters the class declares in ``recorded_params`` are taken, each
+        through its check; any other (a safety limit such as ``max_pixels``,
+        or one a newer h5bank records) is ignored and keeps the constructor's
+        default. Raises :class:`~features.errors.RecordError` naming the
+        parameter and what is wrong, also when the constructor refuses them.
         """
-        return cls(**attrs)
+        kwargs: dict[str, Any] = {}
+        for name, check in cls.recorded_params.items():
+            if name in attrs:
+                try:
+                    kwargs[name] = check(attrs[name])
+                except Exception as error:
+                    raise RecordError(f"{cls.__name__}: {name}: {error}") from None
+        try:
+            return cls(**kwargs)
+        except Exception as error:
+            said = str(error) if str(error).startswith(cls.__name__) else f"{cls.__name__}: {error}"
+            raise RecordError(said) from None
 
     # -- how it is stored -------------------------------------------------
 

@@ -22,3 +22,15 @@ class DecodeError(H5BankError, ValueError):
 
 class SourceReadError(H5BankError, OSError):
     """A source's bytes could not be fetched (missing file, plain id, server error)."""
+
+
+class RecordError(H5BankError, ValueError):
+    """A bank's record of a built-in feature cannot be trusted to rebuild it.
+
+    A bank file comes from anywhere: its schema record (``Feature.describe()``)
+    is untrusted input. The message says which parameter is wrong and why.
+    """
+
+
+class RecordWarning(UserWarning):
+    """A column of a bank is read as stored because its feature's record is invalid."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import imageio.v3 as iio
 import numpy as np
 
+from features import records
 from features.base import Feature
 from features.errors import DecodeError
 
@@ -46,6 +47,9 @@ _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 # Pixels above which an image is refused unless Image(max_pixels=...) says otherwise.
 MAX_PIXELS = 100_000_000
+# The longest side of an image size read from a bank file (PNG's and Pillow's sizes go further,
+# a size set in code may too).
+MAX_RECORDED_SIDE = 65535
 
 
 class Image(Feature):
@@ -69,12 +73,22 @@ class Image(Feature):
         a 10,000 x 10,000 image; ``None`` for no limit beyond Pillow's own).
         A file declaring more is refused from its header, before any pixel is
         decoded: a decompression bomb (a tiny file that declares a huge image)
-        fails as a source instead of exhausting a worker's memory.
+        fails as a source instead of exhausting a worker's memory. A bank
+        file never sets it: an ``Image`` rebuilt from a bank's record takes
+        only ``size`` and ``mode`` from it (checked, see
+        :mod:`features.records`).
     **options
         See :class:`features.base.Feature` (pattern, compression, ...).
     """
 
     __re__ = r"(?i)\.(png|jpe?g|bmp|gif|tiff?|webp)$"
+    # From a bank file: the size (each side at most 65535, at most MAX_PIXELS in all: a
+    # resize target is an allocation) and the mode; max_pixels always keeps its default.
+    recorded_params = {
+        **Feature.recorded_params,
+        "size": records.image_size(MAX_RECORDED_SIDE, MAX_PIXELS),
+        "mode": records.one_of(_MODES),
+    }
 
     def __init__(
         self,

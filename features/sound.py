@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile
 
+from features import records
 from features.base import Feature
 from features.errors import DecodeError
 
@@ -18,6 +20,12 @@ if TYPE_CHECKING:
 
 # Samples above which a waveform is drawn as its min/max envelope over this many bins.
 _ENVELOPE_BINS = 4000
+
+# Samples (counted over all channels) above which a sound is refused unless
+# Sound(max_samples=...) says otherwise: one hour of 48 kHz stereo, 1.4 GB as float32.
+MAX_SAMPLES = 3600 * 48_000 * 2
+# The highest sample rate a bank file may record (768 kHz: the fastest audio interfaces).
+MAX_RECORDED_SR = 768_000
 
 # Files that announce their format in their first bytes.
 _SIGNATURES = ((b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
@@ -42,12 +50,30 @@ class Sound(Feature):
         Refuse files whose header declares more audio than the file holds
         (a truncated download or copy). libsndfile would silently return the
         part that is there.
+    max_samples
+        Most samples a sound may have, counted over all its channels (a
+        second of 48 kHz stereo is 96,000), both as the file holds them and
+        as stored, after ``mono`` and resampling to ``sr``. The default,
+        345,600,000, is one hour of 48 kHz stereo (1.4 GB as ``float32``);
+        ``None`` for no limit. A file whose header declares more is refused
+        from its header, before any audio is decoded: a compressed bomb (a
+        small FLAC of silence that declares hours) or a rate far below
+        ``sr`` fails as a source instead of exhausting a worker's memory.
+        A bank file never sets it, nor ``strict`` or ``dtype``: a ``Sound``
+        rebuilt from a bank's record takes only ``sr`` (1 to 768,000) and
+        ``mono`` from it.
     **options
         See :class:`features.base.Feature`.
     """
 
     __re__ = r"(?i)\.(wav|flac|ogg|oga|aiff?|aifc|au|caf|w64|rf64|mp3|opus)$"
     storage = "rows"
+    # From a bank file: the rate and mono (max_samples, strict and dtype keep their defaults).
+    recorded_params = {
+        **Feature.recorded_params,
+        "sr": records.integer(1, MAX_RECORDED_SR),
+        "mono": records.boolean,
+    }
 
     def __init__(
         self,
@@ -55,6 +81,7 @@ class Sound(Feature):
         mono: bool = True,
         dtype: str = "float32",
         strict: bool = True,
+        max_samples: int | None = MAX_SAMPLES,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -62,10 +89,13 @@ class Sound(Feature):
             raise ValueError(f"Sound sr must be a positive sample rate, got {sr!r}")
         if np.dtype(dtype).kind != "f":
             raise ValueError(f"Sound dtype must be a float type, got {dtype!r}")
+        if max_samples is not None and int(max_samples) < 1:
+            raise ValueError(f"Sound max_samples must be positive or None, got {max_samples!r}")
         self.sr = int(sr)
         self.mono = bool(mono)
         self.dtype = str(np.dtype(dtype))
         self.strict = bool(strict)
+        self.max_samples = None if max_samples is None else int(max_samples)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -84,6 +114,7 @@ class Sound(Feature):
                     raise DecodeError(
                         f"truncated file: header and size disagree ({'; '.join(declared)})"
                     )
+                self._check_length(f.frames, f.channels, native_sr)
                 audio = f.read(dtype="float32", always_2d=True)
         except DecodeError:
             raise
@@ -108,6 +139,27 @@ class Sound(Feature):
 
             audio = soxr.resample(audio, native_sr, self.sr)
         return np.ascontiguousarray(audio, dtype=self.dtype)
+
+    def _check_length(self, frames: int, channels: int, native_sr: int) -> None:
+        """Refuse, from the header, a sound of more than ``max_samples`` (decoded or stored)."""
+        if self.max_samples is None:
+            return
+        decoded = frames * channels
+        out_frames = frames if native_sr == self.sr else math.ceil(frames * self.sr / native_sr)
+        stored = out_frames * (1 if self.mono else channels)
+        if max(decoded, stored) <= self.max_samples:
+            return
+        declared = (
+            f"declares {frames:,} frames x {channels} channel{'s' if channels > 1 else ''} at "
+            f"{native_sr:,} Hz ({frames / native_sr:,.1f} s) = {decoded:,} samples"
+        )
+        if stored > decoded:
+            declared += f", {stored:,} once resampled to {self.sr:,} Hz"
+        raise DecodeError(
+            f"{declared}, past the limit of {self.max_samples:,} (Sound(max_samples=...)); "
+            "refused before decoding (a decompression bomb, or a sound longer than this bank "
+            "takes)"
+        )
 
     def plot(
         self,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from features.base import Feature, from_record
-from features.errors import DecodeError
+from features import records
+from features.base import Feature, rebuild
+from features.errors import DecodeError, RecordError
 
 
 class String(Feature):
@@ -19,6 +20,7 @@ class String(Feature):
 
     __re__ = r"(?i)\.txt$"
     storage = "bytes"
+    recorded_params = {**Feature.recorded_params, "encoding": records.text_encoding}
 
     def __init__(self, encoding: str = "utf-8", **options: Any) -> None:
         super().__init__(**options)
@@ -35,7 +37,24 @@ class String(Feature):
             raise DecodeError(f"not {self.encoding} text: {error}") from None
 
     def from_stored(self, value: Any, name: str = "") -> str:
-        return bytes(value).decode("utf-8")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DecodeError(
+                f"{name or 'a source'}: its stored text is not UTF-8 ({error.reason} at byte "
+                f"{error.start}): the bank is damaged (h5bank writes UTF-8)"
+            ) from None
+
+
+def decoder_record(record: Any) -> Feature | None:
+    """The check of ``Bytes``'s recorded ``decoder``: ``null``, or the record of a built-in
+    feature that decodes bytes (rebuilt with the same checks as any record)."""
+    if record is None:
+        return None
+    decoder = rebuild(record)
+    if decoder is not None and type(decoder).decode is Feature.decode:
+        raise RecordError(f"{type(decoder).__name__} decodes no bytes: it cannot be a decoder")
+    return decoder
 
 
 class Bytes(Feature):
@@ -50,9 +69,13 @@ class Bytes(Feature):
     decoder
         A feature whose ``decode`` turns the stored bytes back into arrays on
         read (``Bytes(decoder=Image(mode="RGB"))``); ``None`` returns ``bytes``.
+        Rebuilt from a bank file, the decoder's record follows the rules of
+        any feature record (:func:`features.base.rebuild`); one naming a class
+        that is not built in gives no decoder.
     """
 
     storage = "bytes"
+    recorded_params = {**Feature.recorded_params, "decoder": decoder_record}
 
     def __init__(self, decoder: Feature | None = None, **options: Any) -> None:
         super().__init__(**options)
@@ -61,11 +84,6 @@ class Bytes(Feature):
     @property
     def attrs(self) -> dict[str, Any]:
         return {"decoder": None if self.decoder is None else self.decoder.describe()}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> Bytes:
-        record = attrs.get("decoder")
-        return cls(decoder=from_record(record) if record else None)
 
     def load(self, source: Any) -> bytes:
         data = source.read()

@@ -9,13 +9,15 @@ features, with every derived feature after the feature it derives from.
 from __future__ import annotations
 
 import posixpath
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from features import Array, Bytes, String
-from features.base import BankMember, Feature, from_record
+from features import Array, Bytes, String, records
+from features.base import BankMember, Feature, rebuild
+from features.errors import RecordWarning
 from pipeline.errors import SchemaError
 
 
@@ -185,16 +187,42 @@ class Undeclared(Feature):
 
 
 def feature_for_column(
-    storage: str, attrs: Any, record: Mapping[str, Any] | None = None
+    storage: str, attrs: Any, record: Any = None, path: str | None = None
 ) -> Feature:
     """The feature for a column the bank type does not declare.
 
-    Built-in features are rebuilt from their schema record (class and
-    parameters), so their methods work on any bank; anything else reads as stored.
+    Built-in features are rebuilt from their schema record (class and the
+    parameters the class takes from a file, checked: see
+    :func:`features.base.rebuild`), so their methods work on any bank;
+    anything else reads as stored. A record that cannot be trusted (a bad
+    pattern, an absurd size, a wrong type...) never makes the bank unopenable:
+    the column reads as stored, with a :class:`~features.errors.RecordWarning`
+    naming the column (``path``, else the HDF5 group ``attrs`` belong to) and
+    what is wrong. So does a recorded ``encoding`` that is not a text encoding.
     """
-
-    feature = from_record(record) if record else None
+    feature = None
+    if record:
+        try:
+            feature = rebuild(record)
+        except Exception as error:
+            _warn(path, attrs, f"its feature is not rebuilt from the bank's record ({error})")
     if feature is not None and feature.storage == storage:
         return feature
-    encoding = attrs.get("encoding")
-    return Undeclared(storage, str(encoding) if encoding else None)
+    return Undeclared(storage, _encoding(path, attrs))
+
+
+def _encoding(path: str | None, attrs: Any) -> str | None:
+    """The column's recorded ``encoding`` if it names a text encoding (else None, warned)."""
+    try:
+        encoding = attrs.get("encoding")
+        if isinstance(encoding, (bytes, np.bytes_)):
+            encoding = encoding.decode("utf-8", "replace")
+        return records.text_encoding(encoding) if encoding is not None and encoding != "" else None
+    except Exception as error:
+        _warn(path, attrs, f"its encoding attribute is unusable ({error}); values read as bytes")
+        return None
+
+
+def _warn(path: str | None, attrs: Any, problem: str) -> None:
+    column = f"column {path!r}" if path else "a column"
+    warnings.warn(RecordWarning(f"{column} reads as stored: {problem}"), stacklevel=3)

@@ -112,13 +112,13 @@ def map_bank(
     columns = columns_for(catalog.features, catalog.file, keys)
     have = np.ones(catalog.count(), dtype=bool)
     for path in keys.values():
-        have &= catalog.require_column(path).refs[:, 0] >= 0
+        have &= catalog.require_column(path).refs[: len(have), 0] >= 0
     skipped = 0
     if output is not None:
         output = _output(catalog, output, keys)
         existing = catalog.column(output)
         if existing is not None:
-            done = existing.refs[:, 0] >= 0
+            done = existing.refs[: len(have), 0] >= 0
             skipped = int((have & done).sum())
             have &= ~done
         if feature is None and (existing is not None or output in catalog.features):
@@ -186,8 +186,9 @@ def _inputs(catalog: Catalog, inputs: str | list[str] | None) -> dict[str, str]:
 
 def _output(catalog: Catalog, output: str, inputs: Mapping[str, str]) -> str:
     path = str(output).strip("/")
-    if not path or any(part.startswith("__") or not part for part in path.split("/")):
-        raise ValueError(f"map output {output!r} is not a usable feature path")
+    problem = layout.column_path_problem(path)
+    if problem:
+        raise ValueError(f"map output {output!r} is not a usable feature path: {problem}")
     if path in inputs.values():
         raise ValueError(f"map output {output!r} is also an input; write to a new feature")
     node = catalog.file.get(path)

@@ -8,7 +8,6 @@ halfway leaves the bank as of its last commit.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,7 +53,10 @@ class Writes:
         entries: dict[str, Any] = {}
         for path, value in values.items():
             feature = features[path]
-            entries.update(to_stored(value, feature.storage, path, type(feature).__name__))
+            stored = to_stored(value, feature.storage, path, type(feature).__name__)
+            for column in stored:  # a dict value's keys name columns too
+                _check_column(column, column.rpartition("/")[2] if column != path else path)
+            entries.update(stored)
         new = writer.register(features)  # the writer shares the catalog's features
         try:
             if catalog.has(id_):
@@ -87,7 +89,12 @@ class Writes:
         return self._writer
 
     def flatten(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        """``{feature path: value}`` from data nested like the schema."""
+        """``{feature path: value}`` from data nested like the schema.
+
+        Raises ``ValueError`` for a key that cannot name a column as it is
+        (see :func:`~pipeline.format.layout.column_path_problem`): HDF5 would
+        write ``{"x\\0y": ...}`` as column ``x``.
+        """
         if not isinstance(data, Mapping):
             raise TypeError(
                 f"data must be a dict of feature name to value, got {type(data).__name__}"
@@ -95,9 +102,17 @@ class Writes:
         out: dict[str, Any] = {}
         features = self.catalog.features
         for name, value in data.items():
-            path = posixpath.join(prefix, str(name))
+            path = f"{prefix}/{name}" if prefix else str(name)
+            _check_column(path, name)
             if path in features or not isinstance(value, Mapping):
                 out[path] = value
             else:
                 out.update(self.flatten(value, path))
         return out
+
+
+def _check_column(path: str, key: Any) -> None:
+    """Raise ``ValueError`` naming ``key`` if ``path`` cannot name a column as it is."""
+    problem = layout.column_path_problem(path)
+    if problem is not None:
+        raise ValueError(f"cannot write key {key!r} (column {path!r}): {problem}")

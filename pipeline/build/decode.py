@@ -28,6 +28,7 @@ from pipeline.build.plan import Partition
 from pipeline.build.summary import Failure
 from pipeline.errors import FeatureTypeError, SourceError
 from pipeline.files.cache import LazyFile
+from pipeline.format import layout
 from pipeline.format.filters import FilteredRows, filter_rows, precompressed
 from pipeline.format.storage import StorageKind
 from pipeline.format.storage import kind as storage_kind
@@ -260,9 +261,14 @@ def to_stored(
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str) or not key or "/" in key or key.startswith("__"):
+            problem = (
+                "it is not a str"
+                if not isinstance(key, str)
+                else ("it holds '/'" if "/" in key else layout.column_path_problem(key))
+            )
+            if problem:
                 raise FeatureTypeError(
-                    f"load() returned a dict with key {key!r}; keys must be plain names"
+                    f"load() returned a dict with key {key!r}: {problem}; keys must be plain names"
                 )
             if item is not None:
                 out[posixpath.join(path, key)] = kind.entry(item, producer)

@@ -164,7 +164,9 @@ class CommitWriter:
                 continue
             node = self.f.get(key)
             if layout.is_column(node):
-                out[key] = feature_for_column(str(node.attrs[layout.ATTR_STORAGE]), node.attrs)
+                out[key] = feature_for_column(
+                    str(node.attrs[layout.ATTR_STORAGE]), node.attrs, path=key
+                )
             else:
                 out[key] = feature_for_value(value)
         return out
