@@ -54,7 +54,8 @@ from pipeline.errors import ConfigError
 from pipeline.run.local import local_cluster_size
 from pipeline.run.slurm import slurm_job_script, slurm_scaling
 from pipeline.schema import Group
-from pipeline.urls import is_url, redact
+from pipeline.terminal import printable
+from pipeline.urls import hide_secrets, is_url, redact
 
 # The top-level keys a build applies while it runs.
 _APPLIED = ("h5bank", "jobqueue")
@@ -93,25 +94,32 @@ class BuildConfig:
             )
 
     def describe(self) -> str:
-        """What :meth:`run` would do, for ``--dry-run``: nothing is built or submitted."""
+        """What :meth:`run` would do, for ``--dry-run``: nothing is built or submitted.
 
+        Safe to print: URLs show without their credentials, secrets in the
+        Slurm job script (``export AWS_SECRET_ACCESS_KEY=...`` in a prologue)
+        as ``***``, and control characters in names and sources escaped.
+        """
+
+        sources = ", ".join(redact(getattr(s, "id", None) or os.fspath(s)) for s in self.sources)
+        output = redact(self.output) if is_url(self.output) else os.path.abspath(self.output)
         lines = [
             f"bank:     {self.bank_name}",
             *(f"          {path}: {feature!r}" for path, feature in self.bank.__schema__.items()),
-            f"sources:  {', '.join(getattr(s, 'id', None) or os.fspath(s) for s in self.sources)}",
-            f"output:   {redact(self.output) if is_url(self.output) else os.path.abspath(self.output)}",
+            f"sources:  {sources}",
+            f"output:   {output}",
         ]
         with dask.config.set(self.settings):
             scheduler = self.scheduler
             if scheduler == "slurm":
                 scaling, _ = slurm_scaling()
                 lines.append(f"runs on:  {scaling}, each submitted with this script:")
-                lines.append(slurm_job_script().rstrip())
+                lines.extend(slurm_job_script().rstrip().splitlines())
             elif scheduler == "local":
                 lines.append(f"runs on:  {local_cluster_size()}")
             else:
                 lines.append(f"runs on:  {scheduler}")
-        return "\n".join(lines)
+        return "\n".join(printable(hide_secrets(line)) for line in lines)
 
 
 def settings(

@@ -20,7 +20,6 @@ is merged when Slurm is first needed (:func:`load_jobqueue_defaults`). Build con
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -114,21 +113,13 @@ def storage_options(given: Any = None) -> dict[str, Any]:
     return dict(value)
 
 
-_SECRET = re.compile(r"secret|password|token|key|credential|authorization|session", re.I)
-
-
-def is_secret(key: str) -> bool:
-    """Whether the setting at ``key`` is a storage option whose name looks secret (shown as ``***``)."""
-    *parents, leaf = key.split(".")
-    return any(p.startswith("storage") for p in parents) and bool(_SECRET.search(leaf))
-
-
-def effective(keys: tuple[str, ...] = ("h5bank", "jobqueue.slurm")) -> str:
-    """The settings in force under ``keys``, as YAML (``h5bank config`` prints it).
+def in_force(keys: tuple[str, ...] = ("h5bank", "jobqueue.slurm")) -> dict[str, Any]:
+    """The settings in force under ``keys``, nested (``h5bank config`` prints them).
 
     Names are spelled as in the packaged files (an environment variable's
-    ``max_backoff`` shows as ``max-backoff``); values of storage options
-    whose names look secret (keys, tokens, passwords...) show as ``"***"``.
+    ``max_backoff`` shows as ``max-backoff``). Values are as set, secrets
+    included: print them only through ``pipeline.urls.hide_secrets``, as
+    ``h5bank config`` does.
     """
     load_jobqueue_defaults()
     shown: dict[str, Any] = {}
@@ -137,10 +128,8 @@ def effective(keys: tuple[str, ...] = ("h5bank", "jobqueue.slurm")) -> str:
         *parents, leaf = key.split(".")
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = _presentable(
-            dask.config.get(key, None), _default_at(key), leaf.startswith("storage")
-        )
-    return yaml.safe_dump(shown, sort_keys=False, default_flow_style=False)
+        node[leaf] = _spelled(dask.config.get(key, None), _default_at(key))
+    return shown
 
 
 def _default_at(key: str) -> Any:
@@ -150,8 +139,8 @@ def _default_at(key: str) -> Any:
     return value
 
 
-def _presentable(value: Any, default: Any, storage: bool) -> Any:
-    """``value`` with names spelled as in ``default``; secrets under storage options hidden."""
+def _spelled(value: Any, default: Any) -> Any:
+    """``value`` with names spelled as in ``default`` (``max_backoff`` as ``max-backoff``)."""
     if not isinstance(value, dict):
         return value
     default = default if isinstance(default, dict) else {}
@@ -160,18 +149,7 @@ def _presentable(value: Any, default: Any, storage: bool) -> Any:
         spelled = str(name).replace("_", "-")
         if spelled in default and name not in default:
             name = spelled
-        below = storage or str(name).startswith("storage")
-        if below and isinstance(child, str) and str(name).startswith("storage"):
-            out[name] = "*** (a JSON string, from the environment)"
-        elif (
-            below
-            and not isinstance(child, dict)
-            and child is not None
-            and _SECRET.search(str(name))
-        ):
-            out[name] = "***"
-        else:
-            out[name] = _presentable(child, default.get(name), below)
+        out[name] = _spelled(child, default.get(name))
     return out
 
 

@@ -13,6 +13,12 @@ deterministic order, lazily:
 - a string that is neither an existing path nor a URL is a plain id (a feature
   may generate its data from the id itself); only reading its bytes fails.
 
+A directory or glob lists only files that are inside it: a symbolic link
+whose real path is outside the directory (or the glob's fixed root), such as
+a link to ``/etc/passwd`` or ``~/.ssh`` in a folder someone else prepared, is
+left out with an :class:`OutsideLinkWarning` naming it; links that stay inside
+the tree are kept. A file listed explicitly is read wherever it leads.
+
 Nothing here special-cases a protocol: every URL goes through fsspec, with
 ``storage_options`` passed on untouched (flat, or per protocol:
 :func:`options_for`). Fetching batches a partition's requests per filesystem
@@ -113,34 +119,44 @@ def _expand_local(text: str) -> Iterator[SourceSpec]:
     elif _MAGIC.search(text) and not os.path.isdir(text):
         # Only relative names are held while sorting (a million of them is tens of MB).
         base = os.path.abspath(_glob_root(text) or ".")
-        found = []
-        for path in globlib.glob(text, recursive=True):
+        inside = _Inside(base)
+        found, outside = [], []
+        for path in globlib.glob(text, recursive=True):  # "**" follows links to directories
             if os.path.isdir(path):
                 continue
             relative = _posix(os.path.relpath(path, base))
-            if not _hidden(relative):
-                found.append(relative)
+            if _hidden(relative):
+                continue
+            (found if inside(path) else outside).append(relative)
+        _warn_outside(text, outside)
         yield from _under(text, base, found)
     elif os.path.isdir(text):
         base = os.path.abspath(text)
         listed = 0
-        for relative in walk_sorted(base):
+        outside = []
+        for relative in walk_sorted(base, outside=outside):
             listed += 1
             yield SourceSpec(storable(relative), os.path.join(base, relative))
+        _warn_outside(text, outside)
         _warn_if_empty(text, listed)
     else:
         yield SourceSpec(text, None)
 
 
-def walk_sorted(base: str, inner: str = "") -> Iterator[str]:
+def walk_sorted(base: str, inner: str = "", outside: list[str] | None = None) -> Iterator[str]:
     """Paths of the visible files under ``base``, relative to it, sorted, one directory at a time.
 
     Siblings are sorted with a ``/`` after each directory's name, so visiting
     them depth first yields exactly the sorted list of every relative path
     (``a-b/x`` < ``a.png`` < ``a/x``) while holding one directory's names,
     not the whole tree's. Like ``os.walk``, symbolic links to directories
-    are not followed and directories that cannot be read are skipped.
+    are not followed and directories that cannot be read are skipped. A
+    symbolic link to a file is listed only when its real path is inside
+    ``base`` (so is a dangling one that would be); the others are left out,
+    and their paths appended to ``outside`` when it is given.
     """
+    real_base = None  # looked up at the first link
+    prefix = inner + "/" if inner else ""
     try:
         with os.scandir(os.path.join(base, inner) if inner else base) as entries:
             names = []
@@ -148,21 +164,52 @@ def walk_sorted(base: str, inner: str = "") -> Iterator[str]:
                 if entry.name.startswith("."):
                     continue
                 try:
+                    link = entry.is_symlink()
                     directory = entry.is_dir()
-                    if directory and entry.is_symlink():
+                    if directory and link:
                         continue
                 except OSError:
-                    directory = False
+                    link = directory = False
+                if link:
+                    real_base = real_base or os.path.realpath(base)
+                    if not _within(os.path.realpath(entry.path), real_base):
+                        if outside is not None:
+                            outside.append(prefix + entry.name)
+                        continue
                 names.append(entry.name + "/" if directory else entry.name)
     except OSError:
         return
     names.sort()
-    prefix = inner + "/" if inner else ""
     for name in names:
         if name.endswith("/"):
-            yield from walk_sorted(base, prefix + name[:-1])
+            yield from walk_sorted(base, prefix + name[:-1], outside)
         else:
             yield prefix + name
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether the real ``path`` is ``root`` or under it (both real, absolute paths)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _Inside:
+    """Whether a file found under ``base`` (by a glob, which follows links to directories) is
+    really inside it: its directory's real path (looked up once per directory) and, for a
+    link, its own."""
+
+    def __init__(self, base: str) -> None:
+        self.real_base = os.path.realpath(base)
+        self.directories: dict[str, bool] = {}
+
+    def __call__(self, path: str) -> bool:
+        directory = os.path.dirname(path)
+        inside = self.directories.get(directory)
+        if inside is None:
+            inside = _within(os.path.realpath(directory), self.real_base)
+            self.directories[directory] = inside
+        if inside and os.path.islink(path):
+            inside = _within(os.path.realpath(path), self.real_base)
+        return inside
 
 
 def _under(root: str, base: str, found: list[str]) -> Iterator[SourceSpec]:
@@ -175,6 +222,23 @@ def _under(root: str, base: str, found: list[str]) -> Iterator[SourceSpec]:
 
 class EmptySourceWarning(UserWarning):
     """A directory or glob given as a source holds no files."""
+
+
+class OutsideLinkWarning(UserWarning):
+    """A directory or glob given as a source holds symbolic links to files outside it; they were
+    left out of the build."""
+
+
+def _warn_outside(root: str, outside: list[str]) -> None:
+    if outside:
+        shown = ", ".join(repr(name) for name in outside[:10])
+        more = f" and {len(outside) - 10} more" if len(outside) > 10 else ""
+        warnings.warn(
+            f"h5bank: left out {len(outside)} symbolic link{'s' * (len(outside) != 1)} under "
+            f"{root!r} leading outside it: {shown}{more}",
+            OutsideLinkWarning,
+            stacklevel=4,
+        )
 
 
 def _warn_if_empty(root: str, found: int) -> None:
@@ -222,11 +286,18 @@ def _expand_url(url: str, options: dict[str, Any]) -> Iterator[SourceSpec]:
             given_root = url.rstrip("/")
             stripped_root = root_path.rstrip("/")
             files = fs.find(root_path, withdirs=False)
-        found = []
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        # A local tree (file://) keeps its links inside it, as a local path's does.
+        inside = _Inside(stripped_root or "/") if protocols & {"file", "local"} else None
+        found, outside = [], []
         for found_path in files:
             relative = found_path[len(stripped_root) :].lstrip("/")
             if relative and not _hidden(relative):
-                found.append(f"{given_root}/{relative}")
+                if inside is None or inside(found_path):
+                    found.append(f"{given_root}/{relative}")
+                else:
+                    outside.append(relative)
+        _warn_outside(redact(url), outside)
         _warn_if_empty(redact(url), len(found))
         for full in sorted(found):
             yield SourceSpec(storable(redact(full)), full)

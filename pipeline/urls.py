@@ -1,5 +1,10 @@
 """URLs and the secrets in them: which strings are URLs, fsspec options per protocol,
-redaction, and what an I/O error says about retrying.
+redaction, secrets hidden from settings and text, and what an I/O error says about retrying.
+
+Everything h5bank prints or stores that may hold a credential goes through
+here: :func:`redact` for a URL (ids, provenance, messages), :func:`scrub`
+for text quoting URLs (error messages), :func:`hide_secrets` for settings
+(storage options, ``h5bank config``) and other text (``--dry-run``).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 _URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -128,24 +133,43 @@ def http_status(error: BaseException) -> int | None:
     return None
 
 
-# Query parameters that carry credentials (presigned S3 / GCS URLs, Azure SAS, API keys).
+# Query parameters that carry credentials: presigned S3 (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token; AWSAccessKeyId and Signature of version 2), GCS (X-Goog-Signature,
+# GoogleAccessId), Azure SAS (sig is the secret; sv, se, sp... say what it grants), OAuth and
+# API keys (access_token, key, apikey), passwords.
 _SECRET_SUFFIXES = (
     "signature",
     "credential",
+    "credentials",
     "token",
     "secret",
     "password",
     "passwd",
     "key",
     "keyid",
+    "authorization",
+    "session",
+    "sessionid",
+    "jwt",
 )
 
 
-_SECRET_NAMES = {"sig", "pwd", "auth", "se", "sp", "sv", "skoid", "sktid"}
+_SECRET_NAMES = {
+    "sig",
+    "pwd",
+    "auth",
+    "se",
+    "sp",
+    "sv",
+    "skoid",
+    "sktid",
+    "googleaccessid",
+}
 
 
 def _secret(name: str) -> bool:
-    name = name.lower().replace("_", "-")
+    """Whether a query parameter named ``name`` carries a credential."""
+    name = unquote_plus(name).strip().lower().replace("_", "-")
     return name in _SECRET_NAMES or name.rsplit("-", 1)[-1].endswith(_SECRET_SUFFIXES)
 
 
@@ -162,19 +186,144 @@ def redact(url: str) -> str:
 
     Used for every URL h5bank writes or prints, ids of URL sources included
     (the URL with its credentials is only kept in memory, to fetch the bytes).
+    A URL that does not parse (``https://user:pw@[::1/x``, a password holding
+    ``/`` or ``?``) fails closed: everything up to its last ``@`` and its
+    whole query are dropped. Ordinary URLs and anything that is not a URL are
+    returned unchanged, and ``redact(redact(url)) == redact(url)``.
     """
     if not is_url(url):
         return url
-    parts = []
-    for piece in url.split("::"):
-        try:
-            split = urlsplit(piece)
-        except ValueError:
-            parts.append(piece)
-            continue
-        netloc = split.netloc.rsplit("@", 1)[-1]
-        query = "&".join(
-            pair for pair in split.query.split("&") if pair and not _secret(pair.split("=", 1)[0])
-        )
-        parts.append(urlunsplit((split.scheme, netloc, split.path, query, split.fragment)))
-    return "::".join(parts)
+    pieces = url.split("::")
+    # Each piece of a chain is a URL or a bare protocol (simplecache::s3://...); anything else
+    # means "::" was inside one URL (an IPv6 host, a password holding it): not a chain.
+    if not all(_URL_START.match(p) or _PROTOCOL.match(p) for p in pieces):
+        return _redact_one(url)
+    return "::".join(_redact_one(piece) for piece in pieces)
+
+
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
+
+
+def _redact_one(piece: str) -> str:
+    if not _URL_START.match(piece):
+        return piece  # a bare protocol of a chain
+    try:
+        split = urlsplit(piece)
+        split.port  # noqa: B018 (raises for "user:pa/ss@host": a password urlsplit cut short)
+    except ValueError:
+        return _redact_unparsed(piece)
+    netloc = split.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(
+        (split.scheme, netloc, split.path, _public(split.query), _public(split.fragment))
+    )
+
+
+def _public(query: str) -> str:
+    """``query`` (or a fragment) without its credential parameters (``&`` or ``;`` separated)."""
+    if "=" not in query:
+        return query
+    return "&".join(
+        pair
+        for pair in query.split("&")
+        if pair and not any(_secret(part.split("=", 1)[0]) for part in pair.split(";"))
+    )
+
+
+def _redact_unparsed(url: str) -> str:
+    """A URL ``urlsplit`` cannot read, redacted without trusting its structure: whatever
+    comes before its last ``@`` (user info, wherever it ends) and after its first ``?``
+    (a query, which may sign it) or ``#`` are dropped."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.rsplit("@", 1)[-1]
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return f"{scheme}://{rest}"
+
+
+# -- secrets in settings and other text ------------------------------------------------------
+
+# Names of settings, storage options, headers and "name=value" pairs that hold secrets.
+_SECRET_WORD = re.compile(
+    r"secret|passw|passphrase|pwd|token|key|credential|creds?(?![a-z])|cookie|auth|session"
+    r"|signature|private|bearer|connection.?string|(?<![a-z])(?:sig|sas)(?![a-z])",
+    re.I,
+)
+
+
+def secret_name(name: object) -> bool:
+    """Whether a setting, storage option or header named ``name`` looks like it holds a secret
+    (keys, tokens, passwords, cookies, authorization, sessions, signatures, SAS, connection
+    strings...)."""
+    text = str(name)
+    return bool(_SECRET_WORD.search(text)) or _secret(text)
+
+
+# "name=value" (a connection string's AccountKey=..., a shell's export X_SECRET=..., a query's
+# sig=...), '"name": value' (JSON, a repr), and schemes of the Authorization header.
+_ASSIGNMENT = re.compile(
+    r"""(?:^|(?<=[\s;&?,{(\[]))(?:(["'])([\w.\-]+)\1\s*[:=]|([\w.\-]+)\s*=)\s*"""
+)
+_AUTH_SCHEME = re.compile(r"\b(?:Bearer|Basic)\s+(?=\S)", re.I)
+# HTTP headers holding credentials, as a request dump shows them ("Cookie: sid=...").
+_HEADER = re.compile(
+    r"(?<![\w-])(?:(?:proxy-)?authorization|(?:set-)?cookie"
+    r"|x-[\w-]*(?:key|token|secret|auth)[\w-]*)\s*:\s*(?=\S)",
+    re.I,
+)
+
+_NAME = re.compile(r"[\w.\-]+")
+
+HIDDEN = "***"
+"""What a hidden secret shows as."""
+
+
+def hide_secrets(value: Any, name: object = None) -> Any:
+    """``value`` as it may be printed: every secret in it hidden as ``***``.
+
+    By name: a mapping's entry whose name looks secret (:func:`secret_name`:
+    ``secret``, ``key``, ``token``, ``Cookie``, ``Authorization``,
+    ``connection_string``...) shows as ``***`` whatever it holds (a string, a
+    number, a whole mapping such as a service account's); so does ``value``
+    itself when ``name`` looks secret. ``None``, booleans and empty strings show
+    as they are.
+
+    By value, at any depth (``client_kwargs: {headers: {...}}``, lists, a
+    ``("Cookie", "...")`` pair): in a string, every URL is redacted
+    (:func:`redact`: an ``endpoint_url`` with user info keeps its host), and
+    from the first secret in a line to the line's end is hidden: the value of a
+    ``name=value`` or ``"name": value`` pair with a secret name
+    (``AccountKey=``, ``SharedAccessSignature=``, ``sig=``, ``password=``,
+    ``export AWS_SECRET_ACCESS_KEY=``), a credential header's value
+    (``Cookie: ...``, ``Authorization: ...``, ``X-Api-Key: ...``), or the
+    credentials after ``Bearer`` or ``Basic``. The rest of the line stays, so
+    ``AccountName=lab;AccountKey=...`` shows as ``AccountName=lab;AccountKey=***``.
+    """
+    if name is not None and secret_name(name) and not _shown_as_is(value):
+        return HIDDEN
+    if isinstance(value, Mapping):
+        return {key: hide_secrets(child, key) for key, child in value.items()}
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and isinstance(value[0], str) and _NAME.fullmatch(value[0]):
+            shown = [value[0], hide_secrets(value[1], value[0])]  # a (header, value) pair
+        else:
+            shown = [hide_secrets(child) for child in value]
+        return type(value)(shown) if isinstance(value, tuple) else shown
+    if isinstance(value, str):
+        return "".join(_hide_in_line(line) for line in scrub(value).splitlines(keepends=True))
+    return value
+
+
+def _shown_as_is(value: Any) -> bool:
+    return value is None or isinstance(value, bool) or value == ""
+
+
+def _hide_in_line(line: str) -> str:
+    """``line`` hidden from its first secret (a secret pair's value, an auth scheme's
+    credentials) to its end, the line break kept."""
+    body = line.rstrip("\r\n")
+    ending = line[len(body) :]
+    starts = [m.end() for m in _ASSIGNMENT.finditer(body) if secret_name(m[2] or m[3])]
+    starts += [m.end() for m in _AUTH_SCHEME.finditer(body)]
+    starts += [m.end() for m in _HEADER.finditer(body)]
+    if not starts:
+        return line
+    return body[: min(starts)] + HIDDEN + ending

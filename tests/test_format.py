@@ -135,7 +135,8 @@ def test_attributes_record_schema_parameters_and_provenance(corpus, tmp_path, cl
         assert provenance["library"].startswith("h5bank ")
         (build,) = provenance["builds"]
         assert build["ok"] == 17 and build["failed"] == 2 and build["mode"] == "w"
-        assert build["sources"] == [str(s) for s in corpus]
+        # Local paths outside the current directory lose the folders above what was given.
+        assert build["sources"] == [f".../{os.path.basename(s)}" for s in corpus]
         assert build["started"] <= build["finished"]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from features.base import Feature
 from pipeline.bank.catalog import Catalog
-from pipeline.bank.display import dataset_line, feature_line
+from pipeline.bank.display import dataset_line, feature_line, group_line
 from pipeline.bank.writes import Writes
 from pipeline.format import layout
 from pipeline.format.rows import absolute_rows, take_rows
@@ -172,7 +172,7 @@ class GroupProxy(_Proxy):
         for name in self.children():
             child = node_at(self.bank, self.parts, posixpath.join(self.path, name))
             if isinstance(child, GroupProxy):
-                print(f"{indent}{name}/", file=out)
+                print(f"{indent}{group_line(name)}", file=out)
                 child.print_tree(out, indent + "  ")
             else:
                 print(f"{indent}{child._describe()}", file=out)

@@ -28,6 +28,7 @@ from pipeline.format import layout
 from pipeline.format.hdf5_errors import is_broken
 from pipeline.format.partial import APPEND, NEW, RESUME, BankFiles, partial_path, set_aside
 from pipeline.read.records import ColumnSpec, RawRows, read_raw
+from pipeline.urls import scrub
 from pipeline.version import __version__
 
 # Link results a writer keeps for tasks Dask may run again: a link's result is
@@ -247,7 +248,10 @@ def restore_after_failure(path: str, error: BaseException) -> None:
         mode="a",
         features={},
         on_error="skip",
-        provenance={"mode": "map stopped", "error": f"{type(error).__name__}: {error}"[:500]},
+        provenance={
+            "mode": "map stopped",
+            "error": scrub(f"{type(error).__name__}: {error}")[:500],
+        },
         chunk_bytes=1 << 20,
     )
     try:

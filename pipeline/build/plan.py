@@ -18,9 +18,11 @@ from features.base import Feature
 from pipeline.build.summary import Failure
 from pipeline.errors import (
     DuplicateIdError,
+    H5BankError,
 )
 from pipeline.format import layout
 from pipeline.format.partial import partial_path
+from pipeline.format.trust import check_file
 from pipeline.sources import SourceSpec, expand
 from pipeline.urls import is_url, redact
 
@@ -123,9 +125,10 @@ def committed_ids(path: str) -> set[str]:
             continue
         try:
             with h5py.File(candidate, "r") as f:
+                check_file(f, candidate)  # the writer refuses such a file; read nothing of it
                 if layout.is_bank(f):  # only what the bank commits: a killed commit wrote more
-                    return set(layout.read_strings(layout.ids_table(f))[: layout.committed(f)])
-        except OSError:
+                    return set(layout.read_strings(layout.ids_table(f), 0, layout.committed(f)))
+        except (OSError, H5BankError):
             continue
     return set()
 
@@ -287,12 +290,24 @@ def _size_for_bytes(head: list[SourceSpec], sample: int = 32) -> int:
 
 
 def describe_sources(sources: Any, limit: int = 50) -> Any:
-    """The source specification recorded in the bank's provenance, credentials removed."""
+    """The source specification recorded in the bank's provenance, credentials removed.
+
+    What the build was given, so that a reader sees what it was built from and
+    its builder can build it again, without what the bank should not carry
+    away from the machine it was built on: URLs lose their credentials
+    (:func:`~pipeline.urls.redact`), and local paths the folders above them.
+    A path under the current directory is recorded relative to it, as given
+    (``photos/``, ``data/**/*.png``), as a build config's relative paths are;
+    any other local path from the folder or file given on
+    (``/home/alice/photos/**/*.png`` as ``.../photos/**/*.png``). A listed
+    source (:class:`SourceSpec`) found under a folder is recorded as that
+    folder and its id (``.../photos/cats/01.png``). Plain ids are kept.
+    """
     if isinstance(sources, (str, os.PathLike)):
-        return [redact(os.fspath(sources))]
+        return [_recorded(os.fspath(sources))]
     if isinstance(sources, (list, tuple)):
         shown = [
-            redact(s.url or s.id) if isinstance(s, SourceSpec) else redact(os.fspath(s))
+            _recorded_spec(s) if isinstance(s, SourceSpec) else _recorded(os.fspath(s))
             for s in sources[:limit]
             if isinstance(s, (str, os.PathLike, SourceSpec))
         ]
@@ -300,3 +315,48 @@ def describe_sources(sources: Any, limit: int = 50) -> Any:
             shown.append(f"... and {len(sources) - limit} more")
         return shown
     return f"<{type(sources).__name__} streamed>"
+
+
+def _recorded_spec(spec: SourceSpec) -> str:
+    if spec.url is None:
+        return spec.id  # a plain id
+    if is_url(spec.url):
+        return redact(spec.url)
+    # A file found under a folder: its URL is the folder's path followed by its id.
+    folder = spec.url[: len(spec.url) - len(spec.id)]
+    if spec.id and spec.url.endswith(spec.id) and folder.endswith(("/", os.sep)):
+        return _local(folder) + spec.id
+    return _local(spec.url)
+
+
+def _recorded(text: str) -> str:
+    """A source string as provenance records it: a URL redacted, a local path or glob without
+    the folders above it, a plain id (neither) as given."""
+    if is_url(text):
+        return redact(text)
+    expanded = os.path.expanduser(text)
+    if not (os.path.lexists(expanded) or any(c in expanded for c in "*?[")):
+        return text  # a plain id
+    return _local(text)
+
+
+def _local(text: str) -> str:
+    """A local path or glob relative to the current directory when it is under it, else from
+    the last folder (or the file) before any wildcard on, as ``.../photos/**/*.png``."""
+    expanded = os.path.expanduser(text)
+    parts = expanded.replace(os.sep, "/").split("/")
+    if not os.path.isabs(expanded) and ".." not in parts:
+        return text  # relative to the current directory, as given
+    absolute = os.path.abspath(expanded)
+    here = os.getcwd()
+    if absolute == here:
+        return "."
+    if absolute.startswith(here.rstrip(os.sep) + os.sep):
+        relative = os.path.relpath(absolute, here).replace(os.sep, "/")
+        return relative + ("/" if text.endswith(("/", os.sep)) else "")
+    parts = absolute.replace(os.sep, "/").split("/")
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    if wild <= 2:
+        return absolute.replace(os.sep, "/")  # "/", "/data": no folder above it to hide
+    kept = "/".join(parts[wild - 1 :])
+    return f".../{kept}" + ("/" if text.endswith(("/", os.sep)) and wild == len(parts) else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.terminal import printable
 from pipeline.urls import scrub
 
 
@@ -20,14 +21,19 @@ class Failure:
         self.error = scrub(self.error)  # errors of fsspec and features may quote signed URLs
 
     def __str__(self) -> str:
+        """One line, safe to print: control characters in the id, the feature and the error
+        (which come from a bank or a source) are shown escaped."""
         where = f" (feature {self.feature})" if self.feature else ""
-        return f"{self.id!r}{where}: {self.error}"
+        return printable(f"{self.id!r}{where}: {self.error}")
 
 
 @dataclass
 class BuildSummary:
     """What a build did: counts, per-column rows and bytes, time, and the failures it recorded
-    (``failures``; the bank keeps every build's in ``bank.failures()``)."""
+    (``failures``; the bank keeps every build's in ``bank.failures()``).
+
+    ``str(summary)`` is safe to print: control characters in paths, column
+    names, notes and failures are shown escaped."""
 
     path: str
     ok: int
@@ -68,7 +74,7 @@ class BuildSummary:
             lines.append(f"  failed: {failure}")
         if len(self.failures) > 10:
             lines.append(f"  ... and {len(self.failures) - 10} more failures (bank.failures())")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
 
 
 def human_bytes(n: float) -> str:

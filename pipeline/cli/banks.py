@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from pipeline.cli.main import SCHEDULER_HELP, main, run_build
+from pipeline.terminal import printable
 from pipeline.urls import scrub
 
 
@@ -161,11 +162,11 @@ def _build_folder(
     bank = run_build(build_config, resume, overwrite, quiet, again)
     with bank:
         if not quiet:  # create() has printed the summary under its progress bar
-            click.echo(bank.tree())
+            click.echo(bank.tree())  # control characters escaped (bank.display)
         elif bank.summary is not None and bank.summary.failed:
             click.echo(
-                f"h5bank: warning: {bank.summary.failed} sources failed; `h5bank info {output}` "
-                "lists them",
+                f"h5bank: warning: {bank.summary.failed} sources failed; "
+                f"`h5bank info {printable(shlex.quote(output))}` lists them",
                 err=True,
             )
 

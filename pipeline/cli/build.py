@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from typing import Any
 
 import click
 
 from pipeline.cli.main import SCHEDULER_HELP, main, run_build
+from pipeline.terminal import printable
 
 
 @main.command()
@@ -29,7 +31,7 @@ def demo(out: str, scheduler: str | None, quiet: bool, samples_only: bool) -> No
         return
     bank = demo_module.run(out, scheduler=scheduler, progress=not quiet)
     with bank:
-        click.echo(bank.tree())
+        click.echo(bank.tree())  # control characters escaped (bank.display)
         if quiet:  # otherwise create() has printed the summary under its progress bar
             click.echo(str(bank.summary))
 
@@ -107,11 +109,16 @@ def build(
             f"--jobs applies to --scheduler slurm, not {build_config.scheduler!r}"
         )
     if dry_run:
-        click.echo(f"h5bank build {config_file}: dry run, nothing is built or submitted")
-        click.echo(build_config.describe())
+        shown = printable(config_file)
+        click.echo(f"h5bank build {shown}: dry run, nothing is built or submitted")
+        click.echo(build_config.describe())  # credentials and control characters made safe
         return
     bank = run_build(
-        build_config, resume, overwrite, quiet, f"`h5bank build {config_file} --resume`"
+        build_config,
+        resume,
+        overwrite,
+        quiet,
+        f"`h5bank build {shlex.quote(config_file)} --resume`",
     )
     with bank:
         if quiet:

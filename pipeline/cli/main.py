@@ -10,13 +10,15 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline.errors import H5BankError
 from pipeline.format.partial import BankFiles
-from pipeline.urls import is_url, scrub
+from pipeline.terminal import printable
+from pipeline.urls import hide_secrets, is_url, scrub
 
 if TYPE_CHECKING:
     from pipeline.bank.typedfile import TypedFile
@@ -46,10 +48,14 @@ class _Command(click.Group):
             expected = isinstance(error, (H5BankError, OSError, ValueError, ImportError))
             if not expected and os.environ.get("H5BANK_TRACEBACK"):
                 raise
-            message = scrub(str(error))  # errors may quote URLs with credentials
+            # Errors may quote URLs with credentials, settings holding secrets, and ids, names
+            # and file names from a bank or a source (control characters shown escaped).
+            message = hide_secrets(str(error))
             message = " ".join(line.strip() for line in message.splitlines() if line.strip())
             hint = "" if expected else " (H5BANK_TRACEBACK=1 shows where)"
-            click.echo(f"h5bank: error: {type(error).__name__}: {message}{hint}", err=True)
+            click.echo(
+                f"h5bank: error: {type(error).__name__}: {printable(message)}{hint}", err=True
+            )
             sys.exit(1)
 
 
@@ -74,6 +80,13 @@ BANK = _Bank()
 @click.version_option(package_name="h5bank")
 def main() -> None:
     """Build many small raw files into one HDF5 bank, and read it back."""
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    """A warning as the commands print it: one line on stderr, no source line, no secret."""
+    text = printable(hide_secrets(" ".join(str(message).split())))
+    click.echo(f"h5bank: warning: {category.__name__}: {text}", err=True)
 
 
 SCHEDULER_HELP = (
@@ -110,7 +123,8 @@ def run_build(
         return build_config.run(mode="a" if resume else "w", progress=not quiet)
     except _Stopped as stop:
         kept = (
-            f"{partial} keeps every source committed so far: resume with {resume_with}"
+            f"{printable(partial)} keeps every source committed so far: resume with "
+            f"{printable(resume_with)}"
             if partial and os.path.exists(partial)
             else "nothing was committed"
         )

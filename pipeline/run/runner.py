@@ -45,6 +45,7 @@ from pipeline.files.cache import release
 from pipeline.format.partial import partial_path
 from pipeline.run.local import closing, start_local_cluster
 from pipeline.run.slurm import start_slurm_cluster
+from pipeline.terminal import printable
 
 LOCAL = {"threads": "threads", "threading": "threads", "sync": "sync", "synchronous": "sync"}
 
@@ -106,7 +107,7 @@ class Runner:
         self.release(build.path)
         self._check_output(build)
         verb = "map " if build.plan.provenance.get("mode") == "map" else ""
-        desc = f"h5bank {verb}{os.path.basename(build.path)}"
+        desc = f"h5bank {verb}{printable(os.path.basename(build.path))}"
         with _bar(build.total, desc, progress) as bar:
             if self.client is None:
                 return self._run_local(build, bar)
