@@ -1,5 +1,5 @@
 # The README's two commands, the benchmarks, the lock and the docs.
-.PHONY: demo test test-latest lock docs bench bench-performance bench-slurm lint
+.PHONY: demo test test-latest lock docs bench bench-performance bench-slurm lint fuzz
 
 demo:
 	python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/h5bank demo
@@ -37,6 +37,10 @@ bench-performance:
 
 bench-slurm:
 	bash tests/slurm.sh up && eval "$$(bash tests/slurm.sh env)" && .venv/bin/python benchmarks/slurm_build.py
+
+# The fuzzer of docs/security.md, longer than its CI run (300 copies, seed 0).
+fuzz:
+	H5BANK_FUZZ=$${H5BANK_FUZZ:-5000} H5BANK_FUZZ_SEED=$${H5BANK_FUZZ_SEED:-1} .venv/bin/python -m pytest -q -s tests/test_fuzz.py
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -32,12 +32,14 @@ __all__ = [
     "BankChangedError",
     "BuildInProgressError",
     "ConfigError",
+    "DamagedBankError",
     "DecodeError",
     "DiskFullError",
     "DuplicateIdError",
     "FeatureTypeError",
     "FormatVersionError",
     "H5BankError",
+    "NoDataError",
     "NotABankError",
     "PartialSetAsideError",
     "ReadOnlyError",
@@ -46,6 +48,7 @@ __all__ = [
     "SourceError",
     "SourceReadError",
     "UnknownIdError",
+    "UnsafeBankError",
     "WorkerDiedError",
     "WriterError",
 ]
@@ -96,6 +99,20 @@ class NotABankError(H5BankError):
 
 class FormatVersionError(H5BankError):
     """The bank's format version is newer than this h5bank knows."""
+
+
+class NoDataError(H5BankError, ValueError):
+    """A source has no data in a feature a reader needs it in (its refs row is empty)."""
+
+
+class UnsafeBankError(H5BankError):
+    """The file points out of itself (an external link, external storage, a virtual dataset
+    over another file): refused unless the caller opts in with ``allow_external=True``."""
+
+
+class DamagedBankError(H5BankError):
+    """The file is damaged or crafted: it declares sizes it does not store, or HDF5 could
+    not read it."""
 
 
 class BuildInProgressError(H5BankError, FileNotFoundError):

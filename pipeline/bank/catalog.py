@@ -65,9 +65,9 @@ class Catalog:
                 owner = owner_path(path, features)
                 if owner not in features:
                     attrs = f[path].attrs
-                    owner = path if path in records else owner_path(path, records)
+                    owner = path if path in records else owner_path(path, records) or path
                     features[owner] = feature_for_column(
-                        str(attrs[layout.ATTR_STORAGE]), attrs, records.get(owner)
+                        str(attrs[layout.ATTR_STORAGE]), attrs, records.get(owner), owner
                     )
         return features
 
@@ -167,7 +167,7 @@ class Catalog:
         self.file  # noqa: B018 (in a forked child: reopen first, which drops the caches)
         cached = self._refs.get(column.path)
         if cached is None:
-            refs = column.refs[:]
+            refs = column.refs[: self.count()]
             order = np.argsort(refs[:, 0], kind="stable")
             cached = self._refs[column.path] = (refs[order, 0], order, refs[order, 1])
         return cached

@@ -36,6 +36,7 @@ from pipeline.files.cache import LazyFile, release
 from pipeline.files.handles import (
     READ_OPTIONS,
     bank_identity,
+    checked,
     close_file,
     open_for_reading,
     track,
@@ -224,9 +225,12 @@ class BankFile:
         release(self.path)  # this process's cached read handles would refuse a writer
         register_plugin_filters()
         tried: set[str] = set()
+        options = dict(self.options)
+        allow_external = bool(options.pop("allow_external", False))
         while True:
             try:
-                return h5py.File(self.path, self.mode, **self.options)
+                f = h5py.File(self.path, self.mode, **options)
+                return checked(f, self.path, allow_external)
             except OSError as error:
                 refusal = lock_refusal(error)
                 if refusal not in WRITE_REFUSALS:
@@ -259,14 +263,16 @@ class BankFile:
 
     def lazy_file(self) -> LazyFile:
         """The picklable recipe Dask tasks open this bank with (see :class:`LazyFile`)."""
+        trust = {"allow_external": True} if self.options.get("allow_external") else {}
         if self.remote:
             return LazyFile(
                 self.path,
                 bank_identity(self.file),
                 remote_identity(self.path, self.storage_options),
                 self.storage_options,
+                **trust,
             )
-        return LazyFile.of(self.file)
+        return LazyFile.of(self.file, **trust)
 
     def size(self) -> int:
         """The file's size in bytes."""

@@ -10,25 +10,37 @@ from typing import Any
 
 import click
 
+from pipeline.cli.isolation import isolated
 from pipeline.cli.main import BANK, main
+from pipeline.errors import NoDataError
 from pipeline.files.handles import close_file, open_for_reading
 from pipeline.format import layout
 from pipeline.format.partial import PARTIAL_SUFFIX
 from pipeline.format.verify import bank_problems
+from pipeline.terminal import printable
 from pipeline.urls import scrub
+
+ALLOW_EXTERNAL = click.option(
+    "--allow-external",
+    is_flag=True,
+    help="Follow external links, external storage and virtual datasets pointing out of BANK "
+    "(refused by default: a bank from someone else could read your files that way).",
+)
 
 
 @main.command()
 @click.argument("bank", type=BANK)
-def info(bank: str) -> None:
+@ALLOW_EXTERNAL
+@isolated
+def info(bank: str, allow_external: bool) -> None:
     """Print BANK's tree: groups, features, shapes, dtypes, compression, sizes, sources."""
     from pipeline.bank.typedfile import TypedFile
 
-    with TypedFile(bank) as f:
-        click.echo(f.tree())
+    with TypedFile(bank, **_trust(allow_external)) as f:
+        click.echo(f.tree())  # control characters escaped (bank.display)
         failures = f.failures()
         for failure in failures[:20]:
-            click.echo(f"failed: {failure}")
+            click.echo(f"failed: {printable(failure)}")
         if len(failures) > 20:
             click.echo(f"... and {len(failures) - 20} more failed sources")
 
@@ -36,7 +48,9 @@ def info(bank: str) -> None:
 @main.command()
 @click.argument("bank", type=BANK)
 @click.option("--data", is_flag=True, help="Also read every chunk back (fletcher32 checksums).")
-def verify(bank: str, data: bool) -> None:
+@ALLOW_EXTERNAL
+@isolated
+def verify(bank: str, data: bool, allow_external: bool) -> None:
     """Check BANK's structure; exit 1 with the first problem found.
 
     Refs inside data and not overlapping, one refs / shape row per committed
@@ -45,12 +59,12 @@ def verify(bank: str, data: bool) -> None:
     left: then what it commits is checked, the part a resume keeps.
     """
 
-    f = open_for_reading(bank)  # registers hdf5plugin's filters, for --data
+    f = open_for_reading(bank, unchecked=True)  # bank_problems checks what the file points to
     try:
         stopped = bank.endswith(PARTIAL_SUFFIX) and (layout.state(f) == layout.BUILDING)
-        problem = next(bank_problems(f, data, stopped=stopped), None)
+        problem = next(bank_problems(f, data, stopped, allow_external), None)
         if problem is not None:
-            click.echo(f"h5bank: verify: {bank}: {scrub(problem)}", err=True)
+            click.echo(f"h5bank: verify: {bank}: {printable(scrub(problem))}", err=True)
             sys.exit(1)
         n, columns = layout.committed(f), len(list(layout.iter_columns(f)))
     finally:
@@ -63,14 +77,30 @@ def verify(bank: str, data: bool) -> None:
 @main.command(name="ls")
 @click.argument("bank", type=BANK)
 @click.argument("pattern", required=False)
-def ls(bank: str, pattern: str | None) -> None:
-    """List BANK's source ids (those matching the glob PATTERN), in commit order."""
+@ALLOW_EXTERNAL
+@isolated
+def ls(bank: str, pattern: str | None, allow_external: bool) -> None:
+    """List BANK's source ids (those matching the glob PATTERN), in commit order.
+
+    Control characters in ids are shown escaped (\\x1b), never sent to the terminal.
+    """
     from pipeline.bank.typedfile import TypedFile
 
-    with TypedFile(bank) as f:
-        for id_ in f.ids:
-            if pattern is None or fnmatch.fnmatchcase(id_, pattern):
-                click.echo(id_)
+    with TypedFile(bank, **_trust(allow_external)) as f:
+        table, n = f.h5[layout.IDS], len(f)
+        for start in range(0, n, _IDS_AT_ONCE):  # in blocks: memory stays flat on any bank
+            for id_ in layout.read_strings(table, start, min(n, start + _IDS_AT_ONCE)):
+                if pattern is None or fnmatch.fnmatchcase(id_, pattern):
+                    click.echo(printable(id_))
+
+
+# Ids ls reads at once (a few MB).
+_IDS_AT_ONCE = 1 << 16
+
+
+def _trust(allow_external: bool) -> dict[str, Any]:
+    """The ``TypedFile`` options of ``--allow-external``."""
+    return {"allow_external": True} if allow_external else {}
 
 
 @main.command()
@@ -90,7 +120,11 @@ def ls(bank: str, pattern: str | None) -> None:
     help="The file to write; its extension picks the format (png, pdf, svg, jpg...). Default: "
     "./ID.png, with / in ID as _.",
 )
-def show(bank: str, source_id: str, feature_path: str | None, out: str | None) -> None:
+@ALLOW_EXTERNAL
+@isolated
+def show(
+    bank: str, source_id: str, feature_path: str | None, out: str | None, allow_external: bool
+) -> None:
     """Plot source ID of BANK with its feature's plot method; print the file written.
 
     An image feature draws a thumbnail, a sound feature its waveform against
@@ -118,11 +152,14 @@ def show(bank: str, source_id: str, feature_path: str | None, out: str | None) -
             f"{out!r}: the extension says the format; use one of {', '.join(sorted(formats))}",
             param_hint="--out",
         )
-    with TypedFile(bank) as f:
+    with TypedFile(bank, **_trust(allow_external)) as f:
         _require_id(f, source_id)
         path, proxy, value = _plottable(f, source_id, feature_path)
         feature = proxy.feature
-        click.echo(f"h5bank: plotting {path} ({type(feature).__name__}) of {source_id!r}", err=True)
+        click.echo(
+            f"h5bank: plotting {printable(path)} ({type(feature).__name__}) of {source_id!r}",
+            err=True,
+        )
         options = {"size": 4.0} if isinstance(feature, Image) else {}  # one thumbnail, larger
         fig = proxy.plot(value, titles=[source_id], **options)
     fig.savefig(out, dpi=100, bbox_inches="tight")
@@ -173,14 +210,14 @@ def _plottable(bank: Any, source_id: str, feature_path: str | None) -> tuple[str
             )
         value = chosen.get(source_id)
         if value is None:
-            raise ValueError(f"source {source_id!r} has no data in feature {chosen.path!r}")
+            raise NoDataError(f"source {source_id!r} has no data in feature {chosen.path!r}")
         return chosen.path, chosen, value
     for proxy in can_plot:
         value = proxy.get(source_id)
         if value is not None:
             return proxy.path, proxy, value
     listed = ", ".join(f"{p.path} ({type(p.feature).__name__})" for p in everything)
-    raise ValueError(
+    raise NoDataError(
         f"source {source_id!r} has no data in a feature that plots (images, sounds); "
         f"the bank's features: {listed}"
     )

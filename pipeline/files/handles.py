@@ -23,7 +23,8 @@ from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
 from pipeline.format.partial import BankFiles, partial_path
-from pipeline.urls import is_url
+from pipeline.format.trust import check_file
+from pipeline.urls import is_url, redact
 
 # What a reader opens with unless told otherwise: HDF5's shared lock where the
 # filesystem supports locks, none where it does not (NFS, Lustre often refuse).
@@ -117,22 +118,45 @@ def close_file(f: h5py.File) -> None:
         raw.close()
 
 
+def checked(f: h5py.File, path: str, allow_external: bool | None, sizes: bool = True) -> h5py.File:
+    """``f``, once :func:`~pipeline.format.trust.check_file` found nothing to refuse (else
+    ``f`` is closed and the refusal raised); ``allow_external=None`` checks nothing."""
+    if allow_external is None:  # open_for_reading(unchecked=True)
+        return f
+    try:
+        check_file(f, redact(path), allow_external, sizes)
+    except BaseException:
+        close_file(f)
+        raise
+    return f
+
+
 def open_for_reading(
-    path: str, storage_options: Mapping[str, Any] | None = None, **options: Any
+    path: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    allow_external: bool = False,
+    unchecked: bool = False,
+    **options: Any,
 ) -> h5py.File:
     """``h5py.File(path, "r")``, with errors that say what is going on with a bank.
 
     A path whose build has not finished raises :class:`BuildInProgressError`;
     a file another process has open for writing raises :class:`BankBusyError`.
-    An fsspec URL opens through :func:`open_remote`.
+    An fsspec URL opens through :func:`open_remote`. A file that points out
+    of itself raises :class:`UnsafeBankError` unless ``allow_external``, one
+    that declares sizes it does not store :class:`DamagedBankError`
+    (:mod:`pipeline.format.trust`); ``unchecked`` skips both, for ``verify``,
+    which reports them as problems.
     """
     register_plugin_filters()
     if is_url(path):
-        return open_remote(path, storage_options, **options)
+        trust = None if unchecked else allow_external
+        return checked(open_remote(path, storage_options, **options), path, trust)
     try:
         f = h5py.File(path, "r", **{**READ_OPTIONS, **options})
         track(f)
-        return f
+        return checked(f, path, None if unchecked else allow_external)
     except FileNotFoundError:
         if BankFiles.at(path).only_building:
             raise BuildInProgressError(
@@ -155,9 +179,11 @@ def open_for_reading(
 
 
 def open_for_writing(path: str, mode: str) -> h5py.File:
+    """``h5py.File(path, mode)`` for a writer: a refusal says who holds the file; a file that
+    points out of itself is refused (:mod:`pipeline.format.trust`)."""
     register_plugin_filters()  # the bank's features may use hdf5plugin's filters
     try:
-        return h5py.File(path, mode, locking="best-effort")
+        f = h5py.File(path, mode, locking="best-effort")
     except OSError as error:
         if is_locked(error):
             raise WriterError(
@@ -167,6 +193,7 @@ def open_for_writing(path: str, mode: str) -> h5py.File:
                 "client.run(pipeline.release, path)) and retry; nothing was changed"
             ) from None
         raise WriterError(f"cannot open {path} as an HDF5 file for writing: {error}") from None
+    return f if mode == "w-" else checked(f, path, allow_external=False, sizes=False)
 
 
 def fsync_file(f: h5py.File) -> None:

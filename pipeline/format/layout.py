@@ -47,7 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.errors import FormatVersionError, NotABankError
+from pipeline.errors import DamagedBankError, FormatVersionError, NotABankError
 from pipeline.format.filters import precompressed
 from pipeline.format.rows import open_dataset
 from pipeline.format.storage import StorageKind
@@ -66,6 +66,7 @@ ATTR_COMMITTED = "h5bank_committed"
 ATTR_FAILURES_COMMITTED = "h5bank_failures_committed"
 ATTR_STORAGE = "h5bank_storage"
 ATTR_FEATURE = "h5bank_feature"
+ATTR_SHARDS = "h5bank_shards"  # JSON list: the shard files a sharded bank reads (its own folder)
 ATTR_NAMES = "names"  # category labels, code i is names[i]
 
 IDS = "__sources__/id"
@@ -112,6 +113,18 @@ def state(f: h5py.File) -> str | None:
 
 def set_state(f: h5py.File, value: str) -> None:
     set_text(f, ATTR_STATE, value)
+
+
+def shard_names(f: h5py.File) -> list[str]:
+    """The file names of the bank's own shards (:data:`ATTR_SHARDS`; none for one file)."""
+    raw = f.attrs.get(ATTR_SHARDS)
+    if raw is None:
+        return []
+    try:
+        names = json.loads(_text(raw))
+    except (TypeError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def is_bank(f: h5py.File) -> bool:
@@ -183,8 +196,18 @@ def _string_table(f: h5py.File, name: str, rows: int) -> h5py.Dataset:
 
 
 def read_json_attr(f: h5py.File, name: str) -> dict[str, Any]:
-    raw = _text(f.attrs.get(name))
-    return json.loads(raw) if raw else {}
+    """The JSON object in attribute ``name`` (``{}`` if absent); a damaged one raises
+    :class:`DamagedBankError`."""
+    try:
+        raw = _text(f.attrs.get(name))
+        value = json.loads(raw) if raw else {}
+    except (TypeError, ValueError) as error:
+        raise DamagedBankError(
+            f"{f.filename} is damaged: its {name} attribute is not JSON ({error})"
+        ) from None
+    if not isinstance(value, dict):
+        raise DamagedBankError(f"{f.filename} is damaged: its {name} attribute is not an object")
+    return value
 
 
 # Object-header attributes must stay under 64 KiB: a provenance that grew past
@@ -203,9 +226,17 @@ def write_json_attr(f: h5py.File, name: str, value: dict[str, Any]) -> None:
 
 
 def read_strings(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> list[str]:
+    """Rows ``[start, stop)`` of a string table (ids, failures), as ``str``; text that is not
+    UTF-8 (h5bank writes UTF-8) raises :class:`DamagedBankError`."""
     if dataset.shape[0] == 0:
         return []
-    return dataset.asstr()[start:stop].tolist()
+    try:
+        return dataset.asstr()[start:stop].tolist()
+    except UnicodeDecodeError as error:
+        raise DamagedBankError(
+            f"{dataset.file.filename} is damaged: {dataset.name} holds text that is not UTF-8 "
+            f"({error.reason}) in rows {start} to {stop if stop is not None else dataset.shape[0]}"
+        ) from None
 
 
 def storable(text: str) -> str:
@@ -292,6 +323,26 @@ def failure_tables(f: h5py.File) -> list[h5py.Dataset]:
 
 
 # -- feature columns --------------------------------------------------------
+
+
+def column_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a column h5bank writes (``None`` if it can).
+
+    HDF5 ends a name at its first NUL (``"x\\0y"`` would be written as ``x``),
+    reads ``.`` as the group itself and keeps ``..`` as a plain name, joins
+    ``//``; and names starting with ``__`` are the bank's own tables.
+    """
+    if not isinstance(path, str):
+        return f"a column path is a str, not {type(path).__name__}"
+    if "\0" in path:
+        return "it holds a NUL character, where HDF5 would cut the name"
+    bad = [part for part in path.split("/") if part in ("", ".", "..") or part.startswith("__")]
+    if bad:
+        return (
+            f"its part {bad[0]!r} is not a usable name (parts of a column path may not be "
+            "empty, '.' or '..', or start with '__')"
+        )
+    return None
 
 
 @dataclass

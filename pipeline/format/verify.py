@@ -25,9 +25,12 @@ from pipeline.format.layout import (
     state,
     stored_shape,
 )
+from pipeline.format.trust import declared_problems, outside_pointers
 
 
-def bank_problems(f: h5py.File, data: bool = False, stopped: bool = False) -> Iterator[str]:
+def bank_problems(
+    f: h5py.File, data: bool = False, stopped: bool = False, allow_external: bool = False
+) -> Iterator[str]:
     """The structural problems of the bank ``f``, first found first (nothing for a sound bank).
 
     Checks the format and version, that the build finished, that every refs
@@ -40,7 +43,19 @@ def bank_problems(f: h5py.File, data: bool = False, stopped: bool = False) -> It
     With ``stopped``, ``f`` is the partial file of a build that stopped: what
     its id table commits must be sound (that is what a resume keeps), and
     rows a stopped commit wrote past it are allowed (a resume cuts them).
+
+    First of all, pointers out of the file (unless ``allow_external``) and
+    sizes it declares but does not store (:mod:`pipeline.format.trust`) are
+    problems, and nothing more is checked: that would follow or allocate them.
     """
+    try:
+        refused = [] if allow_external else [str(p) for p in outside_pointers(f)]
+        refused = refused or [p for p, _ in zip(declared_problems(f), range(1), strict=False)]
+    except Exception as error:
+        refused = [f"HDF5 cannot read its structure ({type(error).__name__}: {error})"]
+    if refused:
+        yield from refused
+        return
     try:
         check_format(f)
     except (NotABankError, FormatVersionError) as error:
@@ -139,10 +154,34 @@ def _verify_chunks(f: h5py.File) -> Iterator[str]:
     for dataset in datasets:
         if dataset.shape == () or dataset.size == 0:
             continue
-        chunks = dataset.iter_chunks() if dataset.chunks else [()]
-        for selection in chunks:
+        for selection in _stored_blocks(dataset):
             try:
                 dataset[selection]
             except OSError as error:
-                yield f"{dataset.name}: reading {selection} failed ({error})"
+                yield f"{dataset.name}: reading {_shown(selection)} failed ({error})"
                 break
+
+
+# Rows of an unchunked dataset read at once by verify --data.
+_BLOCK_BYTES = 64 << 20
+
+
+def _stored_blocks(dataset: h5py.Dataset) -> Iterator[tuple[slice, ...]]:
+    """Selections covering what ``dataset`` stores: each chunk HDF5 wrote (never the chunk
+    coordinates of an extent that was only declared), or blocks of rows of a contiguous one."""
+    if dataset.chunks is None:
+        row = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:])))
+        step = max(1, _BLOCK_BYTES // row)
+        for start in range(0, dataset.shape[0], step):
+            yield (slice(start, min(start + step, dataset.shape[0])),)
+        return
+    for i in range(dataset.id.get_num_chunks()):
+        offset = dataset.id.get_chunk_info(i).chunk_offset
+        yield tuple(
+            slice(o, min(o + c, n))
+            for o, c, n in zip(offset, dataset.chunks, dataset.shape, strict=True)
+        )
+
+
+def _shown(selection: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in selection) + "]"

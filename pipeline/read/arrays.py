@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from pipeline import config
+from pipeline.errors import NoDataError
 from pipeline.files.cache import Expect, LazyFile
 from pipeline.format.rows import one_request
 from pipeline.urls import redact
@@ -66,7 +67,7 @@ class LazySourceRows(LazyDataset):
             return self.file.read(self.name, (slice(start, stop), *rest), self.expect)
         if (starts < 0).any():
             row = start + int(np.flatnonzero(starts < 0)[0])
-            raise ValueError(
+            raise NoDataError(
                 f"{redact(self.file.path)}: source row {row} has no data in {self.name}; read this "
                 "feature with to_dask_sources(), which skips such sources"
             )
