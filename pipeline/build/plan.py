@@ -22,7 +22,7 @@ from pipeline.errors import (
 )
 from pipeline.format import layout
 from pipeline.format.partial import partial_path
-from pipeline.format.trust import check_file
+from pipeline.format.trust import table_problem
 from pipeline.sources import SourceSpec, expand
 from pipeline.urls import is_url, redact
 
@@ -125,9 +125,12 @@ def committed_ids(path: str) -> set[str]:
             continue
         try:
             with h5py.File(candidate, "r") as f:
-                check_file(f, candidate)  # the writer refuses such a file; read nothing of it
-                if layout.is_bank(f):  # only what the bank commits: a killed commit wrote more
-                    return set(layout.read_strings(layout.ids_table(f), 0, layout.committed(f)))
+                if not layout.is_bank(f):
+                    continue
+                n = layout.committed(f)  # only what the bank commits: a killed commit wrote more
+                if table_problem(f, layout.IDS, n):  # crafted or damaged: the writer decides
+                    return set()
+                return set(layout.read_strings(layout.ids_table(f), 0, n))
         except (OSError, H5BankError):
             continue
     return set()

@@ -34,7 +34,7 @@ def isolated(command: F) -> F:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get(INLINE) or os.environ.get("H5BANK_TRACEBACK") or not hasattr(os, "fork"):
+        if os.environ.get(INLINE) or os.environ.get("H5BANK_TRACEBACK") or not _real_streams():
             return command(*args, **kwargs)
         bank = kwargs.get("bank", args[0] if args else "the bank")
         sys.stdout.flush()
@@ -62,6 +62,15 @@ def isolated(command: F) -> F:
         return None
 
     return run  # type: ignore[return-value]
+
+
+def _real_streams() -> bool:
+    """Whether this process can fork and its output goes to real files, which a child writes
+    to as well (not click's CliRunner, which captures output in memory)."""
+    try:
+        return hasattr(os, "fork") and sys.stdout.fileno() >= 0 and sys.stderr.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _child(command: Callable[..., Any], args: Any, kwargs: Any, write: int) -> int:

@@ -123,12 +123,25 @@ def checked(f: h5py.File, path: str, allow_external: bool | None, sizes: bool = 
     ``f`` is closed and the refusal raised); ``allow_external=None`` checks nothing."""
     if allow_external is None:  # open_for_reading(unchecked=True)
         return f
+    identity = handle_identity(f)  # a local file: checked once while it does not change
+    key = None if identity is None else (path, identity, allow_external, sizes)
+    if key in _CHECKED:
+        return f
     try:
         check_file(f, redact(path), allow_external, sizes)
     except BaseException:
         close_file(f)
         raise
+    if key is not None:
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED.add(key)
     return f
+
+
+# Local files check_file found fine in this process: (path, (inode, size, mtime), options).
+# Reopening the same unchanged file (a Dask worker's cache, a reopen after map) skips the walk.
+_CHECKED: set[tuple[Any, ...]] = set()
 
 
 def open_for_reading(

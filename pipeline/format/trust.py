@@ -80,45 +80,43 @@ def _links(f: h5py.File) -> tuple[list[Pointer], list[str], list[str]]:
     and its link cycles (a group linked inside itself, which a reader walking the tree
     would descend forever)."""
     found: list[Pointer] = []
-    datasets: list[str] = []
-    groups: list[str] = []
+    hard: list[str] = []
 
     def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> None:
+        # Nothing here calls HDF5: h5py does not survive an error raised inside its walk.
         if isinstance(link, h5py.ExternalLink):
             found.append(Pointer(f"/{name}", "external link", f"{link.filename}:{link.path}"))
         elif isinstance(link, h5py.HardLink):
-            kind = f.get(name, getclass=True)
-            if kind is h5py.Dataset:
-                datasets.append(name)
-            elif kind is h5py.Group:
-                groups.append(name)
+            hard.append(name)
 
     f.visititems_links(visit)
+    datasets: list[str] = []
     addresses = {"": h5py.h5o.get_info(f.id).addr}
     cycles = []
-    for name in groups:  # parents come before children in HDF5's walk
-        address = h5py.h5o.get_info(f.id, name.encode()).addr
-        parts = name.split("/")
-        ancestors = {addresses.get("/".join(parts[:i])) for i in range(len(parts))}
-        if address in ancestors:
-            cycles.append(f"/{name}")
-        addresses[name] = address
+    for name in hard:  # parents come before children in HDF5's walk
+        info = h5py.h5o.get_info(f.id, name.encode())  # no object opened: cheap
+        if info.type == h5py.h5o.TYPE_DATASET:
+            datasets.append(name)
+        elif info.type == h5py.h5o.TYPE_GROUP:
+            parts = name.split("/")
+            if info.addr in {addresses.get("/".join(parts[:i])) for i in range(len(parts))}:
+                cycles.append(f"/{name}")
+            addresses[name] = info.addr
     return found, datasets, cycles
 
 
 def _pointers(f: h5py.File, datasets: list[str]) -> Iterator[Pointer]:
     """Every pointer out of ``f`` held by its ``datasets`` (external storage, virtual)."""
     for name in datasets:
-        node = f[name]
-        plist = node.id.get_create_plist()
+        plist = h5py.h5d.open(f.id, name.encode()).get_create_plist()
         for i in range(plist.get_external_count()):
             target = plist.get_external(i)[0]
-            yield Pointer(node.name, "external storage", _text(target))
+            yield Pointer(f"/{name}", "external storage", _text(target))
         if plist.get_layout() == h5py.h5d.VIRTUAL:
             for i in range(plist.get_virtual_count()):
                 target = _text(plist.get_virtual_filename(i))
                 if target != ".":  # "." is this file
-                    yield Pointer(node.name, "virtual dataset", target)
+                    yield Pointer(f"/{name}", "virtual dataset", target)
 
 
 def _text(value: bytes | str) -> str:
@@ -203,6 +201,15 @@ def _attribute_problems(node: h5py.Group | h5py.Dataset) -> Iterator[str]:
             yield f"{node.name} attribute {name!r} cannot be read ({type(error).__name__}: {error})"
 
 
+def table_problem(f: h5py.File, name: str, rows: int) -> str | None:
+    """Why the first ``rows`` rows of string table ``name`` (ids, failures) cannot be read
+    as stored in ``f`` (``None`` if they can): pointers out of the file, or rows declared
+    but not stored. For a reader of that one table (planning a build from a partial file),
+    not a whole file's check."""
+    pointer = next(_pointers(f, [name]), None)
+    return str(pointer) if pointer else _stored_chunks_problem(f[name], rows, _VLEN_BYTES)
+
+
 def declared_problems(f: h5py.File, walk: Walk | None = None) -> Iterator[str]:
     """Sizes the bank ``f`` declares but does not store, first found first (see the module
     docstring), and link cycles; for a plain HDF5 file, only cycles and attributes."""
@@ -267,6 +274,8 @@ def check_file(f: h5py.File, shown: str, allow_external: bool = False, sizes: bo
     except (UnsafeBankError, DamagedBankError):
         raise
     except Exception as error:  # HDF5 could not read the structure it was asked about
+        if not sizes:
+            raise  # a writer: the writer chain reads HDF5's error on a damaged partial file
         message = " ".join(str(error).split())
         raise DamagedBankError(
             f"{shown} is damaged: HDF5 cannot read its structure ({type(error).__name__}: "
