@@ -45,7 +45,7 @@ def handle_identity(f: h5py.File) -> tuple[int, int, int] | None:
     """:func:`file_identity` of the file an open ``h5py.File`` reads (``None`` if not a plain file)."""
     try:
         return file_identity(int(f.id.get_vfd_handle()))
-    except (TypeError, ValueError, OSError):
+    except (TypeError, ValueError, OSError, RuntimeError):  # RuntimeError: no descriptor
         return None
 
 
@@ -123,7 +123,7 @@ def checked(f: h5py.File, path: str, allow_external: bool | None, sizes: bool = 
     ``f`` is closed and the refusal raised); ``allow_external=None`` checks nothing."""
     if allow_external is None:  # open_for_reading(unchecked=True)
         return f
-    identity = handle_identity(f)  # a local file: checked once while it does not change
+    identity = None if is_url(path) else handle_identity(f)  # checked once while unchanged
     key = None if identity is None else (path, identity, allow_external, sizes)
     if key in _CHECKED:
         return f
