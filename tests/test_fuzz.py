@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -41,7 +42,8 @@ import matplotlib.pyplot
 MUTANTS = int(os.environ.get("H5BANK_FUZZ", "300"))
 SEED = int(os.environ.get("H5BANK_FUZZ_SEED", "0"))
 SECONDS = 60
-HEADROOM = 1 << 30  # address space a probe may add to what the parent process has mapped
+HEADROOM = 512 << 20  # address space a probe may add to what the parent process has mapped
+AT_ONCE = os.cpu_count() or 1  # probes running at once
 EXPECTED = (H5BankError, OSError)
 
 
@@ -72,6 +74,7 @@ def _step(name: str, run, report: dict) -> None:
 
 
 def _commands(path: str, folder: Path, report: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     runner = CliRunner()
     out = str(folder / "shown.png")
     for args in (["info", path], ["ls", path], ["show", path, "s0", "--out", out],
@@ -94,6 +97,11 @@ def _commands(path: str, folder: Path, report: dict) -> None:
 
 def probe(path: str, folder: Path) -> dict:
     """Probe ``path`` in a forked child; what each step did."""
+    return finish(start(path, folder))
+
+
+def start(path: str, folder: Path) -> tuple[int, int]:
+    """Fork the child probing ``path``: its pid and the pipe its report comes on."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: bounded, and never returns into pytest
@@ -106,19 +114,37 @@ def probe(path: str, folder: Path) -> dict:
             signal.alarm(SECONDS)
             report: dict = {}
             _step("read", lambda: _read_everything(path), report)
-            _commands(path, folder, report)
+            _commands(path, folder / str(os.getpid()), report)
             with os.fdopen(write, "w") as pipe:
                 json.dump(report, pipe)
             code = 0
         finally:
             os._exit(code)
     os.close(write)
+    return pid, read
+
+
+def finish(child: tuple[int, int]) -> dict:
+    """The report of a probe :func:`start` forked, once it ended."""
+    pid, read = child
     with os.fdopen(read) as pipe:
         text = pipe.read()
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         return {"died": signal.Signals(os.WTERMSIG(status)).name}
     return json.loads(text) if text else {"died": f"exit {os.WEXITSTATUS(status)}"}
+
+
+def probe_all(paths: list[str], folder: Path) -> Iterator[tuple[str, dict]]:
+    """Each of ``paths`` with its report, probed :data:`AT_ONCE` at a time."""
+    running: list[tuple[str, tuple[int, int]]] = []
+    for path in paths:
+        running.append((path, start(path, folder)))
+        if len(running) == AT_ONCE:
+            done, child = running.pop(0)
+            yield done, finish(child)
+    for done, child in running:
+        yield done, finish(child)
 
 
 def problems(report: dict) -> list[str]:
@@ -167,8 +193,7 @@ def test_the_probe_sees_a_leak_and_a_bad_exit(tmp_path):
 def test_every_crafted_and_damaged_bank_ends_in_data_or_a_documented_error(corpus, tmp_path):
     failures = {}
     outcomes: dict[str, int] = {}
-    for path in corpus:
-        report = probe(path, tmp_path)
+    for path, report in probe_all(corpus, tmp_path):
         found = problems(report)
         if found:
             failures[Path(path).name] = found

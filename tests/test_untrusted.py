@@ -21,9 +21,11 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from crafted import SECRET, Base, base_bank, crafted
 
 from pipeline import TypedFile
+from pipeline.cli import main
 from pipeline.cli.isolation import isolated
 from pipeline.errors import DamagedBankError, UnsafeBankError
 from pipeline.format import layout
@@ -42,6 +44,13 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*H5BANK, *args], capture_output=True, text=True, timeout=timeout, preexec_fn=limit
     )
+
+
+def inline(*args: str) -> subprocess.CompletedProcess[str]:
+    """``h5bank ARGS`` in this process (click's runner: no fork, no memory limit), for the
+    checks that need neither."""
+    result = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +81,11 @@ def test_a_bank_pointing_out_of_itself_is_refused_naming_the_dataset_and_the_tar
 @pytest.mark.parametrize("case", [*POINTERS, "external_link_fifo"])
 @pytest.mark.parametrize("command", [["info"], ["ls"], ["show", "s0", "--out", "x.png"]])
 def test_every_command_refuses_it_in_one_line_and_nothing_of_the_secret_comes_out(
-    cases, case, command, tmp_path
+    cases, case, command, tmp_path, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
     bank = cases(case)
-    run = cli(*command[:1], bank, *command[1:])
+    run = inline(*command[:1], bank, *command[1:])
     assert run.returncode == 1, run
     assert SECRET not in run.stdout + run.stderr
     assert run.stderr.count("\n") == 1 and "UnsafeBankError" in run.stderr, run.stderr
@@ -83,7 +93,7 @@ def test_every_command_refuses_it_in_one_line_and_nothing_of_the_secret_comes_ou
 
 @pytest.mark.parametrize("case", [*POINTERS, "external_link_fifo"])
 def test_verify_reports_the_pointer_as_the_banks_problem(cases, case):
-    run = cli("verify", "--data", cases(case))
+    run = inline("verify", "--data", cases(case))
     assert run.returncode == 1
     assert SECRET not in run.stdout + run.stderr
     assert " to " in run.stderr or "another file" in run.stderr, run.stderr

@@ -43,9 +43,12 @@ from pipeline.format import layout
 __all__ = [
     "MAX_CHUNK_BYTES",
     "Pointer",
+    "attribute_problems",
     "check_file",
     "declared_problems",
     "outside_pointers",
+    "own_shard",
+    "table_problem",
 ]
 
 # The largest chunk h5bank reads: HDF5 holds a chunk whole in memory to decompress it, and
@@ -181,7 +184,7 @@ def _stored_chunks_problem(
     return None
 
 
-def _attribute_problems(node: h5py.Group | h5py.Dataset) -> Iterator[str]:
+def attribute_problems(node: h5py.Group | h5py.Dataset) -> Iterator[str]:
     """Attributes declaring more elements than they store (HDF5 reads an attribute whole),
     or that h5py cannot read (a damaged type)."""
     for name in node.attrs:
@@ -217,7 +220,7 @@ def declared_problems(f: h5py.File, walk: Walk | None = None) -> Iterator[str]:
     if cycles:
         yield f"{cycles[0]} is a link to a group that holds it (a cycle)"
         return
-    yield from _attribute_problems(f)
+    yield from attribute_problems(f)
     if not layout.is_bank(f):
         return
     ids = f.get(layout.IDS)
@@ -231,7 +234,7 @@ def declared_problems(f: h5py.File, walk: Walk | None = None) -> Iterator[str]:
         yield problem
     for path in layout.iter_columns(f):
         group = f[path]
-        yield from _attribute_problems(group)
+        yield from attribute_problems(group)
         for name in (layout.DATA, layout.REFS):
             if group.get(name, getclass=True) is not h5py.Dataset:
                 yield f"{group.name}/{name} is missing or not a dataset"

@@ -44,22 +44,21 @@ def bank_problems(
     its id table commits must be sound (that is what a resume keeps), and
     rows a stopped commit wrote past it are allowed (a resume cuts them).
 
-    First of all, pointers out of the file (unless ``allow_external``) and
-    sizes it declares but does not store (:mod:`pipeline.format.trust`) are
-    problems, and nothing more is checked: that would follow or allocate them.
+    First of all (once the format attributes say ``f`` is a bank), pointers
+    out of the file (unless ``allow_external``) and sizes it declares but does
+    not store (:mod:`pipeline.format.trust`) are problems, and nothing more
+    is checked: that would follow or allocate them.
     """
     try:
+        check_format(f)
         refused = [] if allow_external else [str(p) for p in outside_pointers(f)]
         refused = refused or [p for p, _ in zip(declared_problems(f), range(1), strict=False)]
+    except (NotABankError, FormatVersionError) as error:
+        refused = [str(error)]
     except Exception as error:
         refused = [f"HDF5 cannot read its structure ({type(error).__name__}: {error})"]
     if refused:
         yield from refused
-        return
-    try:
-        check_format(f)
-    except (NotABankError, FormatVersionError) as error:
-        yield str(error)
         return
     if stopped:
         if state(f) != BUILDING:
