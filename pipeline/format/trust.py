@@ -180,7 +180,7 @@ def _stored_chunks_problem(
     )
     stored = dataset.id.get_num_chunks()
     if (needed - stored) * chunk_bytes > slack:
-        return f"{declared} in {needed:,} chunks, but stores {stored:,} chunks"
+        return f"{declared} in {needed:,} chunks, but stores {stored:,} of them"
     return None
 
 
