@@ -190,6 +190,7 @@ def test_the_probe_sees_a_leak_and_a_bad_exit(tmp_path):
     assert problems({"x": {"code": 2, "raised": None, "lines": 1, "hint": False}})
 
 
+@pytest.mark.timeout(max(300, MUTANTS // 5))  # a longer run (H5BANK_FUZZ) gets its time
 def test_every_crafted_and_damaged_bank_ends_in_data_or_a_documented_error(corpus, tmp_path):
     failures = {}
     outcomes: dict[str, int] = {}
