@@ -15,7 +15,7 @@ import numpy as np
 from features.base import Feature
 from pipeline.bank.handle import BankFile
 from pipeline.build.summary import Failure
-from pipeline.errors import UnknownIdError
+from pipeline.errors import DamagedBankError, UnknownIdError
 from pipeline.format import layout
 from pipeline.schema import Schema, feature_for_column, owner_path
 
@@ -80,7 +80,12 @@ class Catalog:
     def feature_of(self, path: str) -> Feature:
         """The feature that owns column ``path``."""
         features = self.features
-        return features[owner_path(path, features)]
+        owner = owner_path(path, features)
+        if owner == "" and "" not in features:  # a column no record or declaration owns
+            raise DamagedBankError(
+                f"{self.handle.shown} is damaged: its column {path!r} belongs to no feature"
+            )
+        return features[owner]
 
     # -- ids ----------------------------------------------------------------------------
 

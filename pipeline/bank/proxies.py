@@ -23,6 +23,7 @@ from features.base import Feature
 from pipeline.bank.catalog import Catalog
 from pipeline.bank.display import dataset_line, feature_line, group_line
 from pipeline.bank.writes import Writes
+from pipeline.errors import DamagedBankError
 from pipeline.format import layout
 from pipeline.format.rows import absolute_rows, take_rows
 from pipeline.format.storage import kind
@@ -96,7 +97,8 @@ class GroupProxy(_Proxy):
         depth = self.path.count("/") + 1 if self.path else 0
         for path in [*self.parts.catalog.features, *sorted(self.parts.catalog.schema.groups())]:
             parts = path.split("/")
-            if (not self.path or path.startswith(self.path + "/")) and len(parts) > depth:
+            inside = not self.path or path.startswith(self.path + "/")
+            if inside and len(parts) > depth and parts[depth]:  # "a//b" (damaged) names none
                 names[parts[depth]] = None
         node = self.parts.catalog.file.get(self.path) if self.path else self.parts.catalog.file
         if isinstance(node, h5py.Group) and not layout.is_column(node):
@@ -346,6 +348,14 @@ class FeatureProxy(_Proxy):
         start, stop = (int(v) for v in column.refs[row])
         if start < 0:
             return None
+        if not start <= stop <= column.data.shape[0] or (
+            column.kind.one_row_per_source and stop - start != 1
+        ):
+            raise DamagedBankError(
+                f"{self.parts.catalog.handle.shown} is damaged: {column.path}/refs row {row} "
+                f"({id_!r}) is [{start}, {stop}), not a span of its {column.data.shape[0]} rows "
+                "this storage can hold; `h5bank verify` lists what is wrong"
+            )
         shape = layout.stored_shape(column, row) if column.kind.has_shape_table else None
         return column.kind.value(self.feature, column.data[start:stop], shape, id_)
 
