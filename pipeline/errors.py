@@ -8,12 +8,15 @@
 | ``SourceError`` | a source failed with ``on_error="raise"``: names the source, the feature and why |
 | ``UnknownIdError`` | an id is not in the bank (also a ``KeyError``) |
 | ``ReadOnlyError`` | a write to a bank opened with ``mode="r"`` |
+| ``ShardedWriteError`` | a write in place (``add``, ``set``, ``map``) to a sharded bank, which takes new sources only through ``create(..., mode="a")`` for now |
+| ``RemoteShardsError`` | a sharded bank opened from a URL (copy its folder to read it) |
 | ``NotABankError`` | a bank type opened a file h5bank did not write |
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
 | ``BankBusyError`` | opening a bank another process has open for writing (or, for writing, one others read) |
 | ``BankChangedError`` | a Dask graph made from a bank runs after the bank was rebuilt, or its rows rewritten |
 | ``WriterError`` | the single-writer chain could not go on (its process changed or died) |
+| ``WriterLostError`` | the worker of a writer chain left the cluster (a sharded build resumes that shard on another worker by itself) |
 | ``PartialSetAsideError`` | a stopped build's partial file HDF5 could not resume was set aside after the build was planned without its sources (``create`` plans again by itself) |
 | ``DiskFullError`` | a commit would not fit on the disk (or under ``ulimit -f``): nothing of it was written |
 | ``SchedulerError`` | ``scheduler=`` names nothing h5bank can run a build on, or the embedded cluster cannot start |
@@ -43,14 +46,17 @@ __all__ = [
     "NotABankError",
     "PartialSetAsideError",
     "ReadOnlyError",
+    "RemoteShardsError",
     "SchedulerError",
     "SchemaError",
+    "ShardedWriteError",
     "SourceError",
     "SourceReadError",
     "UnknownIdError",
     "UnsafeBankError",
     "WorkerDiedError",
     "WriterError",
+    "WriterLostError",
 ]
 
 
@@ -91,6 +97,14 @@ class UnknownIdError(H5BankError, KeyError):
 
 class ReadOnlyError(H5BankError):
     """A write was attempted on a bank opened read-only."""
+
+
+class RemoteShardsError(H5BankError):
+    """A sharded bank was opened from a URL, which h5bank cannot read yet."""
+
+
+class ShardedWriteError(ReadOnlyError):
+    """A write in place (``add``, ``set``, ``map``, ``mode="r+"``) to a sharded bank."""
 
 
 class NotABankError(H5BankError):
@@ -135,6 +149,10 @@ class BankChangedError(H5BankError, RuntimeError):
 
 class WriterError(H5BankError, RuntimeError):
     """The single writer could not continue the build."""
+
+
+class WriterLostError(WriterError):
+    """The worker a writer chain was pinned to left the cluster during the build."""
 
 
 class PartialSetAsideError(WriterError):

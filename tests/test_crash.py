@@ -76,7 +76,7 @@ def corpus(tmp_path_factory):
 
 
 def clean(out: Path) -> None:
-    for path in out.parent.glob(out.name + "*"):
+    for path in [*out.parent.glob(out.name + "*"), *out.parent.glob(out.stem + ".shard-*")]:
         path.unlink()
 
 
@@ -435,3 +435,90 @@ def test_a_second_build_of_a_bank_being_built_is_refused_and_readers_are_told(co
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert_same_contents(corpus["out"], corpus["reference"], failures=True)
+
+
+SHARDED_KILL_POINTS = 6
+
+
+def test_a_sharded_build_killed_at_random_points_resumes_to_the_uninterrupted_bank(
+    corpus, tmp_path
+):
+    """The seeded kill test, with 2 shards on the embedded cluster's 2 workers: each shard
+    resumes from its own commit record with the rest of its own block, and the index is
+    written when both are done."""
+    rng = random.Random(20261207)
+    config = tmp_path / "sharded.yaml"
+    settings = yaml.safe_load(corpus["config"].read_text())
+    settings["h5bank"]["build"]["shards"] = 2
+    config.write_text(yaml.safe_dump(settings))
+    out = corpus["out"]
+    seen = []
+    for _ in range(SHARDED_KILL_POINTS):
+        clean(out)
+        log = tmp_path / "build.log"
+        where = rng.randrange(50, N)
+        process = build(config, log=log, H5BANK_TEST_DELAY="0.001")
+        deadline = time.monotonic() + 120
+        while progress(log) < where and process.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.03))
+        kill_whole_build(process)
+        if out.exists():  # only the index makes the bank: it is written last, whole
+            with h5py.File(out, "r") as f:
+                assert layout.state(f) == layout.COMPLETE and len(layout.shard_names(f)) == 2
+        shards = sorted(out.parent.glob(out.stem + ".shard-*"))
+        seen.append((where, out.exists(), [p.name.split("-")[-1] for p in shards]))
+        resumed = subprocess.run(
+            [*h5bank_command(), "build", str(config), "--resume", "--quiet"],
+            capture_output=True, text=True, env=environment(H5BANK_TEST_DELAY="0"), timeout=300,
+        )  # fmt: skip
+        assert resumed.returncode == 0, (where, resumed.stderr)
+        assert_same_contents(out, corpus["reference"], failures=True)
+        with h5py.File(out, "r") as f:
+            listed = layout.shard_names(f)
+        assert sorted(p.name for p in out.parent.glob(out.stem + ".shard-*")) == sorted(listed)
+    print("kill points (progress, bank there, shard files):", seen)  # shown with -s
+    assert sum(1 for _, done, files in seen if not done and files) >= SHARDED_KILL_POINTS // 2, seen
+
+
+def test_a_shard_writer_killed_mid_build_is_resumed_on_another_worker(
+    corpus, tmp_path, monkeypatch
+):
+    """Killing the worker process that writes one of two shards: create() plans the build
+    again on the workers there are (the nanny restarts the killed one) and resumes that
+    shard from its commit record; nothing is lost or written twice."""
+    monkeypatch.setenv("H5BANK_TEST_DELAY", "0.002")  # workers (and their restarts) inherit it
+    out = tmp_path / "bank.h5"
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        workers = sorted(client.scheduler_info()["workers"])
+        victim = workers[1]  # the writer of shard 1 (chain k on worker k, in address order)
+        pid = client.run(os.getpid, workers=[victim])[victim]
+
+        def kill_when_shard_1_commits() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                partials = list(tmp_path.glob("bank.shard-*-00001.h5.partial"))
+                if partials:
+                    with contextlib.suppress(Exception):  # caught mid-commit: look again
+                        with h5py.File(partials[0], "r", locking=False) as f:
+                            if layout.committed(f) >= 100:
+                                break
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+
+        import threading
+
+        killer = threading.Thread(target=kill_when_shard_1_commits)
+        killer.start()
+        bank = SlowBank.create(
+            out, corpus["images"], scheduler=client, shards=2, partition_size=50, progress=False
+        )
+        killer.join()
+    notes = "\n".join(bank.summary.notes)
+    assert f"ran on worker {victim}" in notes and "resumed on another worker" in notes, notes
+    bank.close()
+    assert_same_contents(out, corpus["reference"], failures=True)

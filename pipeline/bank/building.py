@@ -6,6 +6,7 @@ functions do the work for a bank type's :class:`~pipeline.schema.Schema`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import shutil
@@ -19,10 +20,13 @@ from pipeline.build.graph import Build, build_graph
 from pipeline.build.options import BuildOptions
 from pipeline.build.summary import BuildSummary
 from pipeline.build.upload import check_upload_target, upload_bank
-from pipeline.errors import PartialSetAsideError
+from pipeline.errors import PartialSetAsideError, WriterLostError
 from pipeline.run.runner import placement, runner_for
 from pipeline.schema import Schema
 from pipeline.urls import is_url, redact
+
+# Writers a sharded build may lose (their workers gone) and still finish by itself.
+MAX_WRITERS_LOST = 3
 
 
 def graph(schema: Schema, path: str, sources: Any, options: BuildOptions, scheduler: Any) -> Build:
@@ -57,12 +61,29 @@ def build(
     progress = options.progress
     started = time.perf_counter()
     notes: list[str] = []
+    lost = 0
     with runner_for(scheduler, progress=progress, n_workers=n_workers) as runner:
         while True:
             made = graph(schema, path, sources, options, runner)
             try:
                 summary = runner.run(made, progress=progress)
                 break
+            except WriterLostError as error:
+                # A sharded build's shards are on the shared folder, each consistent up to its
+                # last commit: plan again on the workers there are, resuming every shard.
+                if (
+                    len(made.chains) < 2
+                    or lost >= MAX_WRITERS_LOST
+                    or isinstance(sources, Iterator)
+                ):
+                    raise
+                lost += 1
+                notes.append(
+                    f"{str(error).split(' (')[0]}: its shard was resumed on another worker"
+                )
+                if progress:
+                    print(f"h5bank: {notes[-1]}", file=sys.stderr)
+                options = dataclasses.replace(options, resume_shards=True)
             except PartialSetAsideError as error:
                 # The partial file was planned around but could not be resumed: it is
                 # set aside now, so planning again builds every source (once).

@@ -31,6 +31,7 @@ from pipeline.errors import (
     BuildInProgressError,
     NotABankError,
     ReadOnlyError,
+    ShardedWriteError,
 )
 from pipeline.files.cache import LazyFile, release
 from pipeline.files.handles import (
@@ -45,7 +46,8 @@ from pipeline.files.remote import remote_identity
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, READ_ONLY_HERE, lock_refusal
-from pipeline.format.partial import BankFiles, partial_path
+from pipeline.format.partial import BankFiles, listed_shards
+from pipeline.format.shards import refuse_writing
 from pipeline.urls import is_url, redact
 from pipeline.version import __version__
 
@@ -118,10 +120,11 @@ class BankFile:
                 f"{self.shown} is a remote bank: it opens read-only. Build or change it "
                 "locally (create() to a URL builds locally and uploads it when complete)"
             )
-        if not self.remote and BankFiles.at(self.path).only_building:
+        files = None if self.remote else BankFiles.at(self.path)
+        if files is not None and files.only_building:
             raise BuildInProgressError(
                 f"{self.shown} is being built, or its build stopped: only "
-                f"{partial_path(self.path)} exists. Wait for the build, or resume it "
+                f"{files.in_progress} exists. Wait for the build, or resume it "
                 "with create(..., mode='a')"
             )
         new = self.mode == "a" and not self.remote and not os.path.exists(self.path)
@@ -229,8 +232,13 @@ class BankFile:
         allow_external = bool(options.pop("allow_external", False))
         while True:
             try:
-                f = h5py.File(self.path, self.mode, **options)
-                return checked(f, self.path, allow_external)
+                f = checked(h5py.File(self.path, self.mode, **options), self.path, allow_external)
+                try:
+                    refuse_writing(f, self.shown)
+                except ShardedWriteError:
+                    close_file(f)
+                    raise
+                return f
             except OSError as error:
                 refusal = lock_refusal(error)
                 if refusal not in WRITE_REFUSALS:
@@ -275,10 +283,10 @@ class BankFile:
         return LazyFile.of(self.file, **trust)
 
     def size(self) -> int:
-        """The file's size in bytes."""
+        """The file's size in bytes (with its shard files, for a sharded bank)."""
         if self.remote:
             return int(remote_identity(self.path, self.storage_options)[0] or 0)
-        return os.path.getsize(self.path)
+        return sum(os.path.getsize(p) for p in [self.path, *listed_shards(self.path)])
 
     def close(self) -> None:
         """Close the file, and this process's cached Dask read handles on it.

@@ -128,6 +128,7 @@ class TypedFile:
         *,
         storage_options: Mapping[str, Any] | None = None,
         max_pending: int | None = None,
+        shards: int | str | None = None,
         n_workers: int | None = None,
         parallelism: str | None = None,
         keep_open: bool | None = None,
@@ -158,6 +159,9 @@ class TypedFile:
             summary on stderr; fsspec options for URL sources (flat or per
             protocol); decoded partitions waiting for the writer. ``None`` reads
             ``h5bank.build.*`` (:class:`~pipeline.build.options.BuildOptions`).
+        shards
+            Writer chains (shard files, on their own workers) joined by the bank file
+            (``docs/scaling.md``); ``"auto"``: one per worker; default 1, one file.
         n_workers, parallelism, keep_open
             h5mapper's arguments: worker processes of the embedded cluster (or
             threads with ``scheduler="threads"``; refused for a running cluster);
@@ -166,7 +170,7 @@ class TypedFile:
         """
         scheduler = scheduler_for(scheduler, parallelism, n_workers)
         options = BuildOptions.resolve(
-            mode, on_error, progress, partition_size, max_pending, storage_options
+            mode, on_error, progress, partition_size, max_pending, storage_options, shards
         )
         path = os.fspath(path)
         if is_url(path):
@@ -193,13 +197,14 @@ class TypedFile:
         *,
         storage_options: Mapping[str, Any] | None = None,
         max_pending: int | None = None,
+        shards: int | str | None = None,
     ) -> Build:
         """The build as a Dask collection (:class:`pipeline.build.graph.Build`), not yet run:
         ``client.compute(Bank.graph(path, sources, scheduler=client))`` submits it without
         blocking. ``scheduler`` is the cluster the writer chain is pinned to (``None``: the
         default client if any, else none, for the threaded scheduler)."""
         options = BuildOptions.resolve(
-            mode, on_error, None, partition_size, max_pending, storage_options
+            mode, on_error, None, partition_size, max_pending, storage_options, shards
         )
         return building.graph(cls.__schema__, os.fspath(path), sources, options, scheduler)
 

@@ -27,6 +27,7 @@ from pipeline.files.handles import fsync_file, open_for_writing
 from pipeline.format import layout
 from pipeline.format.hdf5_errors import is_broken
 from pipeline.format.partial import APPEND, NEW, RESUME, BankFiles, partial_path, set_aside
+from pipeline.format.shards import refuse_writing, set_block, shard_files
 from pipeline.read.records import ColumnSpec, RawRows, read_raw
 from pipeline.urls import scrub
 from pipeline.version import __version__
@@ -226,6 +227,10 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
         _OPEN.pop(plan.token, None)
     f.close()
     os.replace(partial_path(plan.path), plan.path)
+    if plan.block is None and plan.mode == "w":
+        for shard in shard_files(plan.path):  # of the sharded bank this file replaced
+            with contextlib.suppress(OSError):
+                os.remove(shard)
     return summary
 
 
@@ -239,7 +244,7 @@ def restore_after_failure(path: str, error: BaseException) -> None:
     note on ``error`` says how to resume by hand.
     """
     files = BankFiles.at(path)
-    if not files.only_building:
+    if not files.building or files.bank:
         return
     partial = files.partial
     plan = BuildPlan(
@@ -345,6 +350,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
     if start == APPEND:
         f = open_for_writing(plan.path, "r+")
         try:
+            refuse_writing(f, plan.path)
             layout.check_format(f)
             _merge_schema(f, plan.features)
             layout.truncate(f)
@@ -362,6 +368,8 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
                 {"library": f"h5bank {__version__}", "builds": []},
                 expected=plan.planned,
             )
+            if plan.block is not None:
+                set_block(f, plan.block)
         layout.set_state(f, layout.BUILDING)
         f.flush()
         if start == APPEND:

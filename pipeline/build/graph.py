@@ -52,7 +52,21 @@ from pipeline.build.chain import (
 )
 from pipeline.build.decode import decode_partition, map_partition
 from pipeline.build.options import BuildOptions
-from pipeline.build.plan import BuildPlan, committed_ids, describe_sources, partition_sources
+from pipeline.build.plan import (
+    BuildPlan,
+    Partition,
+    committed_ids,
+    describe_sources,
+    partition_sources,
+)
+from pipeline.build.shards import (
+    assign_workers,
+    chain_plan,
+    finish_sharded,
+    plan_shards,
+    resolve_count,
+    sharded_build,
+)
 from pipeline.clients import default_client
 from pipeline.errors import SchemaError
 from pipeline.read.records import ColumnSpec
@@ -82,12 +96,16 @@ class Build(DaskMethodsMixin):
         partitions: list[int],
         plan: BuildPlan,
         writer: str | None,
+        chains: list[BuildPlan] | None = None,
+        writers: list[str | None] | None = None,
     ) -> None:
         self._final = final
         self.write_keys = write_keys
         self.partitions = partitions
         self.plan = plan
         self.writer = writer
+        self.chains = chains if chains is not None else [plan]
+        self.writers = writers if writers is not None else [writer]
 
     @property
     def path(self) -> str:
@@ -113,11 +131,14 @@ class Build(DaskMethodsMixin):
         ``create(..., mode="a")`` to resume. ``client`` defaults to the
         default distributed client, if any.
         """
-        abort_build(self.token)
+        tokens = [chain.token for chain in self.chains]
+        for token in tokens:
+            abort_build(token)
         if client is None:
             client = default_client()
         if client is not None:
-            client.run(abort_build, self.token)
+            for token in tokens:
+                client.run(abort_build, token)
 
     def __dask_graph__(self) -> Any:
         return self._final.__dask_graph__()
@@ -143,6 +164,8 @@ class Build(DaskMethodsMixin):
 
     def __repr__(self) -> str:
         where = f", writer on {self.writer}" if self.writer else ""
+        if len(self.chains) > 1:
+            where = f", {len(self.chains)} shards"
         return (
             f"<h5bank Build {self.path!r}: {self.total} sources in {len(self.partitions)} "
             f"partitions{where}>"
@@ -163,7 +186,6 @@ class Graph:
 
     def __init__(self, token: str, writer: str | None, decoders: list[str] | None = None) -> None:
         self.token = token
-        self.schedule = decode_schedule(decoders, writer) if decoders and writer is not None else []
         self.name = f"h5bank-build-{token}"
         self.tasks: dict[str, Any] = {}
         self.context = dask.get_annotations()
@@ -172,6 +194,12 @@ class Graph:
             "allow_other_workers": {},
             "priority": {},
         }
+        self.chain(writer, decoders)
+
+    def chain(self, writer: str | None, decoders: list[str] | None = None) -> None:
+        """Pin the tasks added from now on to ``writer``, and place them over ``decoders``
+        (a sharded build adds one writer chain after another)."""
+        self.schedule = decode_schedule(decoders, writer) if decoders and writer is not None else []
         self._pinned = [writer] if writer is not None else None
 
     def add(self, task: Task, pinned: bool = False, place: int | None = None) -> TaskRef:
@@ -244,21 +272,35 @@ def build_graph(
     path = os.path.abspath(os.fspath(path))
     threads = threads or os.cpu_count() or 1
     mode = options.mode
-    skip = committed_ids(path) if mode == "a" else set()
     reads_bytes = any(feature.reads_bytes for feature in features.values())
-    partitions, skipped = partition_sources(
-        sources, options.storage_options, options.partition_size, threads, skip, reads_bytes
-    )
+
+    def partition(skip: set[str]) -> tuple[list[Partition], int]:
+        return partition_sources(
+            sources, options.storage_options, options.partition_size, threads, skip, reads_bytes
+        )
+
+    provenance = {"mode": mode, "sources": describe_sources(sources)}
+    shards = resolve_count(options.shards, len(set(decoders)) if decoders else 1)
+    if sharded_build(path, mode, shards) or options.resume_shards:
+        return _sharded(features, bases, path, options, shards, partition, provenance, writer, threads, decoders)  # fmt: skip
+    partitions, skipped = partition(committed_ids(path) if mode == "a" else set())
     sizes = [len(p) for p in partitions]
     window = options.max_pending
     if window is None and (writer is None or decoders):
         window = 2 * threads
-    plan = _plan(
-        options, path, mode, dict(features), sizes, skipped, writer,
-        {"mode": mode, "sources": describe_sources(sources)},
-    )  # fmt: skip
-    token = plan.token
+    plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
+    decode = _decoder(features, bases, options, plan.token, partitions)
+    return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
 
+
+def _decoder(
+    features: Mapping[str, Feature],
+    bases: Mapping[str, str],
+    options: BuildOptions,
+    token: str,
+    partitions: list[Partition],
+) -> Any:
+    """``produce`` of a build's writer chain (:func:`writer_chain`): decode partition ``k``."""
     storage_options = dict(options.storage_options)
     fetch_settings = dict(options.fetch)
 
@@ -271,7 +313,67 @@ def build_graph(
             place=k,
         )  # fmt: skip
 
-    return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+    return decode
+
+
+def _sharded(
+    features: Mapping[str, Feature],
+    bases: Mapping[str, str],
+    path: str,
+    options: BuildOptions,
+    shards: int,
+    partition: Any,
+    provenance: dict[str, Any],
+    writer: str | None,
+    threads: int,
+    decoders: list[str] | None,
+) -> Build:
+    """The graph of a sharded build (:mod:`pipeline.build.shards`): a writer chain per shard,
+    each pinned to its own worker and fed by that worker's decode tasks, then the index."""
+    sharded = plan_shards(path, options.mode, shards, partition, options.resume_shards)
+    chains = sharded.chains
+    placed = assign_workers(len(chains), writer, decoders) or [(writer, None)]
+    sizes = [len(p) for chain in chains for p in chain.partitions]
+    plan = _plan(
+        options,
+        path,
+        options.mode,
+        dict(features),
+        sizes,
+        sharded.skipped,
+        placed[0][0],
+        provenance,
+    )
+    graph = Graph(plan.token, None)
+    write_keys: list[str] = []
+    finals: list[TaskRef] = []
+    plans: list[BuildPlan] = []
+    for shard, (pinned, feeding) in zip(chains, placed[: len(chains)], strict=True):
+        chain = chain_plan(plan, shard, sharded.base)
+        chain.pinned = pinned is not None
+        graph.chain(pinned, feeding)
+        window = options.max_pending
+        if window is None and (pinned is None or feeding):
+            window = 2 * (len(feeding) if feeding else threads)
+        decode = _decoder(features, bases, options, chain.token, shard.partitions)
+        part_sizes = [len(p) for p in shard.partitions]
+        writes, final = chain_tasks(graph, chain, part_sizes, window, decode, write_partition)
+        write_keys += [w.key for w in writes]
+        finals.append(final)
+        plans.append(chain)
+    graph.chain(placed[0][0])
+    listed = [*sharded.kept, *(chain.path for chain in chains)]
+    index = graph.add(
+        Task(
+            f"h5bank-index-{plan.token}", finish_sharded, graph.constant("plan", plan), listed,
+            sharded.skipped, *finals,
+        ),
+        pinned=True,
+    )  # fmt: skip
+    return Build(
+        graph.delayed(index.key), write_keys, sizes, plan, placed[0][0],
+        chains=plans, writers=[w for w, _ in placed[: len(chains)]],
+    )  # fmt: skip
 
 
 def _plan(
@@ -330,9 +432,18 @@ def writer_chain(
     schedule over ``decoders`` says. Open, the links and finalize are pinned
     to ``writer``.
     """
+    graph = Graph(plan.token, writer, decoders)
+    writes, final = chain_tasks(graph, plan, sizes, window, produce, link)
+    return Build(graph.delayed(final.key), [w.key for w in writes], sizes, plan, writer)
+
+
+def chain_tasks(
+    graph: Graph, plan: BuildPlan, sizes: list[int], window: int | None, produce: Any, link: Any
+) -> tuple[list[TaskRef], TaskRef]:
+    """Add one writer chain to ``graph`` (see :func:`writer_chain`); return its link tasks
+    and its finalize task."""
     token = plan.token
-    graph = Graph(token, writer, decoders)
-    plan_ref = graph.constant("plan", plan)
+    plan_ref = graph.constant(f"plan-{token}", plan)
     state = graph.add(Task(f"h5bank-open-{token}", open_build, plan_ref), pinned=True)
     writes: list[TaskRef] = []
     for k in range(len(sizes)):
@@ -345,7 +456,7 @@ def writer_chain(
     final = graph.add(
         Task(f"h5bank-finalize-{token}", finalize_build, plan_ref, state), pinned=True
     )
-    return Build(graph.delayed(final.key), [w.key for w in writes], sizes, plan, writer)
+    return writes, final
 
 
 def map_graph(
@@ -397,7 +508,7 @@ def map_graph(
         opened = TaskRef(f"h5bank-open-{token}")
         records = graph.add(
             Task(
-                f"h5bank-read-{k}-{token}", read_partition, graph.constant("plan", plan), opened,
+                f"h5bank-read-{k}-{token}", read_partition, graph.constant(f"plan-{token}", plan), opened,
                 columns, partitions[k], after,
             ),
             pinned=True,

@@ -37,6 +37,10 @@ class BuildOptions:
     fsync: bool = True
     fetch: Mapping[str, Any] = field(default_factory=dict)
     scratch: str | None = None
+    shards: int | str = 1  # writer chains (shard files), or "auto": one per worker process
+    # Resume the shards a stopped build of the bank left, in a mode="w" build too: set when
+    # a build whose writer's worker died is planned again (pipeline.bank.building).
+    resume_shards: bool = False
 
     @classmethod
     def resolve(
@@ -47,6 +51,7 @@ class BuildOptions:
         partition_size: int | None = None,
         max_pending: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        shards: int | str | None = None,
     ) -> BuildOptions:
         """Options from the arguments given, the others from ``h5bank.build.*`` (and
         ``h5bank.fetch``, ``h5bank.storage-options``); invalid values raise ``ValueError``."""
@@ -66,4 +71,18 @@ class BuildOptions:
             fsync=bool(config.get("build.fsync")),
             fetch=config.section("fetch"),
             scratch=config.get("build.scratch"),
+            shards=_shards(config.get("build.shards", shards)),
         )
+
+
+def _shards(value: Any) -> int | str:
+    """``h5bank.build.shards`` checked: a whole number >= 1 or ``"auto"`` (``None``: 1)."""
+    if value is None:
+        return 1
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"shards must be a whole number >= 1 or 'auto', got {value!r}")
+    return value

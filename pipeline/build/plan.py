@@ -45,6 +45,9 @@ class BuildPlan:
     # sources, a map's existing ones. The chunks of the tables and columns it creates are
     # sized for them (layout.create_column); 0: nothing planned, small chunks.
     planned: int = 0
+    # A shard's chain: {"last": the last source id of its block}, recorded in the shard when
+    # it is created (pipeline.format.shards); None for a bank of one file.
+    block: dict[str, Any] | None = None
 
 
 class Partition:

@@ -69,6 +69,12 @@ def _jobs(text: str | None) -> dict[str, Any]:
     "--jobs", default=None, help="With --scheduler slurm: N jobs, or MIN:MAX to scale adaptively."
 )
 @click.option("--output", "-o", default=None, help="The bank to write (default: the config's).")
+@click.option(
+    "--shards",
+    default=None,
+    help="Writer chains, each writing its own shard file on its own worker (N, or 'auto': one "
+    "per worker process); the bank file joins them. Default: the config's (1, one file).",
+)
 @click.option("--resume", is_flag=True, help="Continue a stopped build, or add missing sources.")
 @click.option("--overwrite", is_flag=True, help="Build again even if the bank exists.")
 @click.option("--dry-run", is_flag=True, help="Print what would run (the Slurm job script too).")
@@ -78,6 +84,7 @@ def build(
     scheduler: str | None,
     jobs: str | None,
     output: str | None,
+    shards: str | None,
     resume: bool,
     overwrite: bool,
     dry_run: bool,
@@ -103,6 +110,13 @@ def build(
         overrides["h5bank.build.scheduler"] = scheduler
     if output is not None:
         overrides["h5bank.build.output"] = output
+    if shards is not None:
+        if shards != "auto" and not (shards.isdigit() and int(shards) >= 1):
+            raise click.BadParameter(
+                f"{shards!r}: give a number of shards (4), at least 1, or 'auto'",
+                param_hint="--shards",
+            )
+        overrides["h5bank.build.shards"] = shards if shards == "auto" else int(shards)
     build_config = buildconfig.load(config_file, overrides)
     if jobs is not None and build_config.scheduler != "slurm":
         raise click.UsageError(

@@ -22,7 +22,7 @@ from pipeline.files.remote import open_remote
 from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
-from pipeline.format.partial import BankFiles, partial_path
+from pipeline.format.partial import BankFiles
 from pipeline.format.trust import check_file
 from pipeline.urls import is_url, redact
 
@@ -171,10 +171,11 @@ def open_for_reading(
         track(f)
         return checked(f, path, None if unchecked else allow_external)
     except FileNotFoundError:
-        if BankFiles.at(path).only_building:
+        files = BankFiles.at(path)
+        if files.only_building:
             raise BuildInProgressError(
                 f"{path} is being written (a build, an append or bank.map with output is "
-                f"running, or one stopped and left {partial_path(path)}); read it when "
+                f"running, or one stopped and left {files.in_progress}); read it when "
                 "that finishes, or resume a stopped build with create(..., mode='a')"
             ) from None
         raise FileNotFoundError(

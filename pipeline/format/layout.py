@@ -722,15 +722,22 @@ def truncate(f: h5py.File, rebuild: bool = False, sync: Any = None) -> int:
 
 
 def storage_bytes(node: h5py.Group | h5py.Dataset) -> int:
-    """Bytes a dataset, or every dataset below a group, takes in the file."""
+    """Bytes a dataset, or every dataset below a group, takes in the file (a sharded bank's
+    virtual data: the bytes it maps)."""
     if isinstance(node, h5py.Dataset):
-        return int(node.id.get_storage_size())
+        return _stored(node)
     total = 0
 
     def visit(_: str, child: Any) -> None:
         nonlocal total
         if isinstance(child, h5py.Dataset):
-            total += int(child.id.get_storage_size())
+            total += _stored(child)
 
     node.visititems(visit)
     return total
+
+
+def _stored(dataset: h5py.Dataset) -> int:
+    if dataset.id.get_create_plist().get_layout() == h5py.h5d.VIRTUAL:
+        return int(math.prod(dataset.shape)) * dataset.dtype.itemsize  # what its shards hold
+    return int(dataset.id.get_storage_size())

@@ -13,9 +13,10 @@ is there (:attr:`BankFiles.only_building`).
 
 from __future__ import annotations
 
+import glob
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 
@@ -34,6 +35,43 @@ def partial_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) + PARTIAL_SUFFIX
 
 
+def shard_stem(path: str) -> str:
+    """``/data/photos.h5`` -> ``/data/photos.shard-``: what every shard file name of the
+    bank at ``path`` starts with."""
+    root, ext = os.path.splitext(path)
+    return f"{root if ext else path}.shard-"
+
+
+def shard_path(path: str, tag: str, k: int) -> str:
+    """The path of shard ``k`` of a set of shards tagged ``tag`` (one set per build)."""
+    return f"{shard_stem(path)}{tag}-{k:05d}.h5"
+
+
+def shard_files(path: str) -> list[str]:
+    """Every shard file beside ``path``, complete or partial, in name order."""
+    stem = glob.escape(shard_stem(path))
+    found = glob.glob(f"{stem}*.h5") + glob.glob(f"{stem}*.h5{PARTIAL_SUFFIX}")
+    return sorted(found)
+
+
+def complete_path(shard: str) -> str:
+    """A shard file's path once its build finished (without ``.partial``)."""
+    return shard[: -len(PARTIAL_SUFFIX)] if shard.endswith(PARTIAL_SUFFIX) else shard
+
+
+def listed_shards(path: str) -> list[str]:
+    """The shard files the bank at ``path`` lists (full paths); none for a single file."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with h5py.File(path, "r") as f:
+            names = layout.shard_names(f)
+    except OSError:
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, name) for name in names]
+
+
 @dataclass
 class BankFiles:
     """What is on disk for the bank ``path``: the bank, and a build's partial file."""
@@ -42,17 +80,26 @@ class BankFiles:
     partial: str
     bank: bool
     building: bool  # the partial file exists: a build runs, or one stopped
+    # Shard files beside the path that its bank does not list: a sharded build runs, or
+    # one stopped (pipeline.format.shards).
+    stopped_shards: list[str] = field(default_factory=list)
 
     @classmethod
     def at(cls, path: str | os.PathLike[str]) -> BankFiles:
         path = os.fspath(path)
         partial = partial_path(path)
-        return cls(path, partial, os.path.exists(path), os.path.exists(partial))
+        bank = os.path.exists(path)
+        shards = shard_files(path)
+        if shards and bank:
+            listed = set(listed_shards(path))
+            shards = [s for s in shards if complete_path(s) not in listed]
+        return cls(path, partial, bank, os.path.exists(partial), shards)
 
     @property
     def only_building(self) -> bool:
-        """Only the partial file is there: the bank is being built, or its build stopped."""
-        return self.building and not self.bank
+        """Only a build's files are there (the partial file, or shards no bank lists): the
+        bank is being built, or its build stopped."""
+        return (self.building or bool(self.stopped_shards)) and not self.bank
 
     def start(self, mode: str, notes: list[str]) -> str:
         """How a build in ``mode`` starts here: :data:`RESUME` (the partial file),
@@ -83,6 +130,14 @@ class BankFiles:
         self.building = False
         return NEW
 
+    @property
+    def in_progress(self) -> str:
+        """The files of the build there (or that stopped), for a message."""
+        if self.stopped_shards:
+            more = len(self.stopped_shards) - 1
+            return self.stopped_shards[0] + (f" and {more} more shard files" if more else "")
+        return self.partial
+
     def refuse_to_replace(self, resume: bool, overwrite: bool) -> None:
         """Refuse (``FileExistsError``) to replace the bank or a stopped build unless told to:
         the command line's ``--resume`` / ``--overwrite``."""
@@ -93,6 +148,12 @@ class BankFiles:
                 "away to resume the stopped build, or --overwrite to build again"
             )
         if not (resume or overwrite):
+            if self.stopped_shards:
+                raise FileExistsError(
+                    f"{self.stopped_shards[0]} (and {len(self.stopped_shards) - 1} more shard "
+                    "files) hold a sharded build that stopped: --resume continues it, "
+                    "--overwrite starts again"
+                )
             if self.building:
                 raise FileExistsError(
                     f"{self.partial} holds a build that stopped: --resume continues it, "

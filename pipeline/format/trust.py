@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import h5py
 
-from pipeline.errors import DamagedBankError, UnsafeBankError
+from pipeline.errors import DamagedBankError, RemoteShardsError, UnsafeBankError
 from pipeline.format import layout
 
 __all__ = [
@@ -163,8 +163,17 @@ def _stored_chunks_problem(
         return None
     declared = f"{dataset.name} declares {rows:,} rows ({rows * row_bytes:,} bytes)"
     if chunks is None:
-        if dataset.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+        plist = dataset.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.COMPACT:
             return None  # held in the object header, which HDF5 has read whole
+        if plist.get_layout() == h5py.h5d.VIRTUAL:  # a sharded bank's data: mapped, not stored
+            mapped = sum(
+                plist.get_virtual_vspace(i).get_select_npoints()
+                for i in range(plist.get_virtual_count())
+            )
+            if mapped < rows * math.prod(shape[1:]):
+                return f"{declared} but maps {mapped:,} elements of its shards"
+            return None
         stored = dataset.id.get_storage_size()
         if stored + slack < rows * row_bytes:
             return f"{declared} but stores {stored:,} bytes"
@@ -287,6 +296,14 @@ def check_file(f: h5py.File, shown: str, allow_external: bool = False, sizes: bo
 
 
 def _check(f: h5py.File, shown: str, allow_external: bool, sizes: bool) -> None:
+    if f.driver == "fileobj" and layout.shard_names(f):
+        # HDF5 cannot resolve a virtual dataset's files from a file object (and crashed
+        # trying, in HDF5 2.0): the shards of a remote bank must be read by h5bank itself.
+        raise RemoteShardsError(
+            f"{shown} is a sharded bank (its data is in {len(layout.shard_names(f))} shard "
+            "files beside it); h5bank does not read a sharded bank from a URL yet. Copy the "
+            "bank's folder (the bank file and its .shard- files) to a local disk and open it there"
+        )
     walk = _links(f)
     if not allow_external:
         outside = outside_pointers(f, walk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import h5py
@@ -22,6 +23,7 @@ from pipeline.format.layout import (
     ids_table,
     iter_columns,
     read_strings,
+    shard_names,
     state,
     stored_shape,
 )
@@ -88,6 +90,37 @@ def bank_problems(
         yield from _verify_column(column, n, data, stopped)
     if data:
         yield from _verify_chunks(f)
+    if shard_names(f) and f.driver != "fileobj":
+        yield from _verify_shards(f, ids, data)
+
+
+def _verify_shards(index: h5py.File, ids: list[str], data: bool) -> Iterator[str]:
+    """A sharded bank's shards, each a bank (its own problems, named by shard), holding in
+    order the ids the index lists; and each virtual column mapping exactly its shards' rows."""
+    folder = os.path.dirname(os.path.abspath(index.filename))
+    at = 0
+    for name in shard_names(index):
+        try:
+            shard = h5py.File(os.path.join(folder, name), "r")
+        except OSError as error:
+            yield f"its shard {name} cannot be opened ({error})"
+            return
+        with shard:
+            problem = next(bank_problems(shard, data), None)
+            if problem is not None:
+                yield f"its shard {name}: {problem}"
+                return
+            n = committed(shard)
+            if read_strings(ids_table(shard), 0, n) != ids[at : at + n]:
+                yield f"its shard {name} does not hold the ids {IDS} lists at rows {at}..{at + n}"
+                return
+            at += n
+    if at != len(ids):
+        yield f"its shards hold {at} sources, {IDS} lists {len(ids)}"
+
+
+def _virtual(dataset: h5py.Dataset) -> bool:
+    return dataset.id.get_create_plist().get_layout() == h5py.h5d.VIRTUAL
 
 
 def _verify_column(column: Column, n: int, data: bool, stopped: bool = False) -> Iterator[str]:
@@ -151,8 +184,8 @@ def _verify_chunks(f: h5py.File) -> Iterator[str]:
     datasets: list[h5py.Dataset] = []
     f.visititems(lambda _, node: datasets.append(node) if isinstance(node, h5py.Dataset) else None)
     for dataset in datasets:
-        if dataset.shape == () or dataset.size == 0:
-            continue
+        if dataset.shape == () or dataset.size == 0 or _virtual(dataset):
+            continue  # a sharded bank's data: its shards are checked, chunk by chunk
         for selection in _stored_blocks(dataset):
             try:
                 dataset[selection]

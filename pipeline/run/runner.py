@@ -40,7 +40,7 @@ from pipeline.build.chain import abort_build
 from pipeline.build.graph import Build
 from pipeline.build.summary import BuildSummary
 from pipeline.clients import cluster_workers, default_client
-from pipeline.errors import SchedulerError, WorkerDiedError, WriterError
+from pipeline.errors import SchedulerError, WorkerDiedError, WriterLostError
 from pipeline.files.cache import release
 from pipeline.format.partial import partial_path
 from pipeline.run.local import closing, start_local_cluster
@@ -122,22 +122,22 @@ class Runner:
         import socket
 
         folder = os.path.dirname(build.path)
-        if self.client is None or build.writer is None:  # the writer runs in this process
-            host, problem = _cannot_write(folder)
+        writers = sorted({w for w in build.writers if w is not None})
+        if self.client is None or not writers:  # the writer runs in this process
+            answers = {None: _cannot_write(folder)}
         else:
-            host, problem = self.client.run(_cannot_write, folder, workers=[build.writer])[
-                build.writer
-            ]
-        if problem is None:
-            return
-        if host == socket.gethostname():
-            error = FileNotFoundError if "no folder" in problem else PermissionError
-            raise error(f"cannot write the bank {build.path}: {problem}")
-        raise SchedulerError(
-            f"the writer's worker {build.writer} on host {host} cannot write the bank into "
-            f"{folder}: {problem}. The bank's folder must be on storage that worker reaches (a "
-            "shared filesystem when workers run on other machines)"
-        )
+            answers = self.client.run(_cannot_write, folder, workers=writers)
+        for writer, (host, problem) in answers.items():
+            if problem is None:
+                continue
+            if host == socket.gethostname():
+                error = FileNotFoundError if "no folder" in problem else PermissionError
+                raise error(f"cannot write the bank {build.path}: {problem}")
+            raise SchedulerError(
+                f"the writer's worker {writer} on host {host} cannot write the bank into "
+                f"{folder}: {problem}. The bank's folder must be on storage that worker reaches "
+                "(a shared filesystem when workers run on other machines)"
+            )
 
     def gather(
         self, parts: list[Any], sizes: list[int], desc: str, progress: bool = True
@@ -173,7 +173,8 @@ class Runner:
             with _progress(dict(zip(build.write_keys, build.partitions, strict=True)), bar):
                 (summary,) = dask.compute(build, **self._local_options())
         except BaseException:
-            abort_build(build.token)
+            for chain in build.chains:
+                abort_build(chain.token)
             raise
         return summary
 
@@ -221,15 +222,17 @@ class Runner:
             try:
                 return done.get(timeout=1.0)
             except queue.Empty:
-                if build.writer is not None and build.writer not in cluster_workers(self.client):
+                present = cluster_workers(self.client)
+                gone = next((w for w in build.writers if w is not None and w not in present), None)
+                if gone is not None:
                     then = (
                         "bank.map puts the bank back as of its last commit"
                         if build.plan.provenance.get("mode") == "map"
                         else f"{partial_path(build.path)} is consistent up to its last "
                         "commit: resume with mode='a'"
                     )
-                    raise WriterError(
-                        f"the writer of {build.path} ran on worker {build.writer}, which left the "
+                    raise WriterLostError(
+                        f"the writer of {build.path} ran on worker {gone}, which left the "
                         "cluster (its process died: out of memory, or a decoder crashed it on a "
                         f"source; or the cluster retired it); {then}"
                     ) from None
