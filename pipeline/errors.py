@@ -9,7 +9,6 @@
 | ``UnknownIdError`` | an id is not in the bank (also a ``KeyError``) |
 | ``ReadOnlyError`` | a write to a bank opened with ``mode="r"`` |
 | ``ShardedWriteError`` | a write in place (``add``, ``set``, ``map``) to a sharded bank, which takes new sources only through ``create(..., mode="a")`` for now |
-| ``RemoteShardsError`` | a sharded bank opened from a URL (copy its folder to read it) |
 | ``NotABankError`` | a bank type opened a file h5bank did not write |
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
@@ -46,7 +45,6 @@ __all__ = [
     "NotABankError",
     "PartialSetAsideError",
     "ReadOnlyError",
-    "RemoteShardsError",
     "SchedulerError",
     "SchemaError",
     "ShardedWriteError",
@@ -97,10 +95,6 @@ class UnknownIdError(H5BankError, KeyError):
 
 class ReadOnlyError(H5BankError):
     """A write was attempted on a bank opened read-only."""
-
-
-class RemoteShardsError(H5BankError):
-    """A sharded bank was opened from a URL, which h5bank cannot read yet."""
 
 
 class ShardedWriteError(ReadOnlyError):

@@ -103,6 +103,26 @@ def expand(
             yield from _expand_local(item)
 
 
+def local_roots(sources: Any, limit: int = 32) -> list[str]:
+    """The local folders and files ``sources`` names (a glob: the folder before its first
+    wildcard), as absolute paths, for the first ``limit``: what every worker of a cluster
+    must see to read them. URLs, plain ids and streamed sources give none."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not isinstance(sources, (list, tuple)):
+        return []
+    roots: list[str] = []
+    for item in sources[:limit]:
+        if not isinstance(item, (str, os.PathLike)) or is_url(text := os.fspath(item)):
+            continue
+        text = os.path.expanduser(text)
+        if _MAGIC.search(text) and not os.path.lexists(text):
+            text = _glob_root(text) or "."
+        if os.path.lexists(text):
+            roots.append(os.path.abspath(text))
+    return list(dict.fromkeys(roots))
+
+
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 

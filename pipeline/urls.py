@@ -10,6 +10,7 @@ for text quoting URLs (error messages), :func:`hide_secrets` for settings
 from __future__ import annotations
 
 import errno
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -327,3 +328,14 @@ def _hide_in_line(line: str) -> str:
     if not starts:
         return line
     return body[: min(starts)] + HIDDEN + ending
+
+
+def sibling(path: str, name: str) -> str:
+    """The file ``name`` in the folder of ``path`` (a local path or an fsspec URL, whose query
+    is dropped: a signed URL signs one object)."""
+    if not is_url(path):
+        return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    chain, _, target = path.rpartition("::")
+    target = target.split("?", 1)[0].split("#", 1)[0]
+    folder = target.rsplit("/", 1)[0]
+    return f"{chain}::{folder}/{name}" if chain else f"{folder}/{name}"

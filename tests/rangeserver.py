@@ -86,9 +86,9 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def serve(handler, port: int, port_file: str) -> None:
-    """Serve ``handler`` on 127.0.0.1; write the bound port to ``port_file`` once listening."""
-    with Server(("127.0.0.1", port), handler) as server:
+def serve(handler, port: int, port_file: str, host: str = "127.0.0.1") -> None:
+    """Serve ``handler`` on ``host``; write the bound port to ``port_file`` once listening."""
+    with Server((host, port), handler) as server:
         with open(port_file + ".tmp", "w") as f:
             f.write(str(server.server_address[1]))
         os.replace(port_file + ".tmp", port_file)  # readers never see a half-written port
@@ -100,8 +100,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--directory", default=".")
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
-    serve(partial(RangeHandler, directory=args.directory), args.port, args.port_file)
+    serve(partial(RangeHandler, directory=args.directory), args.port, args.port_file, args.host)
 
 
 if __name__ == "__main__":

@@ -243,11 +243,14 @@ class ScriptServer:
 
 
 class RangeServer(ScriptServer):
-    """``tests/rangeserver.py`` serving ``root``; its log counts the requests it answered."""
+    """``tests/rangeserver.py`` serving ``root`` on ``host``; its log counts the requests it
+    answered."""
 
-    def __init__(self, root: Path, folder: Path) -> None:
+    def __init__(self, root: Path, folder: Path, host: str = HOST) -> None:
         self.root = root
-        super().__init__("rangeserver.py", ["--directory", str(root)], folder, "rangeserver")
+        args = ["--directory", str(root), "--host", host]
+        super().__init__("rangeserver.py", args, folder, "rangeserver")
+        self.url = f"http://{host}:{self.port}"
 
 
 class FaultServer(ScriptServer):

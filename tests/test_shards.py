@@ -11,12 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import fsspec
 import h5py
 import numpy as np
 import pytest
 from conftest import assert_same_contents, write_images, write_sounds
+from test_cloud import s3_options
 
 from features import DirLabels, Image, Sound
 from pipeline import ShardedWriteError, TypedFile, UnsafeBankError
@@ -222,3 +225,33 @@ def test_the_shards_setting_and_auto(client, tmp_path):
     assert shards_of(tmp_path / "here.h5") == []  # in process: one writer, one file
     Photos.create(tmp_path / "two.h5", images, scheduler=client, shards="auto", progress=False).close()  # fmt: skip
     assert len(shards_of(tmp_path / "two.h5")) == len(client.scheduler_info()["workers"]) == 2
+
+
+def test_a_sharded_bank_reads_from_a_url_like_the_local_one(http_server, moto, client, tmp_path):
+    """Over HTTP and S3 the shards are fetched beside the index (HDF5 cannot follow a virtual
+    dataset from a remote file; h5bank reads the shards itself), by the client and workers."""
+    images = corpus(tmp_path / "images", per_class=10)
+    folder = http_server.root / f"sharded-{tmp_path.name}"
+    folder.mkdir()
+    local = Photos.create(folder / "bank.h5", images, scheduler="threads", shards=3, progress=False)
+    ids, pixels = local.ids, local.img[:]
+    local.close()
+    options = s3_options(moto.url)
+    s3 = fsspec.filesystem("s3", **options)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    s3.mkdir(bucket)
+    for path in folder.iterdir():
+        s3.put(str(path), f"{bucket}/{folder.name}/{path.name}")
+    for url, storage_options in (
+        (f"{http_server.url}/{folder.name}/bank.h5", None),
+        (f"s3://{bucket}/{folder.name}/bank.h5", options),
+    ):
+        remote = Photos(url, storage_options=storage_options)
+        assert remote.ids == ids
+        np.testing.assert_array_equal(remote.img[:], pixels)
+        rows = [0, 5, len(ids) - 1, 11]
+        np.testing.assert_array_equal(remote.img[rows], pixels[rows])
+        np.testing.assert_array_equal(remote.img.get(ids[7]), pixels[7])
+        total = client.compute(remote.img.to_dask().sum(axis=0)).result()
+        np.testing.assert_array_equal(total, pixels.sum(axis=0))
+        remote.close()

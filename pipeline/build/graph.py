@@ -70,6 +70,7 @@ from pipeline.build.shards import (
 from pipeline.clients import default_client
 from pipeline.errors import SchemaError
 from pipeline.read.records import ColumnSpec
+from pipeline.sources import local_roots
 
 WRITER_PRIORITY = 100  # run a ready writer task before more decoding on its worker
 
@@ -106,6 +107,7 @@ class Build(DaskMethodsMixin):
         self.writer = writer
         self.chains = chains if chains is not None else [plan]
         self.writers = writers if writers is not None else [writer]
+        self.local_roots: list[str] = []  # local source paths every worker must see
 
     @property
     def path(self) -> str:
@@ -280,9 +282,12 @@ def build_graph(
         )
 
     provenance = {"mode": mode, "sources": describe_sources(sources)}
+    roots = local_roots(sources)
     shards = resolve_count(options.shards, len(set(decoders)) if decoders else 1)
     if sharded_build(path, mode, shards) or options.resume_shards:
-        return _sharded(features, bases, path, options, shards, partition, provenance, writer, threads, decoders)  # fmt: skip
+        made = _sharded(features, bases, path, options, shards, partition, provenance, writer, threads, decoders)  # fmt: skip
+        made.local_roots = roots
+        return made
     partitions, skipped = partition(committed_ids(path) if mode == "a" else set())
     sizes = [len(p) for p in partitions]
     window = options.max_pending
@@ -290,7 +295,9 @@ def build_graph(
         window = 2 * threads
     plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
     decode = _decoder(features, bases, options, plan.token, partitions)
-    return writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+    made = writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+    made.local_roots = roots
+    return made
 
 
 def _decoder(

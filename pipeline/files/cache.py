@@ -30,6 +30,7 @@ from pipeline.files.handles import (
 from pipeline.files.remote import REMOTE_REVALIDATE, remote_identity
 from pipeline.format import layout
 from pipeline.format.storage import KINDS
+from pipeline.format.virtual import ShardRows, is_virtual
 from pipeline.urls import is_url, redact
 
 
@@ -286,7 +287,9 @@ class LazyFile:
         with self._entry() as entry:
             cached = entry.datasets.get(name)
             if cached is None:
-                dataset = entry.file[name]
+                dataset: Any = entry.file[name]
+                if is_virtual(dataset):
+                    dataset = ShardRows(dataset)  # a sharded bank's data: read from its shards
                 cached = entry.datasets[name] = (dataset, Expect.of(dataset))
             dataset, now = cached
             problem = expect.problem(now) if expect is not None else None

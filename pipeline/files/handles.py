@@ -24,7 +24,8 @@ from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
 from pipeline.format.partial import BankFiles
 from pipeline.format.trust import check_file
-from pipeline.urls import is_url, redact
+from pipeline.format.virtual import forget_opener, register_opener
+from pipeline.urls import is_url, redact, sibling
 
 # What a reader opens with unless told otherwise: HDF5's shared lock where the
 # filesystem supports locks, none where it does not (NFS, Lustre often refuse).
@@ -112,6 +113,8 @@ os.register_at_fork(after_in_child=_after_fork)
 def close_file(f: h5py.File) -> None:
     """Close ``f`` and, for a remote bank, its file object."""
     _OPEN.pop(id(f), None)
+    if f.id.valid:
+        forget_opener(f)
     f.close()
     raw = getattr(f, "_h5bank_raw", None)
     if raw is not None:
@@ -165,11 +168,13 @@ def open_for_reading(
     register_plugin_filters()
     if is_url(path):
         trust = None if unchecked else allow_external
-        return checked(open_remote(path, storage_options, **options), path, trust)
+        f = checked(open_remote(path, storage_options, **options), path, trust)
+        return _with_shards(f, path, storage_options, options)
     try:
         f = h5py.File(path, "r", **{**READ_OPTIONS, **options})
         track(f)
-        return checked(f, path, None if unchecked else allow_external)
+        f = checked(f, path, None if unchecked else allow_external)
+        return _with_shards(f, path, storage_options, options)
     except FileNotFoundError:
         files = BankFiles.at(path)
         if files.only_building:
@@ -190,6 +195,20 @@ def open_for_reading(
                 f"while it is written. Close the writer and retry ({error})"
             ) from None
         raise
+
+
+def _with_shards(
+    f: h5py.File, path: str, storage_options: Mapping[str, Any] | None, options: dict[str, Any]
+) -> h5py.File:
+    """``f``; when it is a sharded bank's index, its shards open as it did: the same storage,
+    options and checks (:mod:`pipeline.format.virtual`), named beside it."""
+    if layout.shard_names(f):
+
+        def open_shard(name: str) -> h5py.File:
+            return open_for_reading(sibling(path, name), storage_options, **options)
+
+        register_opener(f, open_shard)
+    return f
 
 
 def open_for_writing(path: str, mode: str) -> h5py.File:

@@ -52,6 +52,7 @@ from pipeline.format.filters import precompressed
 from pipeline.format.rows import open_dataset
 from pipeline.format.storage import StorageKind
 from pipeline.format.storage import kind as storage_kind
+from pipeline.format.virtual import ShardRows, is_virtual
 
 FORMAT = "h5bank"
 VERSION = 1
@@ -356,7 +357,7 @@ class Column:
     path: str
     storage: str
     group: h5py.Group
-    data: h5py.Dataset
+    data: h5py.Dataset  # or, for a sharded bank, a ShardRows reading its shards
     refs: h5py.Dataset
     shape: h5py.Dataset | None
 
@@ -372,7 +373,11 @@ class Column:
         # Items are read a row at a time at random (batches, get_rows): no chunk cache.
         # Sequences (rows, flat) are read in windows and strides, which the cache serves.
         cached = storage_kind(storage).chunk_cache
-        data = group[DATA] if cached else open_dataset(group, DATA)
+        data: Any = group[DATA]
+        if is_virtual(data):
+            data = ShardRows(data)  # a sharded bank's: read from its shards
+        elif not cached:
+            data = open_dataset(group, DATA)
         return cls(path, storage, group, data, group[REFS], group.get(SHAPE))
 
 

@@ -25,11 +25,12 @@ class RowsDataset(h5py.Dataset):
     chunks do not span whole rows, are read through h5py.
     """
 
-    def read_rows(self, wanted: np.ndarray) -> np.ndarray:
-        """Rows ``wanted`` (sorted, unique, in range) as one array."""
+    def read_rows(self, wanted: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``wanted`` (sorted, unique, in range) as one array (``out``, if given)."""
         if not self._direct():
-            return read_runs(self, wanted)
-        out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
+            return read_runs(self, wanted, out)
+        if out is None:
+            out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
         per_chunk = self.chunks[0]
         row_bytes = out.itemsize * math.prod(self.shape[1:])
         fd = self.file.id.get_vfd_handle()
@@ -77,10 +78,11 @@ class RowsDataset(h5py.Dataset):
         return addresses[chunk]
 
 
-def read_runs(dataset: h5py.Dataset, wanted: np.ndarray) -> np.ndarray:
+def read_runs(dataset: Any, wanted: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``wanted`` (sorted, unique) of ``dataset``, one h5py slice per run of consecutive
-    rows, into one array."""
-    out = np.empty((len(wanted), *dataset.shape[1:]), dtype=dataset.dtype)
+    rows, into one array (``out``, if given)."""
+    if out is None:
+        out = np.empty((len(wanted), *dataset.shape[1:]), dtype=dataset.dtype)
     breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
     for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(wanted)].tolist(), strict=True):
         start = int(wanted[a])
@@ -183,6 +185,6 @@ def take_rows(data: Any, indices: Any) -> np.ndarray:
     row_bytes = data.dtype.itemsize * math.prod(data.shape[1:])
     if one_request(low, high, len(wanted), row_bytes):
         return data[low:high][wanted[where] - low]
-    if isinstance(data, RowsDataset):
+    if hasattr(data, "read_rows"):  # a RowsDataset, or a sharded bank's ShardRows
         return data.read_rows(wanted)[where]
     return read_runs(data, wanted)[where]

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import h5py
 
-from pipeline.errors import DamagedBankError, RemoteShardsError, UnsafeBankError
+from pipeline.errors import DamagedBankError, UnsafeBankError
 from pipeline.format import layout
 
 __all__ = [
@@ -296,14 +296,6 @@ def check_file(f: h5py.File, shown: str, allow_external: bool = False, sizes: bo
 
 
 def _check(f: h5py.File, shown: str, allow_external: bool, sizes: bool) -> None:
-    if f.driver == "fileobj" and layout.shard_names(f):
-        # HDF5 cannot resolve a virtual dataset's files from a file object (and crashed
-        # trying, in HDF5 2.0): the shards of a remote bank must be read by h5bank itself.
-        raise RemoteShardsError(
-            f"{shown} is a sharded bank (its data is in {len(layout.shard_names(f))} shard "
-            "files beside it); h5bank does not read a sharded bank from a URL yet. Copy the "
-            "bank's folder (the bank file and its .shard- files) to a local disk and open it there"
-        )
     walk = _links(f)
     if not allow_external:
         outside = outside_pointers(f, walk)

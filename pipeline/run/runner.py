@@ -106,6 +106,7 @@ class Runner:
         """Compute ``build``, showing sources written, rate and ETA while it runs."""
         self.release(build.path)
         self._check_output(build)
+        self._check_sources(build)
         verb = "map " if build.plan.provenance.get("mode") == "map" else ""
         desc = f"h5bank {verb}{printable(os.path.basename(build.path))}"
         with _bar(build.total, desc, progress) as bar:
@@ -138,6 +139,22 @@ class Runner:
                 f"{folder}: {problem}. The bank's folder must be on storage that worker reaches "
                 "(a shared filesystem when workers run on other machines)"
             )
+
+    def _check_sources(self, build: Build) -> None:
+        """Fail before any work when a worker cannot see a local source path the client
+        gave: workers read local sources themselves (a cluster's machines share only what
+        their filesystems share)."""
+        if self.client is None or not build.local_roots:
+            return
+        answers = self.client.run(_missing, build.local_roots)
+        for worker, (host, missing) in sorted(answers.items()):
+            if missing:
+                raise SchedulerError(
+                    f"worker {worker} on host {host} cannot see the source path {missing}: "
+                    "workers read local sources themselves, so a local path must be on "
+                    "storage every worker reaches (a shared filesystem); or give the sources "
+                    "as URLs (https://, s3://...)"
+                )
 
     def gather(
         self, parts: list[Any], sizes: list[int], desc: str, progress: bool = True
@@ -236,6 +253,13 @@ class Runner:
                         "cluster (its process died: out of memory, or a decoder crashed it on a "
                         f"source; or the cluster retired it); {then}"
                     ) from None
+
+
+def _missing(paths: list[str]) -> tuple[str, str | None]:
+    """This host, and the first of ``paths`` this process cannot see (``None``: it sees all)."""
+    import socket
+
+    return socket.gethostname(), next((p for p in paths if not os.path.lexists(p)), None)
 
 
 def _cannot_write(folder: str) -> tuple[str, str | None]:
