@@ -21,8 +21,9 @@ import pytest
 from conftest import assert_same_contents, write_images, write_sounds
 from test_cloud import s3_options
 
-from features import DirLabels, Image, Sound
+from features import DirLabels, Feature, Image, Sound
 from pipeline import ShardedWriteError, TypedFile, UnsafeBankError
+from pipeline.build.shards import auto_shards
 from pipeline.errors import DamagedBankError, WriterError
 from pipeline.format import layout
 from pipeline.format.shards import shard_files
@@ -36,6 +37,16 @@ class Photos(TypedFile):
 class Clips(TypedFile):
     snd = Sound(sr=8000)
     label = DirLabels()
+
+
+class Number(Feature):
+    """Four floats made from the source's id: nothing to fetch."""
+
+    reads_bytes = False
+    storage = "item"
+
+    def load(self, source):
+        return np.full(4, float(source.id[1:]), np.float32)
 
 
 def corpus(root: Path, per_class: int = 30) -> Path:
@@ -224,7 +235,17 @@ def test_the_shards_setting_and_auto(client, tmp_path):
     Photos.create(tmp_path / "here.h5", images, scheduler="threads", shards="auto", progress=False).close()  # fmt: skip
     assert shards_of(tmp_path / "here.h5") == []  # in process: one writer, one file
     Photos.create(tmp_path / "two.h5", images, scheduler=client, shards="auto", progress=False).close()  # fmt: skip
-    assert len(shards_of(tmp_path / "two.h5")) == len(client.scheduler_info()["workers"]) == 2
+    assert shards_of(tmp_path / "two.h5") == []  # 18 sources: too few to be worth a shard
+    assert (auto_shards(2, 2048), auto_shards(2, 2047), auto_shards(64, 10**6)) == (2, 1, 64)
+    ids = [f"s{i:05d}" for i in range(2048)]
+    Numbers.create(tmp_path / "n.h5", ids, scheduler=client, shards="auto", progress=False).close()
+    assert len(shards_of(tmp_path / "n.h5")) == len(client.scheduler_info()["workers"]) == 2
+    with Numbers(tmp_path / "n.h5") as bank:
+        assert bank.ids == ids and float(bank.x.get("s01234")[0]) == 1234.0
+
+
+class Numbers(TypedFile):
+    x = Number()
 
 
 def test_a_sharded_bank_reads_from_a_url_like_the_local_one(http_server, moto, client, tmp_path):

@@ -61,6 +61,7 @@ from pipeline.build.plan import (
 )
 from pipeline.build.shards import (
     assign_workers,
+    auto_shards,
     chain_plan,
     finish_sharded,
     plan_shards,
@@ -283,12 +284,22 @@ def build_graph(
 
     provenance = {"mode": mode, "sources": describe_sources(sources)}
     roots = local_roots(sources)
-    shards = resolve_count(options.shards, len(set(decoders)) if decoders else 1)
+    workers = len(set(decoders)) if decoders else 1
+    made_here: tuple[list[Partition], int] | None = None
+    shards = options.shards
+    if shards == "auto" and not (options.resume_shards or sharded_build(path, mode, 1)):
+        made_here = partition(committed_ids(path) if mode == "a" else set())
+        shards = auto_shards(workers, sum(len(p) for p in made_here[0]))
+    shards = resolve_count(shards, workers)
     if sharded_build(path, mode, shards) or options.resume_shards:
-        made = _sharded(features, bases, path, options, shards, partition, provenance, writer, threads, decoders)  # fmt: skip
+
+        def once(skip: set[str]) -> tuple[list[Partition], int]:
+            return made_here if made_here is not None and not skip else partition(skip)
+
+        made = _sharded(features, bases, path, options, shards, once, provenance, writer, threads, decoders)  # fmt: skip
         made.local_roots = roots
         return made
-    partitions, skipped = partition(committed_ids(path) if mode == "a" else set())
+    partitions, skipped = made_here or partition(committed_ids(path) if mode == "a" else set())
     sizes = [len(p) for p in partitions]
     window = options.max_pending
     if window is None and (writer is None or decoders):

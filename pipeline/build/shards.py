@@ -298,6 +298,19 @@ def assign_workers(
     return placed
 
 
+# "auto" makes no shard of fewer sources than this: a small build stays one plain file (each
+# shard costs a file, about 30 KB, and a writer chain's start).
+AUTO_SOURCES_PER_SHARD = 1024
+
+
+def auto_shards(workers: int, sources: int) -> int:
+    """What ``shards="auto"`` means for a build of ``sources`` on ``workers`` worker processes:
+    one shard per worker, so that each worker writes what it decodes (nothing decoded crosses
+    between processes), but no shard of fewer than :data:`AUTO_SOURCES_PER_SHARD` sources.
+    See ``docs/scaling.md`` for the measurements behind it."""
+    return max(1, min(workers, sources // AUTO_SOURCES_PER_SHARD))
+
+
 def resolve_count(shards: int | str, workers: int) -> int:
     """The number of shards ``shards`` asks for: a number, or ``"auto"`` (one per worker
     process of a cluster of ``workers``; 1 in process)."""
