@@ -52,7 +52,7 @@ from pipeline.format.filters import precompressed
 from pipeline.format.rows import open_dataset
 from pipeline.format.storage import StorageKind
 from pipeline.format.storage import kind as storage_kind
-from pipeline.format.virtual import ShardRows, is_virtual
+from pipeline.format.virtual import ATTR_SHARDS, ShardRows, is_virtual
 
 FORMAT = "h5bank"
 VERSION = 1
@@ -67,7 +67,6 @@ ATTR_COMMITTED = "h5bank_committed"
 ATTR_FAILURES_COMMITTED = "h5bank_failures_committed"
 ATTR_STORAGE = "h5bank_storage"
 ATTR_FEATURE = "h5bank_feature"
-ATTR_SHARDS = "h5bank_shards"  # JSON list: the shard files a sharded bank reads (its own folder)
 ATTR_NAMES = "names"  # category labels, code i is names[i]
 
 IDS = "__sources__/id"

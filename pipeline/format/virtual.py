@@ -12,10 +12,10 @@ each block of rows is read from the shard holding it, with the shard's own
 fast row path (:class:`~pipeline.format.rows.RowsDataset`).
 
 Shard files open through the opener the files layer registers for the index
-(:func:`register_opener`: the same storage and options, remote or local),
-else beside the index with h5py; each is checked like any bank a reader
-opens (:mod:`pipeline.format.trust`), must not be sharded itself, and must
-hold the rows the index maps.
+(:func:`register_opener`: the same storage and options, remote or local,
+each shard checked like any bank a reader opens, :mod:`pipeline.format.trust`),
+else beside the index with h5py; a shard must not be sharded itself, and
+must hold the rows the index maps.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pipeline.errors import DamagedBankError, ShardedWriteError
 from pipeline.format.rows import absolute_rows, open_dataset, read_runs
 
 Opener = Callable[[str], h5py.File]
+
+ATTR_SHARDS = "h5bank_shards"  # JSON list: the shard files a sharded bank reads (its own folder)
 
 # How each open index file (by HDF5's file number) opens a shard named beside it.
 _OPENERS: dict[int, Opener] = {}
@@ -54,16 +56,10 @@ def is_virtual(dataset: h5py.Dataset) -> bool:
 
 
 def _open_beside(index: h5py.File, name: str) -> h5py.File:
-    from pipeline.format.trust import check_file  # trust reads the layout, which reads this
-
-    path = os.path.join(os.path.dirname(os.path.abspath(index.filename)), name)
-    shard = h5py.File(path, "r")
-    try:
-        check_file(shard, path)
-    except BaseException:
-        shard.close()
-        raise
-    return shard
+    """A shard of an index opened outside the files layer (plain ``h5py.File``): beside it,
+    read-only. Readers open banks through the files layer, whose opener also checks each
+    shard (:mod:`pipeline.format.trust`)."""
+    return h5py.File(os.path.join(os.path.dirname(os.path.abspath(index.filename)), name), "r")
 
 
 def _rows(space: h5py.h5s.SpaceID, virtual: h5py.Dataset) -> tuple[int, int]:
@@ -142,10 +138,8 @@ class ShardRows:
                 opener = _OPENERS.get(self.file.id.fileno)
             shard = opener(name) if opener is not None else _open_beside(self.file, name)
             self._files.append(shard)
-            from pipeline.format.layout import shard_names
-
             parent, _, leaf = dataset.rpartition("/")
-            if dataset not in shard or shard_names(shard):
+            if dataset not in shard or ATTR_SHARDS in shard.attrs:
                 raise DamagedBankError(
                     f"{self.file.filename}: {self.name} maps rows of {name}:{dataset}, which "
                     "is not the data of a shard"
