@@ -109,6 +109,11 @@ class BuildConfig:
             f"sources:  {sources}",
             f"output:   {output}",
         ]
+        shards = self.get("build.shards")
+        if shards not in (None, 1):
+            lines.append(
+                f"shards:   {shards} (writer chains, each its own shard file beside the bank)"
+            )
         with dask.config.set(self.settings):
             scheduler = self.scheduler
             if scheduler == "slurm":

@@ -379,7 +379,7 @@ def test_workers_dying_on_one_source_stop_the_build_with_what_to_do(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("h5bank: error")]
     (line,) = lines
     partial = f"{tmp_path / 'crash.h5.partial'}"
-    if "WriterError" in line:  # the source was decoded on the writer's worker and took it down
+    if "WriterLostError" in line:  # the source was decoded on the writer's worker: it took it down
         assert f"the writer of {tmp_path / 'crash.h5'} ran on worker" in line, line
         assert "a decoder crashed it on a source" in line, line
         assert f"{partial} is consistent up to its last commit: resume" in line, line

@@ -22,7 +22,13 @@ from conftest import assert_same_contents, write_images, write_sounds
 from test_cloud import s3_options
 
 from features import DirLabels, Feature, Image, Sound
-from pipeline import ShardedWriteError, TypedFile, UnsafeBankError
+from pipeline import (
+    BuildInProgressError,
+    ShardedWriteError,
+    SourceError,
+    TypedFile,
+    UnsafeBankError,
+)
 from pipeline.build.shards import auto_shards
 from pipeline.errors import DamagedBankError, WriterError
 from pipeline.format import layout
@@ -276,3 +282,42 @@ def test_a_sharded_bank_reads_from_a_url_like_the_local_one(http_server, moto, c
         total = client.compute(remote.img.to_dask().sum(axis=0)).result()
         np.testing.assert_array_equal(total, pixels.sum(axis=0))
         remote.close()
+
+
+def test_a_stopped_sharded_build_is_named_to_readers_and_the_command_line(tmp_path):
+    """A sharded build stopped by an error leaves its shards' partial files: readers are told
+    a build is there, `h5bank build` refuses to start over without --resume or --overwrite,
+    and --resume finishes it with every shard continuing its own block."""
+    images = corpus(tmp_path / "images", per_class=20)  # 3 broken files among 60
+    out = tmp_path / "bank.h5"
+    with pytest.raises(SourceError):
+        Photos.create(out, images, scheduler="threads", shards=2, on_error="raise",
+                      partition_size=4, progress=False)  # fmt: skip
+    assert not out.exists() and shard_files(str(out))
+    with pytest.raises(BuildInProgressError, match=r"shard-.*partial"):
+        Photos(out)
+    config = tmp_path / "build.yaml"
+    config.write_text(
+        f"h5bank:\n  build:\n    bank: test_shards:Photos\n    sources: [{images}]\n"
+        f"    output: {out}\n    scheduler: threads\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build",
+        str(config),
+        "--shards",
+        "2",
+        "--quiet",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "--resume continues it" in refused.stderr, refused.stderr
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tmp_path / "one.h5"
+    Photos.create(reference, images, scheduler="threads", progress=False).close()
+    assert_same_contents(out, reference, failures=True)
+    assert len(shards_of(out)) == 2
+    assert sorted(os.path.basename(p) for p in shard_files(str(out))) == sorted(shards_of(out))

@@ -23,6 +23,7 @@ from slowbank import QuickBank
 
 from pipeline import SourceError
 from pipeline.demo import DemoBank, make_samples
+from pipeline.format import layout
 from pipeline.format.verify import bank_problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,25 @@ def test_build_through_slurm_cluster_equals_local_build(
     never_ran = [job for job, fields in ended.items() if fields.get("StartTime") in (None, "None")
                  or fields.get("RunTime") == "00:00:00"]  # fmt: skip
     assert never_ran, f"no job was still pending: {ended}"
+
+
+def test_a_sharded_build_on_slurm_jobs_equals_the_local_build(
+    slurm, demo_sources, jobqueue, tmp_path
+):
+    """Two one-core jobs, a shard each: the build waits for both workers before placing a
+    writer on each, and the bank equals the single-file build made here."""
+    _, settings = jobqueue
+    with dask.config.set({**settings, "h5bank.slurm.jobs": 2}):
+        bank = DemoBank.create(
+            tmp_path / "sharded.h5", demo_sources["sources"], scheduler="slurm", shards=2,
+            progress=False,
+        )  # fmt: skip
+    with bank:
+        assert bank.summary.ok == len(bank) == 138
+        assert "2 shards written by 2 writers" in bank.summary.notes[-1]
+    assert_same_contents(tmp_path / "sharded.h5", demo_sources["local"])
+    with h5py.File(tmp_path / "sharded.h5", "r") as f:
+        assert len(layout.shard_names(f)) == 2
 
 
 def test_cli_build_on_slurm_adaptive_equals_local_build(slurm, demo_sources, jobqueue, tmp_path):

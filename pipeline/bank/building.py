@@ -21,7 +21,7 @@ from pipeline.build.options import BuildOptions
 from pipeline.build.summary import BuildSummary
 from pipeline.build.upload import check_upload_target, upload_bank
 from pipeline.errors import PartialSetAsideError, WriterLostError
-from pipeline.run.runner import placement, runner_for
+from pipeline.run.runner import Runner, placement, runner_for
 from pipeline.schema import Schema
 from pipeline.urls import is_url, redact
 
@@ -36,6 +36,8 @@ def graph(schema: Schema, path: str, sources: Any, options: BuildOptions, schedu
             f"a build graph writes a local file; build {redact(path)} with "
             "create(), which builds locally and uploads the bank when it is complete"
         )
+    if options.shards != 1 and isinstance(scheduler, Runner):
+        scheduler.wait_for_expected()  # a writer on each worker: plan once they are there
     writer, threads, decoders = placement(scheduler)
     return build_graph(
         schema,

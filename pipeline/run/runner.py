@@ -24,6 +24,7 @@ import contextlib
 import os
 import queue
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +82,19 @@ class Runner:
         if not workers or present < self.expected_threads:
             return None
         return [a for a in sorted(workers) for _ in range(max(1, workers[a].get("nthreads", 1)))]
+
+    def wait_for_expected(self, timeout: float = 120.0) -> None:
+        """Wait (up to ``timeout`` s) until a cluster still starting has the threads it
+        expects: a sharded build places a writer on each worker, so it plans once they are
+        there (on a cluster still short of them after that, it plans with those there)."""
+        if self.client is None or not self.expected_threads:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = cluster_workers(self.client)
+            if sum(w.get("nthreads", 1) for w in workers.values()) >= self.expected_threads:
+                return
+            time.sleep(0.2)
 
     def writer_worker(self) -> str | None:
         """The worker the writer chain is pinned to: the first, in address order."""
