@@ -12,7 +12,9 @@ before its timed build; each build is the best of ``--repeat``.
   (decoding costs nothing: a preallocated array), 1 shard against 2 shards;
   and ``--small`` sources of 12 KiB rows, where the writer's cost per source
   shows; with the writers' busy microseconds per source (summed over the
-  shards); each with ``h5bank.build.fsync`` on (the default) and off;
+  shards) against plain h5py appending the same rows in 4,096-row blocks in
+  one process (a flush, and with syncs an fsync, per block, as a commit
+  has); each with ``h5bank.build.fsync`` on (the default) and off;
 - **PNG build**: ``--files`` 64x64 PNGs (``corpora.png_corpus``) built with 1
   and with 2 shards, against h5bank's own decoder on both cores
   (``performance.decode_seconds``), and on the embedded default (a fresh
@@ -92,6 +94,30 @@ def timed_build(bank_type: type, out: Path, sources: Any, scheduler: Any, shards
     return best, summary
 
 
+def h5py_append(out: Path, n: int, row_bytes: int, block: int = 4096, fsync: bool = False) -> float:
+    """Seconds per row of plain h5py appending ``n`` rows in blocks of ``block`` in one process
+    (chunks of 1 MiB, as h5bank's), the rows made in memory first: what one writer can do."""
+    import h5py
+
+    rows = np.zeros((block, row_bytes), np.uint8)
+    per_chunk = max(1, (1 << 20) // row_bytes)
+    out.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with h5py.File(out, "w") as f:
+        data = f.create_dataset("data", (0, row_bytes), np.uint8, maxshape=(None, row_bytes),
+                                chunks=(per_chunk, row_bytes))  # fmt: skip
+        for start in range(0, n, block):
+            m = min(block, n - start)
+            data.resize(start + m, axis=0)
+            data[start:] = rows[:m]
+            f.flush()
+            if fsync:
+                os.fsync(f.id.get_vfd_handle())
+    seconds = time.perf_counter() - started
+    out.unlink()
+    return seconds / n
+
+
 def writer_bound(work: Path, client: Any, rows: int, small: int, repeat: int) -> None:
     """With ``h5bank.build.fsync`` on (the default: a disk sync per commit, so this disk's
     sync rate bounds both) and off (the writers' own rate)."""
@@ -112,6 +138,11 @@ def writer_bound(work: Path, client: Any, rows: int, small: int, repeat: int) ->
                          "sources/s", fsync=fsync, mb_per_s=round(nbytes / seconds / 1e6, 1),
                          seconds=round(seconds, 3),
                          writer_us_per_source=round(1e6 * summary.writer_seconds / n, 2))  # fmt: skip
+                    if shards == 1:
+                        plain = min(h5py_append(work / "plain.h5", n, bank_type.__schema__["x"].row_bytes, fsync=fsync) for _ in range(repeat))  # fmt: skip
+                        emit(f"writer_cost_{label}", "h5bank writer / plain h5py append (4,096-row blocks)",
+                             summary.writer_seconds / n / plain, "x", fsync=fsync,
+                             h5py_us_per_row=round(1e6 * plain, 2))  # fmt: skip
                     remove(out)
             emit(f"writer_bound_build_{label}_speedup", "h5bank shards=2 / shards=1",
                  results[1] / results[2], "x", fsync=fsync)  # fmt: skip

@@ -8,7 +8,7 @@
 | ``SourceError`` | a source failed with ``on_error="raise"``: names the source, the feature and why |
 | ``UnknownIdError`` | an id is not in the bank (also a ``KeyError``) |
 | ``ReadOnlyError`` | a write to a bank opened with ``mode="r"`` |
-| ``ShardedWriteError`` | a write in place (``add``, ``set``, ``map``) to a sharded bank, which takes new sources only through ``create(..., mode="a")`` for now |
+| ``ShardedWriteError`` | an assignment by slice or ref into a sharded bank's data (``bank.images[3:5] = ...``); ``add`` and ``set`` by id work |
 | ``NotABankError`` | a bank type opened a file h5bank did not write |
 | ``FormatVersionError`` | a bank written by a newer h5bank (unknown format version) |
 | ``BuildInProgressError`` | opening a path whose build has not finished |
@@ -98,7 +98,7 @@ class ReadOnlyError(H5BankError):
 
 
 class ShardedWriteError(ReadOnlyError):
-    """A write in place (``add``, ``set``, ``map``, ``mode="r+"``) to a sharded bank."""
+    """An assignment by slice or ref into a sharded bank's data (write by id instead)."""
 
 
 class NotABankError(H5BankError):

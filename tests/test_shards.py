@@ -165,22 +165,39 @@ def test_appending_adds_new_shards_and_a_rebuild_replaces_the_old_ones(tmp_path)
     assert shard_files(str(bank)) == [] and shards_of(bank) == []
 
 
-def test_writes_in_place_are_refused_with_what_to_do(tmp_path):
+def test_add_and_set_by_id_write_into_the_shards_and_the_index(tmp_path):
     images = corpus(tmp_path / "images", per_class=6)
-    bank = Photos.create(
-        tmp_path / "bank.h5", images, scheduler="threads", shards=2, progress=False
-    )
-    before = bank.ids
-    with pytest.raises(ShardedWriteError, match=r"sharded bank.*mode='a'"):
-        bank.img.add("new", np.zeros((12, 12, 3), np.uint8))
-    with pytest.raises(ShardedWriteError):
-        bank.map(lambda x: np.asarray(x).mean(), "img", output="mean", scheduler="threads")
-    bank.close()
-    with pytest.raises(ShardedWriteError):
-        Photos(tmp_path / "bank.h5", mode="r+")
-    again = Photos(tmp_path / "bank.h5")
-    assert again.ids == before
-    again.close()
+    made = {}
+    for name, shards in (("one", 1), ("bank", 2)):
+        bank = Photos.create(tmp_path / f"{name}.h5", images, scheduler="threads", shards=shards, progress=False)  # fmt: skip
+        first, last = bank.ids[0], bank.ids[-1]
+        bank.img.add("new/one.png", np.full((12, 12, 3), 7, np.uint8))  # a new source
+        bank.add("new/two.png", {"img": np.full((12, 12, 3), 9, np.uint8), "label": "z"})
+        bank.img.set(first, np.full((12, 12, 3), 1, np.uint8))  # in the first shard
+        bank.label.set(last, "y")  # in the last shard
+        assert bank.img.get("new/one.png")[0, 0, 0] == 7 and bank.img.get(first)[0, 0, 0] == 1
+        made[name] = bank.ids
+        bank.close()
+    assert made["bank"] == made["one"]
+    with Photos(tmp_path / "bank.h5") as bank, Photos(tmp_path / "one.h5") as one:
+        for id_ in one.ids:
+            np.testing.assert_array_equal(bank.img.get(id_), one.img.get(id_))
+            assert bank.get(id_).get("label") == one.get(id_).get("label")
+        assert bank.label.names == one.label.names == ["a", "b", "c", "z", "y"]
+    assert len(shards_of(tmp_path / "bank.h5")) == 2
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "verify", "--data", str(tmp_path / "bank.h5")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # a bank opened for writing takes writes by id; an assignment into its data by slice cannot
+    # say which shard it means, and is refused
+    with Photos(tmp_path / "bank.h5", mode="r+") as bank:
+        bank.img.add("new/three.png", np.zeros((12, 12, 3), np.uint8))
+        with pytest.raises(ShardedWriteError, match="sharded"):
+            bank.img[0:1] = np.zeros((1, 12, 12, 3), np.uint8)
+    with Photos(tmp_path / "bank.h5") as bank:
+        assert bank.ids[-1] == "new/three.png"
 
 
 def test_an_index_pointing_past_its_own_shards_is_refused(tmp_path):
@@ -319,5 +336,32 @@ def test_a_stopped_sharded_build_is_named_to_readers_and_the_command_line(tmp_pa
     reference = tmp_path / "one.h5"
     Photos.create(reference, images, scheduler="threads", progress=False).close()
     assert_same_contents(out, reference, failures=True)
-    assert len(shards_of(out)) == 2
+    # the shards that had started when the error stopped the build (one or both) took it all
+    assert 1 <= len(shards_of(out)) <= 2
     assert sorted(os.path.basename(p) for p in shard_files(str(out))) == sorted(shards_of(out))
+
+
+def brightness(values):
+    return np.float32(np.asarray(values["img"]).mean())
+
+
+def test_map_with_an_output_writes_each_shard_then_the_index(tmp_path):
+    images = corpus(tmp_path / "images", per_class=8)
+    one = Photos.create(tmp_path / "one.h5", images, scheduler="threads", progress=False)
+    one.map(brightness, "img", output="bright", scheduler="threads", progress=False)
+    one.close()
+    bank = Photos.create(tmp_path / "bank.h5", images, scheduler="threads", shards=2, progress=False)  # fmt: skip
+    summary = bank.map(brightness, "img", output="bright", scheduler="threads", progress=False)
+    assert summary.ok == len(bank) and bank.bright.get(bank.ids[3]) == brightness({"img": bank.img.get(bank.ids[3])})  # fmt: skip
+    bank.close()
+    assert_same_contents(tmp_path / "bank.h5", tmp_path / "one.h5", failures=True)
+    for name in shards_of(tmp_path / "bank.h5"):  # each shard has its part of the column
+        with h5py.File(tmp_path / name, "r") as f:
+            assert "bright" in f and layout.state(f) == layout.COMPLETE
+    # again: nothing left to do, nothing written twice
+    again = Photos(tmp_path / "bank.h5")
+    assert (
+        again.map(brightness, "img", output="bright", scheduler="threads", progress=False).ok == 0
+    )
+    again.close()
+    assert_same_contents(tmp_path / "bank.h5", tmp_path / "one.h5", failures=True)

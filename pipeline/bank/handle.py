@@ -31,7 +31,6 @@ from pipeline.errors import (
     BuildInProgressError,
     NotABankError,
     ReadOnlyError,
-    ShardedWriteError,
 )
 from pipeline.files.cache import LazyFile, release
 from pipeline.files.handles import (
@@ -47,7 +46,6 @@ from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, READ_ONLY_HERE, lock_refusal
 from pipeline.format.partial import BankFiles, listed_shards
-from pipeline.format.shards import refuse_writing
 from pipeline.urls import is_url, redact
 from pipeline.version import __version__
 
@@ -233,11 +231,11 @@ class BankFile:
         while True:
             try:
                 f = checked(h5py.File(self.path, self.mode, **options), self.path, allow_external)
-                try:
-                    refuse_writing(f, self.shown)
-                except ShardedWriteError:
+                if layout.shard_names(f):
+                    # A sharded bank takes writes in its shards (pipeline.bank.writes): the index
+                    # is only read, and written again whole after each write.
                     close_file(f)
-                    raise
+                    return open_for_reading(self.path, allow_external=allow_external, **options)
                 return f
             except OSError as error:
                 refusal = lock_refusal(error)

@@ -10,6 +10,7 @@ path while the chain runs, and put back as of its last commit if the map fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import posixpath
 import sys
@@ -25,10 +26,12 @@ from pipeline.build.chain import restore_after_failure
 from pipeline.build.decode import map_rows
 from pipeline.build.graph import map_graph
 from pipeline.build.options import BuildOptions
+from pipeline.build.shards import merged_summary
 from pipeline.build.summary import BuildSummary, Failure
 from pipeline.errors import ReadOnlyError
 from pipeline.files.cache import LazyFile
 from pipeline.format import layout
+from pipeline.format.shards import listed_shards, write_index
 from pipeline.read.records import ColumnSpec, columns_for, partition_rows, rows_per_partition
 from pipeline.run.runner import runner_for
 
@@ -158,6 +161,56 @@ def map_bank(
         return result
     result.seconds = time.perf_counter() - started
     if progress:
+        print(result, file=sys.stderr)
+    return result
+
+
+def map_shards(
+    catalog: Catalog,
+    close: Callable[[], None],
+    open_shard: Callable[[str], Any],
+    func: Any,
+    inputs: str | list[str] | None,
+    output: str,
+    feature: Feature | None,
+    scheduler: Any,
+    partition_size: int | None,
+    options: BuildOptions,
+) -> BuildSummary:
+    """``bank.map(..., output=...)`` of a sharded bank: the map of each shard in turn (each a
+    bank of its own, written by its own writer chain, on the whole cluster), then the index
+    written again over the shards as they are, also when a shard's map failed (the results
+    the shards kept are then in the bank; running the map again fills in the rest).
+    ``open_shard(path)`` opens a shard as the bank's type; the rest is :func:`map_bank`'s."""
+    handle = catalog.handle
+    index = handle.path
+    shards = listed_shards(index)
+    f = catalog.file
+    provenance = layout.read_json_attr(f, layout.ATTR_PROVENANCE)
+    identity = layout.bank_uuid(f)
+    started = time.perf_counter()
+    close()  # and its shards
+    summaries: list[BuildSummary] = []
+    quiet = dataclasses.replace(options, progress=False)
+    try:
+        with runner_for(scheduler, progress=options.progress) as runner:
+            runner.release(index)  # cached readers of the bank, here and on the workers
+            where = runner.client if runner.client is not None else runner.local
+            for shard in shards:
+                with open_shard(shard) as part:
+                    catalog_of_shard = part._parts.catalog
+                    args = (func, inputs, output, feature, where, partition_size, quiet)
+                    summaries.append(map_bank(catalog_of_shard, part.close, *args))
+    finally:
+        ok, failed = sum(s.ok for s in summaries), sum(s.failed for s in summaries)
+        provenance.setdefault("builds", []).append(
+            {"mode": "map", "output": output, "shards": len(summaries), "ok": ok, "failed": failed}
+        )
+        write_index(index, shards, provenance, identity)
+        handle.reopen()
+    result = merged_summary(index, summaries, summaries[0].action if summaries else "mapped")
+    result.seconds = time.perf_counter() - started
+    if options.progress:
         print(result, file=sys.stderr)
     return result
 

@@ -283,8 +283,9 @@ def abort_build(token: str) -> bool:
     """Close the writer of build ``token`` if this process holds it; the partial bank stays."""
     with _LOCK:
         writer = _OPEN.pop(token, None)
-        if writer is not None:
-            _ABORTED.add(token)
+        # Marked even when no writer is open here (yet): an open_build of this build still
+        # running in another thread (a sharded build's other chain) must not leave one open.
+        _ABORTED.add(token)
     if writer is None:
         return False
     with contextlib.suppress(Exception):  # the file may already be unusable; closing is best effort
@@ -300,6 +301,8 @@ def open_build(plan: BuildPlan) -> dict[str, Any]:
     """
     if not plan.pinned:
         _refuse_on_a_worker(plan)
+    if plan.token in _ABORTED:
+        raise WriterError(f"the build of {plan.path} stopped (an error in another task)")
     with _LOCK:
         mine = _OPEN.get(plan.token)
         other = next((t for t, w in _OPEN.items() if w.target == plan.path), None)
@@ -394,5 +397,10 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
         "notes": notes,
     }
     with _LOCK:
-        _OPEN[plan.token] = writer
+        aborted = plan.token in _ABORTED
+        if not aborted:
+            _OPEN[plan.token] = writer
+    if aborted:  # the build stopped while this chain opened: its partial file stays as it is
+        f.close()
+        raise WriterError(f"the build of {plan.path} stopped (an error in another task)")
     return writer.opened

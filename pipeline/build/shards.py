@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from pipeline.build.summary import BuildSummary
 from pipeline.errors import H5BankError, WriterError
 from pipeline.format import layout
 from pipeline.format import shards as format_shards
+from pipeline.format.hdf5_errors import is_locked
 from pipeline.format.partial import PARTIAL_SUFFIX
 from pipeline.version import __version__
 
@@ -135,7 +136,17 @@ def _stopped_shard(found: str, path: str, base: str | None) -> tuple[str | None,
     try:
         with h5py.File(found, "r") as f:
             recorded = format_shards.block(f)
-    except (OSError, H5BankError) as error:
+    except OSError as error:
+        if is_locked(error):
+            raise WriterError(
+                f"{found}, a shard of a build of {path}, is open for writing in another process "
+                "(that build is still running?): wait for it, or stop it, then resume"
+            ) from None
+        raise H5BankError(
+            f"{found} is a shard of a build of {path} that stopped, but cannot be read "
+            f"({error}); move it away to build its sources again"
+        ) from None
+    except H5BankError as error:
         raise H5BankError(
             f"{found} is a shard of a build of {path} that stopped, but cannot be read "
             f"({error}); move it away to build its sources again"
@@ -250,25 +261,37 @@ def finish_sharded(
         if other not in listed:
             with contextlib.suppress(OSError):
                 os.remove(other)
-    with h5py.File(plan.path, "r") as f:
+    summary = merged_summary(plan.path, summaries, "built", skipped)
+    summary.writer_seconds += time.time() - started
+    summary.notes.append(
+        f"{len(shards)} shards written by {len(summaries)} writers, joined by the index"
+    )
+    return summary
+
+
+def merged_summary(
+    path: str, summaries: Sequence[BuildSummary], action: str, skipped: int = 0
+) -> BuildSummary:
+    """One summary of the chains' (or shards' maps') ``summaries``, for the sharded bank
+    ``path`` (its index written)."""
+    with h5py.File(path, "r") as f:
         sources = layout.committed(f)
-        failures = [s for summary in summaries for s in summary.failures]
     return BuildSummary(
-        path=plan.path,
-        ok=ok,
-        failed=failed,
+        path=path,
+        ok=sum(s.ok for s in summaries),
+        failed=sum(s.failed for s in summaries),
         skipped=skipped + sum(s.skipped for s in summaries),
         sources=sources,
         columns=_merged_columns(summaries),
-        failures=failures,
-        writer_seconds=sum(s.writer_seconds for s in summaries) + time.time() - started,
+        failures=[failure for s in summaries for failure in s.failures],
+        writer_seconds=sum(s.writer_seconds for s in summaries),
         writer_pid=os.getpid(),
-        notes=[n for s in summaries for n in s.notes]
-        + [f"{len(shards)} shards written by {len(summaries)} writers, joined by the index"],
+        action=action,
+        notes=[n for s in summaries for n in s.notes],
     )
 
 
-def _merged_columns(summaries: tuple[BuildSummary, ...]) -> dict[str, dict[str, Any]]:
+def _merged_columns(summaries: Sequence[BuildSummary]) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for summary in summaries:
         for path, info in summary.columns.items():

@@ -211,16 +211,18 @@ class CommitWriter:
         failures = list(packed.failures)
         rejected = self._screen(packed, skip, failures, on_error)
         keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
-        bank_row = {row: self.n + k for k, row in enumerate(keep)}
         n_new = self.n + len(keep)
         check_space(self, packed, len(keep))
+        # Each kept source's bank row, by its position in the partition (-1: not kept).
+        bank_row = np.full(len(packed.ids), -1, np.int64)
+        bank_row[keep] = np.arange(self.n, n_new, dtype=np.int64)
         with self._rollback_on_error():
             touched = set()
             for key, column in packed.columns.items():
-                entries = [j for j, row in enumerate(column.rows) if row in bank_row]
+                rows = bank_row[np.asarray(column.rows, dtype=np.int64)]
+                entries = np.flatnonzero(rows >= 0).tolist()
                 if entries:
-                    rows = np.array([bank_row[column.rows[j]] for j in entries], dtype=np.int64)
-                    self._append(key, column, entries, rows, n_new)
+                    self._append(key, column, entries, rows[rows >= 0], n_new)
                     touched.add(key)
             for column in self.all_columns():
                 if column.path not in touched:

@@ -59,8 +59,9 @@ class IdIndex:
 
     def add(self, ids: Sequence[str], first: int) -> None:
         """Record ``ids`` at rows ``first``, ``first + 1``... (already written to the table)."""
-        for k, id_ in enumerate(ids):
-            self._recent[layout.storable(id_)] = first + k
+        self._recent.update(
+            zip(layout.storable_all(ids), range(first, first + len(ids)), strict=True)
+        )
         if len(self._recent) >= RECENT:
             self._merge()
 
@@ -80,14 +81,13 @@ class IdIndex:
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """The row of each of ``ids``; ``-1`` for an id not in the bank."""
         out = np.full(len(ids), -1, np.int64)
-        ids = [layout.storable(id_) for id_ in ids]  # as the table holds them
-        wanted = []
-        for position, id_ in enumerate(ids):
-            row = self._recent.get(id_)
-            if row is None:
-                wanted.append(position)
-            else:
-                out[position] = row
+        ids = layout.storable_all(ids)  # as the table holds them
+        recent = self._recent
+        wanted = list(range(len(ids)))
+        if recent:
+            found = [recent.get(id_, -1) for id_ in ids]
+            out[:] = found
+            wanted = [position for position, row in enumerate(found) if row < 0]
         if not wanted or not len(self._hashes):
             return out
         hashes = np.fromiter((self._hash(ids[p]) for p in wanted), np.int64, len(wanted))

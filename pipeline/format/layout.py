@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,12 +249,23 @@ def storable(text: str) -> str:
     return text
 
 
+def storable_all(texts: Sequence[str]) -> list[str]:
+    """:func:`storable` of each of ``texts``: one encode of them all when they all encode (a
+    writer's commit of thousands of ids), one by one otherwise."""
+    texts = list(texts)
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        return [storable(text) for text in texts]
+    return texts
+
+
 def append_strings(dataset: h5py.Dataset, values: list[str]) -> None:
     if not values:
         return
     n = dataset.shape[0]
     dataset.resize((n + len(values),))
-    dataset[n:] = np.array([storable(v) for v in values], dtype=object)
+    dataset[n:] = np.array(storable_all(values), dtype=object)
 
 
 def rebuild_string_table(

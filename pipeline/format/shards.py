@@ -75,9 +75,9 @@ def refuse_writing(f: h5py.File, shown: str) -> None:
     if layout.shard_names(f):
         raise ShardedWriteError(
             f"{shown} is a sharded bank (its data is in {len(layout.shard_names(f))} shard files "
-            "beside it): h5bank does not write into one in place yet (add, set, map, "
-            "mode='r+'). Add sources with create(path, sources, mode='a') (h5bank build "
-            "--resume), which writes them as new shards"
+            "beside it): its index is not written by one writer. Add sources with "
+            "create(path, sources, mode='a') (new shards), write by id with add / set, or map "
+            "with output= (each written in its shards)"
         )
 
 
@@ -97,25 +97,34 @@ def set_block(f: h5py.File, value: dict[str, Any]) -> None:
 
 
 def write_index(
-    path: str, shards: Sequence[str], provenance: dict[str, Any], bank_uuid: str | None = None
+    path: str,
+    shards: Sequence[str],
+    provenance: dict[str, Any],
+    bank_uuid: str | None = None,
+    names: dict[str, list[str]] | None = None,
 ) -> None:
     """Write the index of the complete banks ``shards`` (paths in ``path``'s folder, in
     source order) to ``path + ".partial"``, then rename it onto ``path``; ``bank_uuid`` is
     the uuid of the bank it replaces, when it adds to it (else a new one).
 
+    Label columns get the sorted union of their shards' names, as a build sorts them, or,
+    for a column in ``names``, those names in that order followed by any new ones (what
+    ``add`` / ``set`` do to a bank's names: codes already handed out keep their meaning).
+
     Raises ``DamagedBankError`` when the shards disagree (a feature stored as
     different kinds, dtypes or row shapes).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    names = [os.path.basename(s) for s in shards]
     for shard in shards:
         if os.path.dirname(os.path.abspath(shard)) != folder:
             raise ValueError(f"shard {shard} is not in the bank's folder {folder}")
     partial = path + PARTIAL_SUFFIX
+    labels = names
+    names = [os.path.basename(s) for s in shards]
     files = [h5py.File(s, "r") for s in shards]
     try:
         with h5py.File(partial, "w") as index:
-            _write(index, files, names, provenance)
+            _write(index, files, names, provenance, labels or {})
             if bank_uuid:
                 layout.set_text(index, layout.ATTR_UUID, bank_uuid)
     except BaseException:
@@ -129,7 +138,11 @@ def write_index(
 
 
 def _write(
-    index: h5py.File, files: list[h5py.File], names: list[str], provenance: dict[str, Any]
+    index: h5py.File,
+    files: list[h5py.File],
+    names: list[str],
+    provenance: dict[str, Any],
+    labels: dict[str, list[str]],
 ) -> None:
     counts = [layout.committed(f) for f in files]
     total = sum(counts)
@@ -145,7 +158,7 @@ def _write(
         layout.append_strings(index[f"{layout.FAILURES}/{field}"], [f[k] for f in failures])
     columns = sorted({path for f in files for path in layout.iter_columns(f)})
     for path in columns:
-        _write_column(index, path, files, names, counts)
+        _write_column(index, path, files, names, counts, labels.get(path))
     layout.mark_committed(index)
     layout.set_state(index, layout.COMPLETE)
 
@@ -190,7 +203,12 @@ def _merged_failures(files: list[h5py.File], counts: list[int]) -> list[tuple[st
 
 
 def _write_column(
-    index: h5py.File, path: str, files: list[h5py.File], names: list[str], counts: list[int]
+    index: h5py.File,
+    path: str,
+    files: list[h5py.File],
+    names: list[str],
+    counts: list[int],
+    labels: list[str] | None = None,
 ) -> None:
     """One column of the index: global refs and shapes, virtual data over the shards' (label
     codes, small and numbered per shard, are renumbered and copied)."""
@@ -239,7 +257,7 @@ def _write_column(
         start += n
         rows += extent
     if first.kind.has_names:
-        _copy_codes(group, present, rows, rows_per_table)
+        _copy_codes(group, present, rows, rows_per_table, labels)
     else:
         _virtual_data(group, present, names, offsets, rows)
     group.attrs[layout.ATTR_STORAGE] = first.storage  # last: marks the column complete
@@ -269,10 +287,20 @@ def _virtual_data(
 
 
 def _copy_codes(
-    group: h5py.Group, present: list[tuple[int, layout.Column]], rows: int, chunk: int
+    group: h5py.Group,
+    present: list[tuple[int, layout.Column]],
+    rows: int,
+    chunk: int,
+    kept: list[str] | None = None,
 ) -> None:
-    """Label codes of every shard in one dataset, renumbered to the sorted union of names."""
-    names = sorted({n for _, c in present for n in layout.category_names(c)})
+    """Label codes of every shard in one dataset, renumbered to the sorted union of names
+    (or to ``kept`` and the names it lacks, in the order the shards have them)."""
+    if kept is None:
+        names = sorted({n for _, c in present for n in layout.category_names(c)})
+    else:
+        names = list(
+            dict.fromkeys([*kept, *(n for _, c in present for n in layout.category_names(c))])
+        )
     position = {name: code for code, name in enumerate(names)}
     data = group.create_dataset(
         layout.DATA, shape=(rows,), maxshape=(None,), dtype="i8", chunks=(chunk,)

@@ -35,8 +35,10 @@ Opener = Callable[[str], h5py.File]
 
 ATTR_SHARDS = "h5bank_shards"  # JSON list: the shard files a sharded bank reads (its own folder)
 
-# How each open index file (by HDF5's file number) opens a shard named beside it.
+# How each open index file (by HDF5's file number) opens a shard named beside it, and the
+# shards opened so (shared by its columns, closed with it).
 _OPENERS: dict[int, Opener] = {}
+_OPENED: dict[int, dict[str, h5py.File]] = {}
 _LOCK = threading.Lock()
 
 
@@ -47,8 +49,44 @@ def register_opener(f: h5py.File, opener: Opener) -> None:
 
 
 def forget_opener(f: h5py.File) -> None:
+    """``f`` is closing: close the shards opened for it."""
     with _LOCK:
         _OPENERS.pop(f.id.fileno, None)
+        opened = _OPENED.pop(f.id.fileno, {})
+    for shard in opened.values():
+        _close(shard)
+
+
+def _close(f: h5py.File) -> None:
+    raw = getattr(f, "_h5bank_raw", None)  # a remote shard's file object
+    f.close()
+    if raw is not None:
+        raw.close()
+
+
+def _shard_file(index: h5py.File, name: str) -> tuple[h5py.File, bool]:
+    """Shard ``name`` of ``index``, and whether the caller owns it (else it closes with the
+    index): through the index's opener, once per index, else beside it."""
+    key = index.id.fileno
+    with _LOCK:
+        opener = _OPENERS.get(key)
+        found = _OPENED.get(key, {}).get(name)
+    if found is not None and found.id.valid:
+        return found, False
+    if opener is None:
+        return _open_beside(index, name), True
+    shard = opener(name)
+    with _LOCK:
+        if key in _OPENERS:
+            other = _OPENED.setdefault(key, {}).setdefault(name, shard)
+            if other is shard:
+                return shard, False
+        else:
+            other = None
+    if other is not None:  # another thread opened it meanwhile
+        _close(shard)
+        return other, False
+    return shard, True  # the index closed meanwhile
 
 
 def is_virtual(dataset: h5py.Dataset) -> bool:
@@ -134,10 +172,9 @@ class ShardRows:
             if i in self._sources:
                 return self._sources[i]
             start, stop, name, dataset, offset = self._maps[i]
-            with _LOCK:
-                opener = _OPENERS.get(self.file.id.fileno)
-            shard = opener(name) if opener is not None else _open_beside(self.file, name)
-            self._files.append(shard)
+            shard, owned = _shard_file(self.file, name)
+            if owned:
+                self._files.append(shard)
             parent, _, leaf = dataset.rpartition("/")
             if dataset not in shard or ATTR_SHARDS in shard.attrs:
                 raise DamagedBankError(
@@ -245,11 +282,9 @@ class ShardRows:
         )
 
     def close(self) -> None:
-        """Close the shard files this has opened (a remote one with its file object)."""
+        """Close the shard files this opened itself (those opened through the index's opener
+        close with the index)."""
         self._sources.clear()
         for f in self._files:
-            raw = getattr(f, "_h5bank_raw", None)
-            f.close()
-            if raw is not None:
-                raw.close()
+            _close(f)
         self._files.clear()
