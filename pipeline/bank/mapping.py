@@ -60,6 +60,7 @@ def map_bank(
     scheduler: Any,
     partition_size: int | None,
     options: BuildOptions,
+    open_shard: Callable[[str], Any] | None = None,
 ) -> MapResult | BuildSummary:
     """``bank.map``: apply ``func`` to each source's data in parallel, on the cluster.
 
@@ -94,6 +95,9 @@ def map_bank(
         (``Array`` for arrays, ``String`` for text, ``Bytes`` for bytes).
     scheduler, progress, max_pending
         As for :meth:`create`.
+    open_shard
+        Opens a shard file as the bank's type: a sharded bank is mapped shard by shard
+        (:func:`map_shards`).
     partition_size
         Sources per task; default about ``h5bank.read.chunk-bytes`` of
         input per task, and at least 4 tasks per worker thread.
@@ -110,6 +114,11 @@ def map_bank(
     commit before the error is raised: the results written so far stay.
     """
     handle = catalog.handle
+    if output is not None and open_shard is not None and layout.shard_names(catalog.file):
+        return map_shards(
+            catalog, close, open_shard, func, inputs, output, feature, scheduler, partition_size,
+            options,
+        )  # fmt: skip
     progress = options.progress
     keys = _inputs(catalog, inputs)
     columns = columns_for(catalog.features, catalog.file, keys)

@@ -24,7 +24,7 @@ from pipeline.bank import building, serve
 from pipeline.bank.catalog import Catalog
 from pipeline.bank.display import bank_header
 from pipeline.bank.handle import BankFile
-from pipeline.bank.mapping import map_bank, map_shards
+from pipeline.bank.mapping import map_bank
 from pipeline.bank.proxies import BankParts, DatasetProxy, FeatureProxy, GroupProxy, node_at
 from pipeline.bank.writes import Writes
 from pipeline.build.graph import Build
@@ -32,7 +32,6 @@ from pipeline.build.options import BuildOptions
 from pipeline.build.summary import BuildSummary, Failure
 from pipeline.errors import SchemaError
 from pipeline.files.cache import LazyFile
-from pipeline.format import layout
 from pipeline.run.runner import scheduler_for
 from pipeline.schema import Schema
 from pipeline.urls import is_url
@@ -334,17 +333,10 @@ class TypedFile:
         commit before the error is raised: the results written so far stay.
         """
         options = BuildOptions.resolve("a", on_error, progress, max_pending=max_pending)
-        catalog = self._parts.catalog
-        if output is not None and layout.shard_names(catalog.file):  # each shard, then the index
-            result = map_shards(
-                catalog, self.close, lambda shard: type(self)(shard, "r"), func, inputs, output,
-                feature, scheduler, partition_size, options,
-            )  # fmt: skip
-        else:
-            result = map_bank(
-                catalog, self.close, func, inputs, output, feature, scheduler, partition_size,
-                options,
-            )  # fmt: skip
+        result = map_bank(
+            self._parts.catalog, self.close, func, inputs, output, feature, scheduler,
+            partition_size, options, open_shard=type(self),
+        )  # fmt: skip
         if output is not None:
             self.summary = result
         return result
