@@ -200,6 +200,17 @@ def _no_default_client():
 
 
 @pytest.fixture
+def env(tmp_path):
+    """The environment a command (``h5bank``) runs in: no Dask settings, Slurm variables or
+    home of the user's (a module that needs more overrides this fixture)."""
+    home, dask_config = tmp_path / "home", tmp_path / "dask-config"
+    home.mkdir()
+    dask_config.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "SLURM_"))}
+    return {**clean, "HOME": str(home), "DASK_CONFIG": str(dask_config)}
+
+
+@pytest.fixture
 def chdir(tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)

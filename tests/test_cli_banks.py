@@ -4,7 +4,6 @@ DASK_* settings from outside, an empty Dask config folder)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -23,15 +22,6 @@ from pipeline import TypedFile
 from pipeline.format import layout
 
 COMMANDS = ("image-bank", "sound-bank", "show")
-
-
-@pytest.fixture
-def env(tmp_path):
-    home, dask_config = tmp_path / "home", tmp_path / "dask-config"
-    home.mkdir()
-    dask_config.mkdir()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "SLURM_"))}
-    return {**clean, "HOME": str(home), "DASK_CONFIG": str(dask_config)}
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ own, with an environment of the test's own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,16 +36,6 @@ from pipeline.urls import redact, scrub
 
 ESCAPE = "\x1b]0;pwn\x07"  # an OSC sequence: retitles the terminal window
 ESCAPED = "\\x1b]0;pwn\\x07"  # how it must print
-
-
-@pytest.fixture
-def env(tmp_path):
-    """The environment ``h5bank`` runs in: no Dask settings or home of the user's."""
-    home, dask_config = tmp_path / "home", tmp_path / "dask-config"
-    home.mkdir()
-    dask_config.mkdir()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "SLURM_"))}
-    return {**clean, "HOME": str(home), "DASK_CONFIG": str(dask_config)}
 
 
 def h5bank(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:

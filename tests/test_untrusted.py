@@ -11,6 +11,7 @@ HDF5 is one line.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import resource
 import shutil
@@ -126,7 +127,7 @@ def test_a_sharded_banks_own_shard_is_the_one_pointer_allowed(tmp_path):
         f["notes/refs"][0] = (0, 10)
     for named, opens in (([], False), ([f"sub/{shard.name}"], False), ([shard.name], True)):
         with h5py.File(bank, "r+") as f:
-            f.attrs[layout.ATTR_SHARDS] = __import__("json").dumps(named)
+            f.attrs[layout.ATTR_SHARDS] = json.dumps(named)
         if opens:
             with TypedFile(bank) as opened:
                 assert opened.get("s0")["notes"] == "shard text"
