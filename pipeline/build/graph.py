@@ -297,18 +297,28 @@ def build_graph(
             return made_here if made_here is not None and not skip else partition(skip)
 
         made = _sharded(features, bases, path, options, shards, once, provenance, writer, threads, decoders)  # fmt: skip
-        made.local_roots = roots
-        return made
-    partitions, skipped = made_here or partition(committed_ids(path) if mode == "a" else set())
-    sizes = [len(p) for p in partitions]
-    window = options.max_pending
-    if window is None and (writer is None or decoders):
-        window = 2 * threads
-    plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
-    decode = _decoder(features, bases, options, plan.token, partitions)
-    made = writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+    else:
+        partitions, skipped = made_here or partition(committed_ids(path) if mode == "a" else set())
+        sizes = [len(p) for p in partitions]
+        plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
+        decode = _decoder(features, bases, options, plan.token, partitions)
+        window = _window(options, writer, decoders, threads)
+        made = writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
     made.local_roots = roots
     return made
+
+
+def _window(
+    options: BuildOptions, writer: str | None, decoders: list[str] | None, threads: int
+) -> int | None:
+    """Decoded partitions that may wait for a chain's writer: ``h5bank.build.max-pending``,
+    else 2 x the threads decoding for it (``decoders``, else all ``threads``); none on a
+    cluster still growing (a writer but no decode placement: see the module docstring)."""
+    if options.max_pending is not None:
+        return options.max_pending
+    if writer is None or decoders:
+        return 2 * (len(decoders) if decoders else threads)
+    return None
 
 
 def _decoder(
@@ -370,9 +380,7 @@ def _sharded(
         chain = chain_plan(plan, shard, sharded.base)
         chain.pinned = pinned is not None
         graph.chain(pinned, feeding)
-        window = options.max_pending
-        if window is None and (pinned is None or feeding):
-            window = 2 * (len(feeding) if feeding else threads)
+        window = _window(options, pinned, feeding, threads)
         decode = _decoder(features, bases, options, chain.token, shard.partitions)
         part_sizes = [len(p) for p in shard.partitions]
         writes, final = chain_tasks(graph, chain, part_sizes, window, decode, write_partition)
