@@ -21,10 +21,7 @@ def _table(tmp_path, values):
 @pytest.mark.parametrize(
     "hasher", [hash, lambda s: 7, lambda s: len(s) % 3], ids=["hash", "one", "three"]
 )
-def test_rows_are_exact_even_when_every_hash_collides(tmp_path, hasher, monkeypatch):
-    monkeypatch.setattr(
-        ids_module, "RECENT", 5
-    )  # merge often: sorted part and recent part both used
+def test_rows_are_exact_even_when_every_hash_collides(tmp_path, hasher):
     names = [f"img_{i:03d}.png" for i in range(40)]
     f, table = _table(tmp_path, names[:10])
     with f:
@@ -72,7 +69,24 @@ def test_the_index_holds_a_few_bytes_an_id(tmp_path):
     f, table = _table(tmp_path, names)
     with f:
         index = IdIndex(table)
-        held = index._hashes.nbytes + index._rows.nbytes
-        assert held == 16 * len(names) and not index._recent
+        held = sum(hashes.nbytes + rows.nbytes for hashes, rows in index._runs)
+        assert held == 16 * len(names) and len(index._runs) == 1
         assert index.rows(names[::997]).tolist() == list(range(0, 50_000, 997))
         assert np.all(index.rows([n + "x" for n in names[:100]]) == -1)
+
+
+def test_runs_stay_few_as_commits_add_ids(tmp_path):
+    """Every commit adds a run; runs of like length merge, so a million ids in commits of
+    4,096 are held in at most a few runs, all of them searched."""
+    f, table = _table(tmp_path, [])
+    with f:
+        index = IdIndex(table)
+        size = 4096
+        names = [f"s{i}" for i in range(200 * size)]
+        for start in range(0, len(names), size):
+            layout.append_strings(table, names[start : start + size])
+            index.add(names[start : start + size], start)
+            assert len(index._runs) <= 2 + int(np.log2(1 + start // size))
+        assert len(index) == len(names)
+        probe = [*names[::4999], "s-1"]
+        assert index.rows(probe).tolist() == [*range(0, len(names), 4999), -1]

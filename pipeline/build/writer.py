@@ -81,6 +81,7 @@ class CommitWriter:
         self.n = layout.ids_table(f).shape[0]
         self._opened_n = self.n
         self._failures_at_open = layout.failure_tables(f)[0].shape[0]
+        self._failure_rows = self._failures_at_open  # the failure tables' length
         # What open_build returned, and each link's result: a task Dask runs again
         # (its result lost with a worker) gets them back instead of writing twice.
         self.opened: dict[str, Any] = {}
@@ -207,10 +208,13 @@ class CommitWriter:
         :class:`SourceError` before anything of the partition is written.
         """
         started = time.perf_counter()
-        skip = set(np.flatnonzero(self.index.rows(packed.ids) >= 0).tolist())
+        present = self.index.rows(packed.ids) >= 0
+        skip = set(np.flatnonzero(present).tolist())
         failures = list(packed.failures)
         rejected = self._screen(packed, skip, failures, on_error)
-        keep = [row for row in range(len(packed.ids)) if row not in skip and row not in rejected]
+        kept = ~present
+        kept[list(rejected)] = False
+        keep = np.flatnonzero(kept)
         n_new = self.n + len(keep)
         check_space(self, packed, len(keep))
         # Each kept source's bank row, by its position in the partition (-1: not kept).
@@ -227,7 +231,11 @@ class CommitWriter:
             for column in self.all_columns():
                 if column.path not in touched:
                     layout.resize_sources(column, n_new)
-            new_ids = [packed.ids[row] for row in keep]
+            new_ids = (
+                packed.ids
+                if len(keep) == len(packed.ids)
+                else [packed.ids[row] for row in keep.tolist()]
+            )
             layout.append_strings(layout.ids_table(self.f), new_ids)
             self.index.add(new_ids, self.n)
             self.n = n_new
@@ -241,7 +249,7 @@ class CommitWriter:
         """Make what was written durable, then record it as committed (see pipeline.format.layout)."""
         self.f.flush()
         self._sync()  # on disk, not only in the page cache, before the record says so
-        layout.mark_committed(self.f)
+        layout.mark_committed(self.f, self.n, self._failure_rows)
         self.f.flush()
         self._sync()
 
@@ -295,7 +303,8 @@ class CommitWriter:
             self.n = layout.ids_table(self.f).shape[0]
             self._index = None
             self._columns, self._listed, self._labels = {}, False, {}
-            recorded = layout.failure_tables(self.f)[0].shape[0] - self._failures_at_open
+            self._failure_rows = min(t.shape[0] for t in layout.failure_tables(self.f))
+            recorded = self._failure_rows - self._failures_at_open
             self._marks = self._marks[: max(0, recorded)]
             raise
 
@@ -303,7 +312,7 @@ class CommitWriter:
         self, key: str, packed: PackedColumn, entries: list[int], rows: np.ndarray, n_new: int
     ) -> None:
         """Append the chosen entries of a packed column and point their refs at them."""
-        lengths = np.array([packed.lengths[j] for j in entries], dtype=np.int64)
+        lengths = np.asarray(packed.lengths, dtype=np.int64)[entries]
         data, column = self._new_rows(key, packed, entries, rows)
         data = packed.kind.as_stored(data, column.data.dtype)
         start = column.data.shape[0]
@@ -359,6 +368,7 @@ class CommitWriter:
         if not failures:
             return
         self._marks.extend([self.n] * len(failures))
+        self._failure_rows += len(failures)
         tables = layout.failure_tables(self.f)
         columns = zip(*[(f.id, f.feature, f.error) for f in failures], strict=True)
         for table, values in zip(tables, columns, strict=True):
@@ -540,6 +550,7 @@ class BankWriter(CommitWriter):
                 sync=self._sync,
             )
             self._marks = []
+            self._failure_rows = len(kept)
         return recorded
 
     def summary_columns(self) -> dict[str, dict[str, Any]]:

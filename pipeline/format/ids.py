@@ -4,8 +4,11 @@ The writer checks every source it commits against the ids already there (a
 resume, an append, a stream with repeats) and finds the rows ``map`` and
 ``set`` write to. A dict of 200,000 ids held 32 MB of the writer's memory, a
 million 150 MB. :class:`IdIndex` keeps each id as its 64-bit hash and its
-row, sorted (16 bytes an id); a hash that matches is confirmed against the
-ids table itself, so two ids that share a hash are never taken for one.
+row, in sorted runs (16 bytes an id); a hash that matches is confirmed
+against the ids table itself, so two ids that share a hash are never taken
+for one. A commit's ids become a new run, and runs of similar length are
+merged (as a binary counter carries), so adding costs a few sorted merges
+an id over a build and a batch is looked up in a few vectorized searches.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ from pipeline.format import layout
 
 __all__ = ["IdIndex"]
 
-# Ids added since the last merge are held exactly, in a dict, up to this many (65,536 of them
-# held 15 MB of a writer, their strings included; a merge costs a copy of the sorted arrays).
-RECENT = 4096
 # Rows read to confirm matches: one slice when they are this close together, else one by one.
 SPAN = 4096
 
@@ -44,65 +44,59 @@ class IdIndex:
         self._table = table
         self._hash = hasher
         n = table.shape[0] if n is None else n
-        hashes = []
-        for start in range(0, n, block):
-            ids = layout.read_strings(table, start, min(n, start + block))
-            hashes.append(np.fromiter((hasher(i) for i in ids), np.int64, len(ids)))
-        self._hashes = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
-        self._rows = np.arange(len(self._hashes), dtype=np.int64)
-        order = np.argsort(self._hashes, kind="stable")
-        self._hashes, self._rows = self._hashes[order], self._rows[order]
-        self._recent: dict[str, int] = {}
+        hashes = [
+            self._hashes_of(layout.read_strings(table, start, min(n, start + block)))
+            for start in range(0, n, block)
+        ]
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their rows)
+        if hashes:
+            self._push(np.concatenate(hashes), 0)
 
     def __len__(self) -> int:
-        return len(self._hashes) + len(self._recent)
+        return sum(len(hashes) for hashes, _ in self._runs)
+
+    def _hashes_of(self, ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter(map(self._hash, ids), np.int64, len(ids))
+
+    def _push(self, hashes: np.ndarray, first: int) -> None:
+        order = np.argsort(hashes, kind="stable")
+        self._runs.append((hashes[order], order.astype(np.int64) + first))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (a, ra), (b, rb) = self._runs.pop(-2), self._runs.pop()
+            at = np.searchsorted(a, b, "right")
+            self._runs.append((np.insert(a, at, b), np.insert(ra, at, rb)))
 
     def add(self, ids: Sequence[str], first: int) -> None:
         """Record ``ids`` at rows ``first``, ``first + 1``... (already written to the table)."""
-        self._recent.update(
-            zip(layout.storable_all(ids), range(first, first + len(ids)), strict=True)
-        )
-        if len(self._recent) >= RECENT:
-            self._merge()
-
-    def _merge(self) -> None:
-        """Sort the recent ids into the arrays: one pass over them, not a new sort."""
-        hashes = np.fromiter(map(self._hash, self._recent), np.int64, len(self._recent))
-        rows = np.fromiter(self._recent.values(), np.int64, len(self._recent))
-        order = np.argsort(hashes, kind="stable")
-        hashes, rows = hashes[order], rows[order]
-        at = np.searchsorted(self._hashes, hashes, "right")
-        self._hashes, self._rows = (
-            np.insert(self._hashes, at, hashes),
-            np.insert(self._rows, at, rows),
-        )
-        self._recent = {}
+        if len(ids):
+            self._push(self._hashes_of(layout.storable_all(ids)), first)
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """The row of each of ``ids``; ``-1`` for an id not in the bank."""
         out = np.full(len(ids), -1, np.int64)
-        ids = layout.storable_all(ids)  # as the table holds them
-        recent = self._recent
-        wanted = list(range(len(ids)))
-        if recent:
-            found = [recent.get(id_, -1) for id_ in ids]
-            out[:] = found
-            wanted = [position for position, row in enumerate(found) if row < 0]
-        if not wanted or not len(self._hashes):
+        if not self._runs or not len(ids):
             return out
-        hashes = np.fromiter((self._hash(ids[p]) for p in wanted), np.int64, len(wanted))
-        low = np.searchsorted(self._hashes, hashes, "left")
-        high = np.searchsorted(self._hashes, hashes, "right")
-        matched = [(p, int(a), int(b)) for p, a, b in zip(wanted, low, high, strict=True) if a < b]
+        ids = layout.storable_all(ids)  # as the table holds them
+        hashes = self._hashes_of(ids)
+        order = np.argsort(hashes)  # sorted needles: each search starts where the last ended
+        needles = hashes[order]
+        matched: list[tuple[int, np.ndarray]] = []  # (position, candidate rows)
+        for run, run_rows in self._runs:
+            low = np.searchsorted(run, needles, "left")
+            hit = np.flatnonzero(run[np.minimum(low, len(run) - 1)] == needles)
+            if not len(hit):
+                continue
+            high = np.searchsorted(run, needles[hit], "right")
+            for i, stop in zip(hit.tolist(), high.tolist(), strict=True):
+                matched.append((int(order[i]), run_rows[low[i] : stop]))
         if not matched:
             return out
-        candidates = np.unique(np.concatenate([self._rows[a:b] for _, a, b in matched]))
+        candidates = np.unique(np.concatenate([rows for _, rows in matched]))
         stored = dict(zip(candidates.tolist(), self._read(candidates), strict=True))
-        for position, a, b in matched:
-            for row in self._rows[a:b].tolist():
-                if stored[row] == ids[position]:
+        for position, rows in matched:
+            for row in rows.tolist():
+                if out[position] < 0 and stored[row] == ids[position]:
                     out[position] = row
-                    break
         return out
 
     def _read(self, rows: np.ndarray) -> list[str]:

@@ -678,12 +678,16 @@ def committed(f: h5py.File) -> int:
     return rows if counter is None else min(rows, int(counter))
 
 
-def mark_committed(f: h5py.File) -> None:
-    """Record the id and failure tables' lengths as committed (after a flush; flush after)."""
-    counts = {
-        ATTR_COMMITTED: np.int64(ids_table(f).shape[0]),
-        ATTR_FAILURES_COMMITTED: np.int64(min(t.shape[0] for t in failure_tables(f))),
-    }
+def mark_committed(f: h5py.File, sources: int | None = None, failures: int | None = None) -> None:
+    """Record the id and failure tables' lengths as committed (after a flush; flush after).
+
+    A writer that knows them (it wrote them) passes them: the tables are not looked up.
+    """
+    if sources is None:
+        sources = ids_table(f).shape[0]
+    if failures is None:
+        failures = min(t.shape[0] for t in failure_tables(f))
+    counts = {ATTR_COMMITTED: np.int64(sources), ATTR_FAILURES_COMMITTED: np.int64(failures)}
     for name, value in counts.items():
         if name in f.attrs:
             f.attrs.modify(name, value)  # in place: the root header keeps its size
