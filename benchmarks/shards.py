@@ -14,7 +14,9 @@ before its timed build; each build is the best of ``--repeat``.
   shows; with the writers' busy microseconds per source (summed over the
   shards) against plain h5py appending the same rows in 4,096-row blocks in
   one process (a flush, and with syncs an fsync, per block, as a commit
-  has); each with ``h5bank.build.fsync`` on (the default) and off;
+  has); each with ``h5bank.build.fsync`` on (the default) and off; and the
+  same writer cost in one process (``scheduler="sync"``), where nothing but
+  the writer's own work is counted;
 - **PNG build**: ``--files`` 64x64 PNGs (``corpora.png_corpus``) built with 1
   and with 2 shards, against h5bank's own decoder on both cores
   (``performance.decode_seconds``), and on the embedded default (a fresh
@@ -148,6 +150,33 @@ def writer_bound(work: Path, client: Any, rows: int, small: int, repeat: int) ->
                  results[1] / results[2], "x", fsync=fsync)  # fmt: skip
 
 
+def writer_in_process(work: Path, n: int, repeat: int) -> None:
+    """The writer's busy time per 12 KiB source in one process (``scheduler="sync"``: no
+    worker, no transfers), against plain h5py appending the same rows in 4,096-row blocks
+    (a flush a block, and with syncs an fsync, as a commit has). Best of ``repeat`` each,
+    taking turns."""
+    import dask
+
+    ids = [f"s{i}" for i in range(n)]
+    row_bytes = Small.__schema__["x"].row_bytes
+    out = work / "inproc.h5"
+    for fsync in (False, True):
+        with dask.config.set({"h5bank.build.fsync": fsync}):
+            writer, plain = float("inf"), float("inf")
+            for _ in range(max(3, repeat)):
+                # Each starts with no dirty pages of the other's file left to write back
+                # (a 1.2 GB file still being written back slowed the next one 4x).
+                os.sync()
+                _, summary = timed_build(Small, out, ids, "sync", 1, 1)
+                writer = min(writer, summary.writer_seconds / n)
+                remove(out)
+                os.sync()
+                plain = min(plain, h5py_append(work / "plain.h5", n, row_bytes, fsync=fsync))
+        emit("writer_cost_in_process_12KiB", "h5bank writer / plain h5py append (4,096-row blocks)",
+             writer / plain, "x", fsync=fsync, writer_us_per_source=round(1e6 * writer, 2),
+             h5py_us_per_row=round(1e6 * plain, 2))  # fmt: skip
+
+
 def png_builds(work: Path, client: Any, files: int, repeat: int) -> tuple[Path, Path]:
     paths = png_corpus(work / "png", files)
     decoder = files / decode_seconds(paths, _h5bank_decode)
@@ -239,6 +268,7 @@ def main() -> None:
 
     with LocalCluster(n_workers=WORKERS, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
         if args.only in (None, "writer"):
+            writer_in_process(work, args.small, args.repeat)
             writer_bound(work, client, args.rows, args.small, args.repeat)
         if args.only in (None, "png"):
             one, two = png_builds(work, client, args.files, args.repeat)
