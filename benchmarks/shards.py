@@ -179,8 +179,15 @@ def writer_in_process(work: Path, n: int, repeat: int) -> None:
 
 def png_builds(work: Path, client: Any, files: int, repeat: int) -> tuple[Path, Path]:
     paths = png_corpus(work / "png", files)
-    decoder = files / decode_seconds(paths, _h5bank_decode)
-    emit("png_decode_limit", "h5bank decoder, 2 processes", decoder, "files/s")
+    os.sync()  # a corpus just written is still being written back: it slowed decoding 2.6x
+    decoder = files / min(decode_seconds(paths, _h5bank_decode) for _ in range(max(2, repeat)))
+    emit(
+        "png_decode_limit",
+        "h5bank decoder, 2 processes",
+        decoder,
+        "files/s",
+        best_of=max(2, repeat),
+    )
     timed_build(Pictures, work / "warm.h5", work / "png", client, 2, 1)
     outs = {}
     for shards in (1, 2):

@@ -220,6 +220,7 @@ def finalize_build(plan: BuildPlan, state: dict[str, Any]) -> BuildSummary:
         layout.mark_committed(f)  # the failure tables were compacted
         layout.set_state(f, layout.COMPLETE)
         f.flush()
+        writer.sync()  # the last commit record and the complete state, before the rename
     except BaseException:
         abort_build(plan.token)
         raise
@@ -384,6 +385,7 @@ def _open_build(plan: BuildPlan) -> dict[str, Any]:
             target=plan.path,
             fsync=plan.fsync,
             planned=plan.planned,
+            sync_records=False,  # each commit's sync carries the record before it; the last below
         )
     except BaseException:
         f.close()

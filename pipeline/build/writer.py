@@ -60,6 +60,15 @@ class CommitWriter:
     :func:`layout.create_column`); 0, the default (``add`` / ``set``), plans
     nothing past the write at hand, so a bank made by ``add`` starts with
     small chunks, and keeps them as it grows.
+
+    With ``h5bank.build.fsync`` on, each commit syncs its data before it
+    writes the commit record. ``sync_records`` (the default) syncs the record
+    too, so each write is on disk when it returns (``add``, ``set``); a
+    build's chain turns it off: a commit's record reaches the disk with the
+    next commit's sync, the last one with the sync before the bank is renamed
+    into place. A machine that dies then loses at most the last commit, never
+    the bank's consistency, for one sync a commit rather than two (20,000
+    PNGs in partitions of 512: 2.2 ms a sync, 9 of the writer's 24 us a source).
     """
 
     def __init__(
@@ -70,8 +79,10 @@ class CommitWriter:
         target: str | None = None,
         fsync: bool | None = None,
         planned: int = 0,
+        sync_records: bool = True,
     ) -> None:
         self.f = f
+        self.sync_records = sync_records
         self.fsync = bool(config.get("build.fsync") if fsync is None else fsync)
         self.features = features  # shared with the caller: features added on the fly land in it
         self.target = target  # the bank's final path, for a build (f is its partial file)
@@ -248,12 +259,13 @@ class CommitWriter:
     def _durable(self) -> None:
         """Make what was written durable, then record it as committed (see pipeline.format.layout)."""
         self.f.flush()
-        self._sync()  # on disk, not only in the page cache, before the record says so
+        self.sync()  # on disk, not only in the page cache, before the record says so
         layout.mark_committed(self.f, self.n, self._failure_rows)
         self.f.flush()
-        self._sync()
+        if self.sync_records:
+            self.sync()
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         """``fsync`` the file, so a machine that dies (not only a process) keeps the commit.
 
         Skipped with ``h5bank.build.fsync: false``, or for HDF5 drivers with
@@ -547,7 +559,7 @@ class BankWriter(CommitWriter):
             layout.replace_failures(
                 self.f,
                 [(failure.id, failure.feature or "", failure.error) for failure in kept],
-                sync=self._sync,
+                sync=self.sync,
             )
             self._marks = []
             self._failure_rows = len(kept)
