@@ -171,6 +171,9 @@ class Feature(BankMember):
     __ds_kwargs__: ClassVar[dict[str, Any]] = {}
     storage: str = "rows"
     reads_bytes: ClassVar[bool] = True
+    # If set, a source's data must have its column's dtype exactly, not one that casts to it;
+    # the text says what to do instead (see StorageKind.rejected).
+    exact_dtype: ClassVar[str] = ""
     derived_from: str | None = None
     _options: dict[str, Any] | None = None
     # The constructor parameters a bank's record may set when the feature is rebuilt from a
@@ -242,6 +245,11 @@ class Feature(BankMember):
         raise NotImplementedError(
             f"{type(self).__name__} must override load(source) or decode(data, name)"
         )
+
+    def as_read(self, data: bytes, name: str = "") -> Any:
+        """What a read returns for a file's bytes: its decoded value as a bank of this
+        feature would return it (``Bytes(decoder=...)`` reads through it)."""
+        return self.decode(data, name)
 
     def from_stored(self, value: Any, name: str = "") -> Any:
         """What a read of one source returns, given what the bank stores for it.

@@ -6,7 +6,7 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import soundfile
@@ -27,6 +27,59 @@ MAX_SAMPLES = 3600 * 48_000 * 2
 # The highest sample rate a bank file may record (768 kHz: the fastest audio interfaces).
 MAX_RECORDED_SR = 768_000
 
+# libsndfile sample formats (``SoundFile.subtype``) of at most 16 bits, stored as int16 when
+# samples are native; of 17 to 32 bits, as int32 (libsndfile scales both to full range); of
+# doubles, as float64. Any other (float, and lossy codecs: Vorbis, Opus, MP3) as float32.
+_INT16 = frozenset(
+    {
+        "PCM_S8",
+        "PCM_U8",
+        "PCM_16",
+        "ULAW",
+        "ALAW",
+        "IMA_ADPCM",
+        "MS_ADPCM",
+        "GSM610",
+        "VOX_ADPCM",
+        "G721_32",
+        "G723_24",
+        "G723_40",
+        "DWVW_12",
+        "DWVW_16",
+        "DPCM_8",
+        "DPCM_16",
+        "ALAC_16",
+        "NMS_ADPCM_16",
+        "NMS_ADPCM_24",
+        "NMS_ADPCM_32",
+    }
+)
+_INT32 = frozenset({"PCM_24", "PCM_32", "DWVW_24", "ALAC_20", "ALAC_24", "ALAC_32"})
+
+
+def native_dtype(subtype: str) -> str:
+    """The sample type a file of libsndfile ``subtype`` holds, as a bank stores it."""
+    if subtype in _INT16:
+        return "int16"
+    if subtype in _INT32:
+        return "int32"
+    return "float64" if subtype == "DOUBLE" else "float32"
+
+
+def to_float(samples: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """Stored samples as floats in ``[-1, 1]``: int16 over 32,768, int32 over 2**31 (what
+    libsndfile reads as floats from the same file, bit for bit); floats cast to ``dtype``.
+
+    What ``get`` and batches by source return for a ``Sound``; use it on the
+    windows ``AsSlice`` gives, which are stored rows (``transform=to_float``).
+    """
+    samples = np.asarray(samples)
+    if samples.dtype.kind in "iu":
+        scale = np.asarray(1.0 / 2 ** (8 * samples.dtype.itemsize - 1), dtype=dtype)
+        return samples.astype(dtype) * scale
+    return samples.astype(dtype, copy=False)
+
+
 # Files that announce their format in their first bytes.
 _SIGNATURES = ((b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"FORM", "AIFF"))
 
@@ -45,7 +98,22 @@ class Sound(Feature):
         otherwise ``(n_samples, channels)``, and every source must have the
         same number of channels.
     dtype
-        Sample type stored, ``float32`` (in ``[-1, 1]``) by default.
+        The float type reads return (``get``, batches by source, ``serve``
+        with ``GetId``), in ``[-1, 1]``: ``float32`` by default.
+    native
+        Store samples as the file holds them (the default): int16 for PCM of
+        up to 16 bits, int32 for 24- and 32-bit PCM, float32 for float and
+        lossy formats (float64 for doubles), so a bank of 16-bit WAVs is the
+        size of the WAVs, and building costs no conversion a sample. Reads
+        scale them to ``dtype`` (:func:`to_float`): for samples kept as they
+        are, bit for bit what ``native=False`` stores. Samples that are
+        computed (``mono`` averaging channels, resampling to ``sr``) are
+        rounded to the file's type, within half a step of it (-96 dB for 16
+        bits). Every source of a column must then hold one sample type: a
+        corpus that mixes 16-bit with 24-bit or float files needs
+        ``native=False``, which stores ``dtype``. Rows read as they are
+        stored (``bank.audio[a:b]``, ``to_dask``, ``GetIndex``, ``AsSlice``)
+        are the stored samples.
     strict
         Refuse files whose header declares more audio than the file holds
         (a truncated download or copy). libsndfile would silently return the
@@ -68,6 +136,11 @@ class Sound(Feature):
 
     __re__ = r"(?i)\.(wav|flac|ogg|oga|aiff?|aifc|au|caf|w64|rf64|mp3|opus)$"
     storage = "rows"
+    # int16 and float32 samples mean different things: never cast one into the other's column.
+    exact_dtype: ClassVar[str] = (
+        "its files hold different sample types: build with Sound(native=False), which stores "
+        "every file's samples as floats"
+    )
     # From a bank file: the rate and mono (max_samples, strict and dtype keep their defaults).
     recorded_params = {
         **Feature.recorded_params,
@@ -80,6 +153,7 @@ class Sound(Feature):
         sr: int = 22050,
         mono: bool = True,
         dtype: str = "float32",
+        native: bool = True,
         strict: bool = True,
         max_samples: int | None = MAX_SAMPLES,
         **options: Any,
@@ -94,6 +168,7 @@ class Sound(Feature):
         self.sr = int(sr)
         self.mono = bool(mono)
         self.dtype = str(np.dtype(dtype))
+        self.native = bool(native)
         self.strict = bool(strict)
         self.max_samples = None if max_samples is None else int(max_samples)
 
@@ -115,7 +190,8 @@ class Sound(Feature):
                         f"truncated file: header and size disagree ({'; '.join(declared)})"
                     )
                 self._check_length(f.frames, f.channels, native_sr)
-                audio = f.read(dtype="float32", always_2d=True)
+                stored = native_dtype(f.subtype) if self.native else "float32"
+                audio = f.read(dtype=stored, always_2d=True)
         except DecodeError:
             raise
         except Exception as error:
@@ -133,12 +209,19 @@ class Sound(Feature):
                 f"not a sound file libsndfile can read: {reason} (first bytes: {data[:8].hex(' ')})"
             ) from None
         if self.mono:
-            audio = audio.mean(axis=1)
+            audio = audio[:, 0] if audio.shape[1] == 1 else _average(audio)
         if native_sr != self.sr:
             import soxr
 
-            audio = soxr.resample(audio, native_sr, self.sr)
-        return np.ascontiguousarray(audio, dtype=self.dtype)
+            audio = _resample(soxr, audio, native_sr, self.sr)
+        return np.ascontiguousarray(audio, dtype=stored if self.native else self.dtype)
+
+    def as_read(self, data: bytes, name: str = "") -> np.ndarray:
+        return self.from_stored(self.decode(data, name), name)
+
+    def from_stored(self, value: Any, name: str = "") -> np.ndarray:
+        """A source's samples as floats of ``dtype`` (see :func:`to_float`)."""
+        return to_float(value, self.dtype)
 
     def _check_length(self, frames: int, channels: int, native_sr: int) -> None:
         """Refuse, from the header, a sound of more than ``max_samples`` (decoded or stored)."""
@@ -217,6 +300,24 @@ class Sound(Feature):
             ax.tick_params(labelbottom=False)
         axes[-1].set_xlabel(f"seconds ({rate:,} Hz)", fontsize=8)
         return fig
+
+
+def _resample(soxr: Any, audio: np.ndarray, rate: int, to: int) -> np.ndarray:
+    """``audio`` resampled from ``rate`` to ``to``, in its own sample type (integers rounded,
+    and clipped to their range). soxr's own integer output adds random dither: the same
+    file would store different samples in two builds."""
+    if audio.dtype.kind == "f":
+        return soxr.resample(audio, rate, to)
+    out = soxr.resample(audio.astype(np.float64 if audio.itemsize > 2 else np.float32), rate, to)
+    limits = np.iinfo(audio.dtype)
+    return np.clip(np.rint(out), limits.min, limits.max).astype(audio.dtype)
+
+
+def _average(audio: np.ndarray) -> np.ndarray:
+    """The mean of ``audio``'s channels, in its own sample type (integers rounded)."""
+    if audio.dtype.kind == "f":
+        return audio.mean(axis=1, dtype=audio.dtype)
+    return np.rint(audio.mean(axis=1)).astype(audio.dtype)
 
 
 def _as_sounds(sounds: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -452,7 +452,8 @@ def test_sample_rate_is_an_attribute(sounds, tmp_path, client):
     bank = build(Sounds, tmp_path / "b.h5", sounds, client)
     assert bank.audio.attrs["sr"] == 8000
     assert bank.audio.sr == 8000
-    assert bank.audio.dtype == np.float32 and bank.audio.shape == (len(bank.audio),)
+    assert bank.audio.dtype == np.int16 and bank.audio.shape == (len(bank.audio),)
+    assert bank.audio.get(bank.ids[0]).dtype == np.float32  # reads scale them
 
 
 def test_label_names_are_attributes(images, tmp_path, client):

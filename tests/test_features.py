@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 
 import features
 from features import Array, Bytes, DecodeError, DirLabels, Feature, Image, Sound, String
+from features.sound import to_float
 from pipeline import TypedFile
 from pipeline.sources import Source, SourceSpec
 
@@ -166,18 +167,26 @@ def test_decode_error_is_a_value_error_and_an_h5bank_error():
 def test_sound_averages_channels_into_mono(stereo, format):
     data = sound_bytes(stereo, 8000, format)
     expected, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    decoded = Sound(sr=8000).decode(data, f"a.{format.lower()}")
-    assert decoded.shape == (1600,) and decoded.dtype == np.float32
-    np.testing.assert_allclose(decoded, expected.mean(axis=1), rtol=0, atol=1e-7)
+    feature = Sound(sr=8000)
+    decoded = feature.decode(data, f"a.{format.lower()}")
+    assert decoded.shape == (1600,) and decoded.dtype == np.int16  # as the 16-bit file holds it
+    read = feature.from_stored(decoded)
+    assert read.dtype == np.float32  # reads are floats; the mean is rounded to 16 bits
+    np.testing.assert_allclose(read, expected.mean(axis=1), rtol=0, atol=0.5 / 32768 + 1e-7)
+    exact = Sound(sr=8000, native=False).decode(data, "a.wav")
+    assert exact.dtype == np.float32
+    np.testing.assert_allclose(exact, expected.mean(axis=1), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("format", ["WAV", "FLAC"])
 def test_sound_keeps_stereo_with_mono_false(stereo, format):
     data = sound_bytes(stereo, 8000, format)
     expected, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    decoded = Sound(sr=8000, mono=False).decode(data)
-    assert decoded.shape == (1600, 2)
-    np.testing.assert_array_equal(decoded, expected)
+    feature = Sound(sr=8000, mono=False)
+    decoded = feature.decode(data)
+    assert decoded.shape == (1600, 2) and decoded.dtype == np.int16
+    np.testing.assert_array_equal(feature.from_stored(decoded), expected)  # bit for bit
+    np.testing.assert_array_equal(Sound(sr=8000, mono=False, native=False).decode(data), expected)
 
 
 @pytest.mark.parametrize(("sr", "length"), [(16000, 3200), (4000, 800), (22050, 4410)])
@@ -194,8 +203,9 @@ def test_sound_attrs_record_the_sample_rate():
 def test_sound_files_of_the_fixture_decode_like_soundfile(sounds):
     for path in sorted(sounds.rglob("*.*")):
         native, sr = soundfile.read(path, dtype="float32", always_2d=True)
-        decoded = Sound(sr=sr).load(source_of(path))
-        np.testing.assert_allclose(decoded, native.mean(axis=1), rtol=0, atol=1e-7)
+        feature = Sound(sr=sr)
+        decoded = feature.from_stored(feature.load(source_of(path)))
+        np.testing.assert_allclose(decoded, native.mean(axis=1), rtol=0, atol=0.5 / 32768 + 1e-7)
 
 
 def test_a_truncated_wav_is_refused_when_strict_and_decoded_when_not(stereo):
@@ -565,9 +575,13 @@ def test_sounds_through_a_bank_built_on_worker_processes(sounds, tmp_path, clien
     assert flacs
     for id_ in bank.ids:
         data = (sounds / id_).read_bytes()
-        np.testing.assert_array_equal(bank.audio.get(id_), Sound(sr=8000).decode(data, id_))
+        audio = Sound(sr=8000)
+        np.testing.assert_array_equal(
+            bank.audio.get(id_), audio.from_stored(audio.decode(data, id_))
+        )
         if id_ in flacs:
-            expected = Sound(sr=16000, mono=False).decode(data, id_)
+            stereo = Sound(sr=16000, mono=False)
+            expected = stereo.from_stored(stereo.decode(data, id_))
             assert expected.ndim == 2 and expected.shape[1] == 2
             np.testing.assert_array_equal(bank.stereo.get(id_), expected)
         else:
@@ -695,3 +709,64 @@ def test_a_class_attribute_derived_from_is_kept(images, tmp_path):
     assert bank.summary.failed == 0, bank.failures()
     for id_ in bank.ids:
         assert bank.peak.get(id_).tolist() == [bank.pixels.get(id_).max()]
+
+
+@pytest.mark.parametrize(
+    ("subtype", "stored", "step"),
+    [("PCM_16", np.int16, 2**-15), ("PCM_U8", np.int16, 2**-7), ("PCM_24", np.int32, 2**-23),
+     ("PCM_32", np.int32, 2**-31), ("FLOAT", np.float32, 0), ("DOUBLE", np.float64, 0)],
+)  # fmt: skip
+def test_sound_stores_samples_as_the_file_holds_them(stereo, subtype, stored, step):
+    """Native samples: the file's own type; reads equal libsndfile's float reading of the file
+    bit for bit; the sample a file holds is one step of its type."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, stereo, 8000, format="WAV", subtype=subtype)
+    data = buffer.getvalue()
+    feature = Sound(sr=8000, mono=False)
+    decoded = feature.decode(data, "a.wav")
+    assert decoded.dtype == stored
+    expected, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(feature.from_stored(decoded), expected)
+    if step:  # what the file holds: multiples of its step
+        assert np.all(np.abs(np.round(expected / step) * step - expected) < 1e-9)
+
+
+def test_resampled_native_samples_stay_in_the_files_type_within_half_a_step(stereo):
+    data = sound_bytes(stereo, 8000)
+    native = Sound(sr=16000).decode(data, "a.wav")
+    exact = Sound(sr=16000, native=False).decode(data, "a.wav")
+    assert native.dtype == np.int16 and native.shape == exact.shape == (3200,)
+    # soxr resamples int16 itself: within a step of the float path (rounding on both sides)
+    assert np.abs(to_float(native) - exact).max() <= 2 / 32768
+
+
+def test_a_sound_column_takes_only_its_own_sample_type(tmp_path):
+    """16-bit files then a float file: the float one fails, naming native=False; nothing is cast
+    (int16 numbers in a float column would be 32,768 times too loud)."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, subtype in enumerate(["PCM_16", "PCM_16", "FLOAT"]):
+        soundfile.write(folder / f"s{i}.wav", rng.uniform(-0.5, 0.5, 800), 8000, subtype=subtype)
+
+    class Bank(TypedFile):
+        audio = Sound(sr=8000)
+
+    bank = Bank.create(
+        tmp_path / "mixed.h5", folder, scheduler="sync", progress=False, partition_size=1
+    )
+    assert bank.ids == ["s0.wav", "s1.wav"]
+    (failure,) = bank.summary.failures
+    assert failure.id == "s2.wav" and "dtype float32" in failure.error and "int16" in failure.error
+    assert "Sound(native=False)" in failure.error
+    bank.close()
+
+    class Floats(TypedFile):
+        audio = Sound(sr=8000, native=False)
+
+    floats = Floats.create(tmp_path / "float.h5", folder, scheduler="sync", progress=False)
+    assert len(floats) == 3 and floats.audio.dtype == np.float32
+    for i in range(3):
+        expected = soundfile.read(folder / f"s{i}.wav", dtype="float32")[0]
+        np.testing.assert_array_equal(floats.audio.get(f"s{i}.wav"), expected)
+    floats.close()

@@ -154,7 +154,7 @@ def test_a_bank_from_elsewhere_rebuilds_its_features_with_the_codes_limits(share
     with TypedFile(path) as bank:
         np.testing.assert_array_equal(bank.png.get("cats/a.png"), RGB)
         decoded = bank.wav.get("cats/a.wav")
-        assert decoded.shape == (800,) and decoded.dtype == np.float32
+        assert decoded.shape == (800,) and decoded.dtype == np.float32  # Bytes' decoder's reading
         assert bank.text.get("cats/a.txt") == "bonjour"
 
 

@@ -433,7 +433,7 @@ def test_as_slice_windows_through_a_shuffled_loader(sounds):
 
     served = []
     for x, index in loader:
-        assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (64,)
+        assert x.dtype == torch.int16 and tuple(x.shape[1:]) == (64,)  # stored rows
         for values, i in zip(x.numpy(), index.tolist(), strict=True):
             np.testing.assert_array_equal(values, data[i * 40 : i * 40 + 127 : 2])
             served.append(i)

@@ -207,7 +207,8 @@ class CommitWriter:
             )
             return {row: reason for row in packed.rows if row not in skip}
         target = None if column is None else (column.data.shape[1:], column.data.dtype)
-        return packed.kind.rejected(packed.data, packed.rows, target, skip)
+        exact = getattr(self.features.get(packed.feature), "exact_dtype", "")
+        return packed.kind.rejected(packed.data, packed.rows, target, skip, exact)
 
     # -- the commit ----------------------------------------------------------
 

@@ -158,7 +158,7 @@ class StorageKind:
     # -- writing ----------------------------------------------------------------
 
     def rejected(
-        self, data: Any, rows: Sequence[int], target: Target, skip: set[int]
+        self, data: Any, rows: Sequence[int], target: Target, skip: set[int], exact: str = ""
     ) -> dict[int, str]:
         """Rows (positions) of a packed partition whose entry cannot join the column, with why.
 
@@ -173,9 +173,14 @@ class StorageKind:
             yet (the first entry then sets them).
         skip
             Positions not to check (already committed).
+        exact
+            If set, entries must have the column's dtype itself, not one that
+            casts to it (a feature whose stored numbers mean different things
+            in different types: ``Sound``'s int16 and float32 samples); the
+            text says what to do instead.
         """
         if isinstance(data, np.ndarray):  # every entry shares one shape and dtype
-            reason = _mismatch(data, target)
+            reason = _mismatch(data, target, exact)
             return {row: reason for row in rows if row not in skip} if reason else {}
         bad: dict[int, str] = {}
         for row, entry in zip(rows, data, strict=True):
@@ -183,7 +188,7 @@ class StorageKind:
                 continue
             if target is None:
                 target = (entry.shape[1:], entry.dtype)  # the first entry will create the column
-            reason = _mismatch(entry, target)
+            reason = _mismatch(entry, target, exact)
             if reason:
                 bad[row] = reason
         return bad
@@ -365,7 +370,7 @@ class Category(StorageKind):
         return parts  # names: coded by the writer
 
     def rejected(
-        self, data: Any, rows: Sequence[int], target: Target, skip: set[int]
+        self, data: Any, rows: Sequence[int], target: Target, skip: set[int], exact: str = ""
     ) -> dict[int, str]:
         return {}  # any name becomes a code
 
@@ -449,16 +454,17 @@ def castable(source: np.dtype, target: np.dtype) -> bool:
     return np.can_cast(source, target, "safe") or (source.kind == target.kind == "f")
 
 
-def _mismatch(entry: np.ndarray, target: Target) -> str | None:
-    """Why ``entry`` cannot join a column storing ``target`` (trailing shape, dtype), if it cannot."""
+def _mismatch(entry: np.ndarray, target: Target, exact: str = "") -> str | None:
+    """Why ``entry`` cannot join a column storing ``target`` (trailing shape, dtype), if it
+    cannot (``exact``: only in that very dtype, and what to do otherwise)."""
     if target is None:
         return None
     shape, dtype = target
     if entry.shape[1:] != shape:
         return f"trailing shape {entry.shape[1:]} does not match the shape {shape} this feature already stores"
-    if not castable(entry.dtype, dtype):
+    if entry.dtype != dtype if exact else not castable(entry.dtype, dtype):
         return (
             f"dtype {entry.dtype} does not match the dtype {dtype} this feature already stores "
-            "(set dtype= on the feature to convert)"
+            f"({exact or 'set dtype= on the feature to convert'})"
         )
     return None
