@@ -76,7 +76,7 @@ def to_float(samples: np.ndarray, dtype: str = "float32") -> np.ndarray:
     samples = np.asarray(samples)
     if samples.dtype.kind in "iu":
         scale = np.asarray(1.0 / 2 ** (8 * samples.dtype.itemsize - 1), dtype=dtype)
-        return samples.astype(dtype) * scale
+        return np.multiply(samples, scale, dtype=dtype)  # one pass: cast and scale
     return samples.astype(dtype, copy=False)
 
 

@@ -25,7 +25,7 @@ from pipeline.bank.display import dataset_line, feature_line, group_line
 from pipeline.bank.writes import Writes
 from pipeline.errors import DamagedBankError
 from pipeline.format import layout
-from pipeline.format.rows import absolute_rows, take_rows
+from pipeline.format.rows import absolute_rows, read_span, take_rows
 from pipeline.format.storage import kind
 from pipeline.read.arrays import dask_array
 from pipeline.read.records import columns_for, rows_per_partition, source_bag
@@ -316,7 +316,9 @@ class FeatureProxy(_Proxy):
         values = []
         for row, (start, stop) in zip(rows.tolist(), refs.tolist(), strict=True):
             shape = layout.stored_shape(column, row) if column.kind.has_shape_table else None
-            values.append(column.kind.value(feature, column.data[start:stop], shape, ""))
+            values.append(
+                column.kind.value(feature, read_span(column.data, start, stop), shape, "")
+            )
         return values
 
     def _ref_row(self, column: layout.Column, item: slice) -> int | None:
@@ -357,7 +359,7 @@ class FeatureProxy(_Proxy):
                 "this storage can hold; `h5bank verify` lists what is wrong"
             )
         shape = layout.stored_shape(column, row) if column.kind.has_shape_table else None
-        return column.kind.value(self.feature, column.data[start:stop], shape, id_)
+        return column.kind.value(self.feature, read_span(column.data, start, stop), shape, id_)
 
     def to_dask(self, chunks: Any = None) -> Any:
         """The concatenated data as a ``dask.array.Array``, read lazily on any worker.

@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.bank.proxies import FeatureProxy
 from pipeline.format import layout
-from pipeline.format.rows import absolute_rows, one_request, take_rows
+from pipeline.format.rows import absolute_rows, one_request, read_span, take_rows
 
 # -- getters ----------------------------------------------------------------------------------
 
@@ -137,7 +137,8 @@ class AsSlice(Getter):
 
     def get(self, proxy: FeatureProxy, index: int) -> Any:
         start = index * self.shift
-        return proxy.dataset[start : start + self.span : self.downsampling]
+        window = read_span(proxy.dataset, start, start + self.span)
+        return window if self.downsampling == 1 else window[:: self.downsampling].copy()
 
     def get_many(self, proxy: FeatureProxy, indices: np.ndarray) -> list[Any]:
         data = proxy.dataset

@@ -29,11 +29,9 @@ class RowsDataset(h5py.Dataset):
         """Rows ``wanted`` (sorted, unique, in range) as one array (``out``, if given)."""
         if not self._direct():
             return read_runs(self, wanted, out)
+        per_chunk, row_bytes, trailing, fd = self._layout
         if out is None:
-            out = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
-        per_chunk = self.chunks[0]
-        row_bytes = out.itemsize * math.prod(self.shape[1:])
-        fd = self.file.id.get_vfd_handle()
+            out = np.empty((len(wanted), *trailing), dtype=self.dtype)
         rows = wanted.tolist()
         a = 0
         while a < len(rows):  # a run of consecutive rows within one chunk, read at once
@@ -51,13 +49,35 @@ class RowsDataset(h5py.Dataset):
             a = b
         return out
 
+    def read_span(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` (in range) as one array: one ``preadv`` per chunk they
+        touch (a sound's samples, a source's rows), not h5py's selection machinery."""
+        if not self._direct() or stop - start < 1:
+            return self[start:stop]
+        per_chunk, row_bytes, trailing, fd = self._layout
+        out = np.empty((stop - start, *trailing), dtype=self.dtype)
+        target = memoryview(out).cast("B")
+        row = start
+        while row < stop:
+            end = min(stop, (row // per_chunk + 1) * per_chunk)
+            piece = target[(row - start) * row_bytes : (end - start) * row_bytes]
+            address = self._address(row // per_chunk)
+            if address is None or os.preadv(
+                fd, [piece], address + (row % per_chunk) * row_bytes
+            ) != len(piece):
+                out[row - start : end - start] = self[row:end]
+            row = end
+        return out
+
     def _direct(self) -> bool:
         """Whether rows can be read at their offsets: chunks of whole rows, plain numbers in
-        this machine's byte order, no user block."""
+        this machine's byte order, no user block. If so, ``_layout`` holds what a read needs
+        (rows a chunk, bytes a row, a row's shape, the file descriptor), asked of h5py once."""
         known = getattr(self, "_direct_ok", None)
         if known is None:
             chunks = self.chunks
             self._addresses: dict[int, int | None] = {}
+            trailing = tuple(self.shape[1:])
             known = self._direct_ok = bool(
                 chunks is not None
                 and tuple(chunks[1:]) == tuple(self.shape[1:])
@@ -67,6 +87,10 @@ class RowsDataset(h5py.Dataset):
                 and isinstance(self.file.id.get_vfd_handle(), int)
                 and hasattr(os, "preadv")
             )
+            if known:
+                row_bytes = self.dtype.itemsize * math.prod(trailing)
+                fd = self.file.id.get_vfd_handle()
+                self._layout = (chunks[0], row_bytes, trailing, fd)
         return known
 
     def _address(self, chunk: int) -> int | None:
@@ -139,6 +163,14 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
         return dataset
     dataset.id.close()  # small chunks of small rows (refs tables) gain from the cache
     return group[name]
+
+
+def read_span(data: Any, start: int, stop: int) -> np.ndarray:
+    """``data[start:stop]`` (in range), straight from the file where ``data`` can
+    (:meth:`RowsDataset.read_span`): a ref's rows, a window of samples."""
+    if hasattr(data, "read_span"):
+        return data.read_span(start, stop)
+    return data[start:stop]
 
 
 def absolute_rows(indices: Any, n: int, unit: str = "row") -> np.ndarray:

@@ -17,10 +17,9 @@ The interface of :class:`StorageKind`:
 
 ``name``
     the string recorded in the file.
-``one_row_per_source``, ``has_shape_table``, ``has_names``, ``chunk_cache``
+``one_row_per_source``, ``has_shape_table``, ``has_names``
     what the layout holds: one row per source (dense reads, dask arrays by
-    source, verify's extent check), a ``shape`` table, label names, and
-    whether ``data`` is read through a chunk cache.
+    source, verify's extent check), a ``shape`` table, and label names.
 ``entry(value, producer)``
     the stored entry for one feature output (decode tasks).
 ``part(entry)``, ``concatenate(parts)``
@@ -112,8 +111,6 @@ class StorageKind:
     """The column keeps a ``shape`` table: each source's shape, its rows raveled."""
     has_names: ClassVar[bool] = False
     """``data`` holds codes into the group's ``names`` attribute."""
-    chunk_cache: ClassVar[bool] = True
-    """``data`` is read in windows and strides, which HDF5's chunk cache serves."""
     row_chunks: ClassVar[bool] = False
     """Large rows may be chunked one a chunk, each compressed by the decode tasks
     (:func:`pipeline.format.filters.precompressed`): one array row per source."""
@@ -291,8 +288,6 @@ class Item(StorageKind):
 
     name = "item"
     one_row_per_source = True
-    # Items are read a row at a time at random (batches, get_rows): no chunk cache.
-    chunk_cache = False
     row_chunks = True
 
     def entry(self, value: Any, producer: str) -> Any:

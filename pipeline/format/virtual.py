@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DamagedBankError, ShardedWriteError
-from pipeline.format.rows import absolute_rows, open_dataset, read_runs
+from pipeline.format.rows import absolute_rows, open_dataset, read_runs, read_span
 
 Opener = Callable[[str], h5py.File]
 
@@ -219,7 +219,7 @@ class ShardRows:
             and pieces[0][2] - pieces[0][1] == stop - start
         ):
             k, a, b, _ = pieces[0]
-            return self._source(k)[a:b]  # one shard holds them all: its read is the answer
+            return read_span(self._source(k), a, b)  # one shard holds them all: its read
         covered = sum(b - a for _, a, b, _ in pieces) == stop - start
         shape = (max(0, stop - start), *self.shape[1:])
         out = np.empty(shape, self.dtype) if covered else np.zeros(shape, self.dtype)
