@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import wave
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -179,6 +180,22 @@ class Sound(Feature):
     def decode(self, data: bytes, name: str = "") -> np.ndarray:
         if not data:
             raise DecodeError("empty file (0 bytes)")
+        plain = _pcm16_wav(data) if self.native else None
+        if plain is not None:
+            audio, native_sr = plain
+            self._check_length(len(audio), audio.shape[1], native_sr)
+        else:
+            audio, native_sr = self._read(data)
+        if self.mono:
+            audio = audio[:, 0] if audio.shape[1] == 1 else _average(audio)
+        if native_sr != self.sr:
+            import soxr
+
+            audio = _resample(soxr, audio, native_sr, self.sr)
+        return np.ascontiguousarray(audio, dtype=audio.dtype if self.native else self.dtype)
+
+    def _read(self, data: bytes) -> tuple[np.ndarray, int]:
+        """``(samples (frames, channels), rate)`` of any format libsndfile reads."""
         try:
             with soundfile.SoundFile(io.BytesIO(data)) as f:
                 native_sr = f.samplerate
@@ -191,7 +208,7 @@ class Sound(Feature):
                     )
                 self._check_length(f.frames, f.channels, native_sr)
                 stored = native_dtype(f.subtype) if self.native else "float32"
-                audio = f.read(dtype=stored, always_2d=True)
+                return f.read(dtype=stored, always_2d=True), native_sr
         except DecodeError:
             raise
         except Exception as error:
@@ -208,13 +225,6 @@ class Sound(Feature):
             raise DecodeError(
                 f"not a sound file libsndfile can read: {reason} (first bytes: {data[:8].hex(' ')})"
             ) from None
-        if self.mono:
-            audio = audio[:, 0] if audio.shape[1] == 1 else _average(audio)
-        if native_sr != self.sr:
-            import soxr
-
-            audio = _resample(soxr, audio, native_sr, self.sr)
-        return np.ascontiguousarray(audio, dtype=stored if self.native else self.dtype)
 
     def as_read(self, data: bytes, name: str = "") -> np.ndarray:
         return self.from_stored(self.decode(data, name), name)
@@ -300,6 +310,28 @@ class Sound(Feature):
             ax.tick_params(labelbottom=False)
         axes[-1].set_xlabel(f"seconds ({rate:,} Hz)", fontsize=8)
         return fig
+
+
+def _pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """``(samples, rate)`` of a plain 16-bit PCM WAV, read with the standard library's
+    ``wave`` (its header) and numpy (the samples are the file's bytes: one copy), where
+    libsndfile reads a file object through a Python call a block. ``None`` for any other
+    file, and for one that is not whole (libsndfile then says what is wrong)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    buffer = io.BytesIO(data)
+    try:
+        with wave.open(buffer) as f:  # leaves the buffer at the first byte of the samples
+            if f.getsampwidth() != 2 or f.getcomptype() != "NONE":
+                return None
+            frames, channels, rate = f.getnframes(), f.getnchannels(), f.getframerate()
+            start = buffer.tell()
+    except (wave.Error, EOFError, ValueError, OSError):
+        return None  # WAVE_FORMAT_EXTENSIBLE, other encodings, damage: libsndfile's to read
+    if channels < 1 or rate < 1 or len(data) - start < frames * channels * 2:
+        return None
+    samples = np.frombuffer(data, "<i2", count=frames * channels, offset=start)
+    return samples.reshape(frames, channels).copy(), rate  # the one copy, writable
 
 
 def _resample(soxr: Any, audio: np.ndarray, rate: int, to: int) -> np.ndarray:

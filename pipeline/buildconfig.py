@@ -51,6 +51,7 @@ from features.base import Feature
 from pipeline import config
 from pipeline.bank.typedfile import TypedFile
 from pipeline.errors import ConfigError
+from pipeline.run import auto
 from pipeline.run.local import local_cluster_size
 from pipeline.run.slurm import slurm_job_script, slurm_scaling
 from pipeline.schema import Group
@@ -79,7 +80,7 @@ class BuildConfig:
 
     @property
     def scheduler(self) -> str:
-        return str(self.get("build.scheduler") or "local")
+        return str(self.get("build.scheduler") or "auto")
 
     def run(self, mode: str = "w", progress: bool | None = None) -> TypedFile:
         """Build the bank (``mode="a"`` resumes or appends) and return it opened."""
@@ -88,7 +89,7 @@ class BuildConfig:
                 self.output,
                 self.sources,
                 mode=mode,
-                # null: the current default client if there is one, else local
+                # null: the current default client if there is one, else auto
                 scheduler=config.get("build.scheduler"),
                 progress=progress,
             )
@@ -115,15 +116,19 @@ class BuildConfig:
                 f"shards:   {shards} (writer chains, each its own shard file beside the bank)"
             )
         with dask.config.set(self.settings):
-            scheduler = self.scheduler
+            scheduler, chosen = self.scheduler, ""
+            if scheduler == "auto":
+                choice = auto.choose(dict(self.bank.__schema__.items()), self.sources)
+                scheduler, chosen = choice.scheduler, f" (auto: {choice.why})"
             if scheduler == "slurm":
                 scaling, _ = slurm_scaling()
                 lines.append(f"runs on:  {scaling}, each submitted with this script:")
                 lines.extend(slurm_job_script().rstrip().splitlines())
             elif scheduler == "local":
-                lines.append(f"runs on:  {local_cluster_size()}")
+                lines.append(f"runs on:  {local_cluster_size()}{chosen}")
             else:
-                lines.append(f"runs on:  {scheduler}")
+                shown = "threads in this process" if chosen else scheduler
+                lines.append(f"runs on:  {shown}{chosen}")
         return "\n".join(printable(hide_secrets(line)) for line in lines)
 
 

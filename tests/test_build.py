@@ -240,11 +240,12 @@ def test_graph_computes_on_the_threaded_scheduler(images, tmp_path):
     assert len(Pictures(tmp_path / "b.h5")) == 12
 
 
-def test_embedded_default_starts_and_closes_a_local_cluster(images, tmp_path):
+def test_the_local_scheduler_starts_and_closes_a_local_cluster(images, tmp_path):
+    """scheduler="local" (what "auto", the default, picks for many small files: test_auto)."""
     import multiprocessing
 
     before = {p.pid for p in multiprocessing.active_children()}
-    bank = Pictures.create(tmp_path / "b.h5", images, progress=False)
+    bank = Pictures.create(tmp_path / "b.h5", images, scheduler="local", progress=False)
     assert len(bank) == 12
     assert bank.summary.writer_pid != os.getpid()  # ran on a worker process...
     assert bank.summary.writer_pid not in before  # ...of a cluster of its own

@@ -57,7 +57,7 @@ def test_a_config_names_the_bank_type_its_sources_and_output(images, tmp_path):
     assert config.bank_name == "configbank:Pictures"
     assert config.sources == [str(images)]
     assert config.output == "b.h5"  # as given: relative to the current directory when used
-    assert config.scheduler == "local"  # nothing said: the embedded local cluster
+    assert config.scheduler == "auto"  # nothing said: threads or the embedded local cluster
     assert config.path == str(path)
 
 
@@ -75,7 +75,7 @@ def test_the_example_configs_load(monkeypatch):
     demo = buildconfig.load("configs/builds/demo.yaml")
     assert demo.bank is DemoBank
     assert demo.sources == ["h5bank-demo/samples/images", "h5bank-demo/samples/sounds"]
-    assert demo.scheduler == "local"
+    assert demo.scheduler == "auto"
     inline = buildconfig.load("configs/builds/images-inline.yaml")
     assert list(inline.bank.__schema__) == ["images/pixels", "images/labels"]
     assert inline.get("build.partition-size") == 32
@@ -285,6 +285,12 @@ def test_describe_a_local_build_gives_the_clusters_size(images, tmp_path):
         tmp_path / "d.yaml", images, {"local-cluster": {"n-workers": 3}}, output="d.h5"
     )
     text = buildconfig.load(path).describe()
+    assert text.splitlines()[-1] == (  # auto, with the reason it gives
+        "runs on:  threads in this process (auto: 12 local files: fewer than a cluster's "
+        "start-up pays for)"
+    )
+    with dask.config.set({"h5bank.build.scheduler": "local"}):
+        text = buildconfig.load(path).describe()
     assert text.splitlines()[-1] == "runs on:  a local cluster of 3 worker processes"
 
 

@@ -369,7 +369,8 @@ def test_workers_dying_on_one_source_stop_the_build_with_what_to_do(tmp_path):
     shutil.copy(images / "cats" / "cats_000.png", images / "cats" / "crash.png")
     config = tmp_path / "crash.yaml"
     build = {"bank": "slowbank:CrashingBank", "sources": str(images),
-             "output": str(tmp_path / "crash.h5"), "partition-size": 4}  # fmt: skip
+             "output": str(tmp_path / "crash.h5"), "partition-size": 4,
+             "scheduler": "local"}  # fmt: skip
     config.write_text(yaml.safe_dump({"h5bank": {"build": build}}))
     result = subprocess.run(
         [*h5bank_command(), "build", str(config), "--quiet"], capture_output=True, text=True,

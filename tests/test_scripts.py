@@ -45,7 +45,7 @@ def brightness(data):
     return float(data["images"].mean())
 
 
-bank = Photos.create("photos.h5", "samples/images/", progress=False)
+bank = Photos.create("photos.h5", "samples/images/", scheduler="local", progress=False)
 assert bank.summary.writer_pid != os.getpid(), "built in this process, not on a worker"
 means = bank.map(brightness, inputs="images", progress=False)
 bank.map(lambda d: d["images"][::2, ::2], inputs="images", output="thumbs",
@@ -139,7 +139,7 @@ def test_a_script_whose_cluster_cannot_start_says_what_to_do_in_one_line(tmp_pat
         "class Bank(TypedFile):\n    x = Array()\n"
         # worker processes that cannot start: a Python home that is not there
         "dask.config.set({'distributed.nanny.pre-spawn-environ': {'PYTHONHOME': '/nonexistent'}})\n"
-        "Bank.create('b.h5', ['a', 'b'], progress=False)\n"
+        "Bank.create('b.h5', ['a', 'b'], scheduler='local', progress=False)\n"
     )
     (tmp_path / "broken.py").write_text(code)
     marker = uuid.uuid4().hex

@@ -21,6 +21,7 @@ from pipeline.build.options import BuildOptions
 from pipeline.build.summary import BuildSummary
 from pipeline.build.upload import check_upload_target, upload_bank
 from pipeline.errors import PartialSetAsideError, WriterLostError
+from pipeline.run import auto
 from pipeline.run.runner import Runner, placement, runner_for
 from pipeline.schema import Schema
 from pipeline.urls import is_url, redact
@@ -64,6 +65,7 @@ def build(
     started = time.perf_counter()
     notes: list[str] = []
     lost = 0
+    scheduler = auto.resolve(scheduler, {p: schema[p] for p in schema}, sources, progress)
     with runner_for(scheduler, progress=progress, n_workers=n_workers) as runner:
         while True:
             made = graph(schema, path, sources, options, runner)

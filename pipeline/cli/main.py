@@ -90,7 +90,8 @@ def _warning_line(message: Any, category: type, *args: Any, **kwargs: Any) -> No
 
 
 SCHEDULER_HELP = (
-    "Where to build: 'local' (an embedded local cluster, the default), 'threads', 'sync', "
+    "Where to build: 'auto' (the default: threads for few or large local files, else an "
+    "embedded local cluster), 'local' (an embedded local cluster), 'threads', 'sync', "
     "tcp://host:port, or 'slurm' (dask-jobqueue, configs/jobqueue.yaml)."
 )
 """The help of the ``--scheduler`` option of the commands that build."""

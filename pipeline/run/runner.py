@@ -2,7 +2,8 @@
 
 | ``scheduler=`` | what runs the build |
 | --- | --- |
-| ``None`` (default) | the current default ``distributed.Client`` if there is one, else the setting ``h5bank.build.scheduler`` (default ``"local"``) |
+| ``None`` (default) | the current default ``distributed.Client`` if there is one, else the setting ``h5bank.build.scheduler`` (default ``"auto"``) |
+| ``"auto"`` | a build chooses ``"threads"`` or ``"local"`` from its features and a sample of its sources (:mod:`pipeline.run.auto`); anything else that runs on it (``map``) takes ``"local"`` |
 | ``"local"`` | an embedded ``LocalCluster`` sized to the machine, or inside a Slurm job to its allocation (settings under ``h5bank.local-cluster``), closed after the build |
 | ``"threads"`` / ``"sync"`` | Dask's threaded or synchronous scheduler, in this process |
 | a ``distributed.Client`` | that client's cluster (left open) |
@@ -369,8 +370,8 @@ def scheduler_for(
         raise ValueError(f"n_workers must be a whole number >= 1, got {n_workers!r}")
     where = scheduler
     if where is None:
-        where = default_client() or config.get("build.scheduler") or "local"
-    if where in ("local", *LOCAL):  # one thread ("sync") has nothing to size: accepted
+        where = default_client() or config.get("build.scheduler") or "auto"
+    if where in ("local", "auto", *LOCAL):  # one thread ("sync") has nothing to size: accepted
         return where
     shown = getattr(where, "scheduler", None) and getattr(where.scheduler, "address", None)
     raise ValueError(
@@ -397,7 +398,9 @@ def runner_for(
         if current is not None:
             yield Runner(client=current)
             return
-        scheduler = config.get("build.scheduler") or "local"
+        scheduler = config.get("build.scheduler") or "auto"
+    if scheduler == "auto":  # chosen by a build (pipeline.run.auto); anything else: a cluster
+        scheduler = "local"
     if isinstance(scheduler, str) and scheduler in LOCAL:
         yield Runner(local=LOCAL[scheduler], num_workers=n_workers)
         return
@@ -430,7 +433,7 @@ def runner_for(
         return
     raise SchedulerError(
         f"unknown scheduler {scheduler!r}: use None (the default client, else "
-        "h5bank.build.scheduler), 'local' (embedded local cluster), 'threads', 'sync', "
+        "h5bank.build.scheduler), 'auto', 'local' (embedded local cluster), 'threads', 'sync', "
         "'slurm' (dask-jobqueue), a distributed.Client, a cluster object or a scheduler "
         "address like 'tcp://host:8786'"
     )
