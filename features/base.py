@@ -246,6 +246,11 @@ class Feature(BankMember):
             f"{type(self).__name__} must override load(source) or decode(data, name)"
         )
 
+    def derived_input(self, output: Any) -> Any:
+        """What a feature derived from this one loads, given this one's output: the output
+        itself (``Sound``: its samples as floats, as reads return them)."""
+        return output
+
     def as_read(self, data: bytes, name: str = "") -> Any:
         """What a read returns for a file's bytes: its decoded value as a bank of this
         feature would return it (``Bytes(decoder=...)`` reads through it)."""

@@ -770,3 +770,27 @@ def test_a_sound_column_takes_only_its_own_sample_type(tmp_path):
         expected = soundfile.read(folder / f"s{i}.wav", dtype="float32")[0]
         np.testing.assert_array_equal(floats.audio.get(f"s{i}.wav"), expected)
     floats.close()
+
+
+class SoundPeak(Feature):
+    """Derived from a sound: records the dtype and peak of what it is given."""
+
+    storage = "item"
+
+    def load(self, audio):
+        return np.array([np.abs(audio).max(), audio.dtype == np.float32], np.float64)
+
+
+def test_a_feature_derived_from_a_sound_gets_its_samples_as_floats(sounds, tmp_path):
+    """Stored as int16, but derived features see what reads return: floats in [-1, 1]."""
+
+    class Bank(TypedFile):
+        audio = Sound(sr=8000, pattern=r"\.wav$")
+        peak = SoundPeak(derived_from="audio")
+
+    bank = Bank.create(tmp_path / "d.h5", sounds, scheduler="sync", progress=False)
+    assert bank.audio.dtype == np.int16
+    for id_ in bank.ids:
+        peak, was_float = bank.peak.get(id_)
+        assert was_float == 1.0 and peak == np.abs(bank.audio.get(id_)).max() <= 1.0
+    bank.close()
