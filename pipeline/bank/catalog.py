@@ -34,7 +34,8 @@ class Catalog:
         self._features: dict[str, Feature] = {}
         self._columns: dict[str, layout.Column] = {}
         self._refs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._dense: dict[str, bool] = {}
+        self._dense: dict[str, int] = {}  # a dense column's rows, -1 for one that is not
+        self._members: dict[str, list[str]] = {}  # a group's names in the file
         self._ids: list[str] | None = None
         self._index: dict[str, int] | None = None
 
@@ -52,7 +53,7 @@ class Catalog:
         if self._generation != self.handle.generation:
             self._generation = self.handle.generation
             self._features = self._known_features(f)
-            self._columns, self._refs, self._dense = {}, {}, {}
+            self._columns, self._refs, self._dense, self._members = {}, {}, {}, {}
             self._ids = self._index = None
         return f
 
@@ -140,6 +141,7 @@ class Catalog:
         """Forget the read caches a write makes stale (and the ids, if a commit rolled back)."""
         self._refs.clear()
         self._dense.clear()
+        self._members.clear()  # a write can add a column
         if layout.committed(self.file) != len(self.ids):
             self._ids = self._index = None
 
@@ -181,9 +183,13 @@ class Catalog:
         """Whether source ``i``'s data is exactly row ``i`` of a one-row-a-source column (item,
         category) for every source: a batch then reads its rows without the refs. Read once
         (16 bytes a source), and forgotten when this bank writes."""
+        return self.dense_rows(column) >= 0
+
+    def dense_rows(self, column: layout.Column) -> int:
+        """The rows of a dense column (see :meth:`is_dense`), ``-1`` for one that is not."""
         self.file  # noqa: B018 (in a forked child: reopen first, which drops the caches)
-        dense = self._dense.get(column.path)
-        if dense is None:
+        rows_known = self._dense.get(column.path)
+        if rows_known is None:
             dense = False
             n = column.refs.shape[0]
             if column.kind.one_row_per_source and n == column.data.shape[0]:
@@ -197,8 +203,21 @@ class Catalog:
                     ):
                         dense = False
                         break
-            self._dense[column.path] = dense
-        return dense
+            rows_known = self._dense[column.path] = n if dense else -1
+        return rows_known
+
+    def members(self, path: str) -> list[str]:
+        """The names in the file's group ``path`` (none for a column or no group), read once
+        per open and write; h5bank's own (``__ids__``...) left out."""
+        f = self.file
+        names = self._members.get(path)
+        if names is None:
+            node = f.get(path) if path else f
+            names = []
+            if isinstance(node, h5py.Group) and not layout.is_column(node):
+                names = [name for name in node if not name.startswith("__")]
+            self._members[path] = names
+        return names
 
     def node(self, path: str) -> Any:
         """What is at ``path`` in the file (the root for ``""``), ``None`` if nothing."""

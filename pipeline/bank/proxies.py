@@ -42,6 +42,8 @@ class BankParts:
 def node_at(bank: Any, parts: BankParts, path: str) -> Any:
     """The proxy for ``path`` of ``bank`` (``""``: its root group)."""
     catalog = parts.catalog
+    if path and catalog.column(path) is not None:  # a column read before: no lookups in the file
+        return FeatureProxy(bank, parts, path)
     node = catalog.node(path)
     features = catalog.features
     if path in features:
@@ -100,11 +102,7 @@ class GroupProxy(_Proxy):
             inside = not self.path or path.startswith(self.path + "/")
             if inside and len(parts) > depth and parts[depth]:  # "a//b" (damaged) names none
                 names[parts[depth]] = None
-        node = self.parts.catalog.file.get(self.path) if self.path else self.parts.catalog.file
-        if isinstance(node, h5py.Group) and not layout.is_column(node):
-            for name in node:
-                if not name.startswith("__"):
-                    names[name] = None
+        names.update(dict.fromkeys(self.parts.catalog.members(self.path)))
         return list(names)
 
     def __getattr__(self, name: str) -> Any:
@@ -345,7 +343,14 @@ class FeatureProxy(_Proxy):
 
     def _get_row(self, row: int, id_: str) -> Any:
         column = self.column
-        if column is None or row >= column.refs.shape[0]:
+        if column is None:
+            return None
+        dense = self.parts.catalog.dense_rows(column)
+        if dense >= 0:  # source i is row i: no refs to read
+            if row >= dense:
+                return None
+            return column.kind.value(self.feature, read_span(column.data, row, row + 1), None, id_)
+        if row >= column.refs.shape[0]:
             return None
         start, stop = (int(v) for v in column.refs[row])
         if start < 0:
