@@ -68,8 +68,10 @@ def corpus(tmp_path_factory):
         path.write_bytes(path.read_bytes()[:40])
     QuickBank.create(root / "reference.h5", images, scheduler="threads", progress=False).close()
     config = root / "build.yaml"
+    # On the embedded cluster ("auto" would pick threads for 2,000 files): the kill takes
+    # the client, scheduler, nannies and workers at once.
     build = {"bank": "slowbank:SlowBank", "sources": str(images), "output": str(root / "out.h5"),
-             "partition-size": 50}  # fmt: skip
+             "partition-size": 50, "scheduler": "local"}  # fmt: skip
     config.write_text(yaml.safe_dump({"h5bank": {"build": build}}))
     return {"root": root, "config": config, "reference": root / "reference.h5",
             "out": root / "out.h5", "images": images}  # fmt: skip
