@@ -144,24 +144,25 @@ def open_dataset(group: h5py.Group, name: str) -> h5py.Dataset:
     Compressed datasets keep the file's cache (a chunk must be decompressed
     whole), and so does a file open for writing.
     """
-    dataset = group[name]
     if group.file.mode != "r" or group.file.driver != "sec2" or _cache_set(group.file):
-        return dataset  # writing, a remote file, or a cache the caller chose: keep it
+        return group[name]  # writing, a remote file, or a cache the caller chose: keep it
+    # The cache is made when HDF5 first opens the dataset: open it without one, then check.
+    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
+    dataset = RowsDataset(h5py.h5d.open(group.id, name.encode(), access))
     chunks = dataset.chunks
     row_bytes = math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
     if (
-        chunks is None
-        or dataset.id.get_create_plist().get_nfilters()
-        or (
-            math.prod(chunks) * dataset.dtype.itemsize < _UNCACHED_CHUNK_BYTES
-            and row_bytes < _UNCACHED_ROW_BYTES
+        chunks is not None
+        and not dataset.id.get_create_plist().get_nfilters()
+        and (
+            math.prod(chunks) * dataset.dtype.itemsize >= _UNCACHED_CHUNK_BYTES
+            or row_bytes >= _UNCACHED_ROW_BYTES
         )
     ):
-        return dataset  # small chunks of small rows (refs, labels) gain from the cache
-    # The cache is made when HDF5 opens the dataset: open it again, without one.
-    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-    access.set_chunk_cache(0, 0, 1.0)  # slots, bytes, w0: no cache
-    return RowsDataset(h5py.h5d.open(group.id, name.encode(), access))
+        return dataset
+    dataset.id.close()  # small chunks of small rows (refs tables) gain from the cache
+    return group[name]
 
 
 def read_span(data: Any, start: int, stop: int) -> np.ndarray:
