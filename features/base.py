@@ -246,15 +246,11 @@ class Feature(BankMember):
             f"{type(self).__name__} must override load(source) or decode(data, name)"
         )
 
-    def derived_input(self, output: Any) -> Any:
-        """What a feature derived from this one loads, given this one's output: the output
-        itself (``Sound``: its samples as floats, as reads return them)."""
+    def as_read(self, output: Any) -> Any:
+        """This feature's output (of ``load`` or ``decode``) as reads of a bank return it:
+        what features derived from it load, and what ``Bytes(decoder=...)`` returns. The
+        output itself (``Sound``: its samples as floats)."""
         return output
-
-    def as_read(self, data: bytes, name: str = "") -> Any:
-        """What a read returns for a file's bytes: its decoded value as a bank of this
-        feature would return it (``Bytes(decoder=...)`` reads through it)."""
-        return self.decode(data, name)
 
     def from_stored(self, value: Any, name: str = "") -> Any:
         """What a read of one source returns, given what the bank stores for it.

@@ -226,11 +226,8 @@ class Sound(Feature):
                 f"not a sound file libsndfile can read: {reason} (first bytes: {data[:8].hex(' ')})"
             ) from None
 
-    def derived_input(self, output: np.ndarray) -> np.ndarray:
+    def as_read(self, output: np.ndarray) -> np.ndarray:
         return self.from_stored(output)
-
-    def as_read(self, data: bytes, name: str = "") -> np.ndarray:
-        return self.from_stored(self.decode(data, name), name)
 
     def from_stored(self, value: Any, name: str = "") -> np.ndarray:
         """A source's samples as floats of ``dtype`` (see :func:`to_float`)."""

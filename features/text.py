@@ -93,4 +93,6 @@ class Bytes(Feature):
 
     def from_stored(self, value: Any, name: str = "") -> Any:
         data = bytes(value)
-        return data if self.decoder is None else self.decoder.as_read(data, name)
+        return (
+            data if self.decoder is None else self.decoder.as_read(self.decoder.decode(data, name))
+        )

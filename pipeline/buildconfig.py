@@ -116,10 +116,10 @@ class BuildConfig:
                 f"shards:   {shards} (writer chains, each its own shard file beside the bank)"
             )
         with dask.config.set(self.settings):
-            scheduler, chosen = self.scheduler, ""
+            scheduler, chosen, where = self.scheduler, "", self.scheduler
             if scheduler == "auto":
                 choice = auto.choose(dict(self.bank.__schema__.items()), self.sources)
-                scheduler, chosen = choice.scheduler, f" (auto: {choice.why})"
+                scheduler, chosen, where = choice.scheduler, f" (auto: {choice.why})", choice.where
             if scheduler == "slurm":
                 scaling, _ = slurm_scaling()
                 lines.append(f"runs on:  {scaling}, each submitted with this script:")
@@ -127,8 +127,7 @@ class BuildConfig:
             elif scheduler == "local":
                 lines.append(f"runs on:  {local_cluster_size()}{chosen}")
             else:
-                shown = "threads in this process" if chosen else scheduler
-                lines.append(f"runs on:  {shown}{chosen}")
+                lines.append(f"runs on:  {where}{chosen}")
         return "\n".join(printable(hide_secrets(line)) for line in lines)
 
 

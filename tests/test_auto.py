@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import dask
-import numpy as np
 import pytest
+from servebank import Code
 
 from features import DirLabels, Feature, Image, Sound
 from pipeline import TypedFile
@@ -17,14 +17,6 @@ from pipeline.run import auto
 class Pictures(TypedFile):
     images = Image(mode="RGB")
     labels = DirLabels()
-
-
-class Ids(Feature):
-    reads_bytes = False
-    storage = "item"
-
-    def load(self, source):
-        return np.zeros(2)
 
 
 def features(bank_type: type[TypedFile]) -> dict[str, Feature]:
@@ -77,7 +69,7 @@ def test_the_walk_stops_at_the_sample(tmp_path, monkeypatch):
 
 def test_ids_urls_streams_and_slurm_jobs_take_a_local_cluster(images, monkeypatch):
     class Made(TypedFile):
-        x = Ids()
+        x = Code()  # made from the source's id: no bytes read
 
     assert auto.choose(features(Made), ["a", "b"]).scheduler == "local"
     assert auto.choose(features(Pictures), ["https://example.org/a.png"]).scheduler == "local"

@@ -42,7 +42,7 @@ class BankParts:
 def node_at(bank: Any, parts: BankParts, path: str) -> Any:
     """The proxy for ``path`` of ``bank`` (``""``: its root group)."""
     catalog = parts.catalog
-    if path and catalog.column(path) is not None:  # a column read before: no lookups in the file
+    if path in catalog.features and catalog.column(path) is not None:  # no more file lookups
         return FeatureProxy(bank, parts, path)
     node = catalog.node(path)
     features = catalog.features

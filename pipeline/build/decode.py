@@ -231,7 +231,7 @@ def load_source(
         if base is not None and raw.get(base) is None:
             continue
         try:
-            given = features[base].derived_input(raw[base]) if base is not None else source
+            given = features[base].as_read(raw[base]) if base is not None else source
             output = feature.load(given)
             raw[path] = output
             stored.update(to_stored(output, feature.storage, path, type(feature).__name__))

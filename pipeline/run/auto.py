@@ -36,7 +36,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.run.local import slurm_allocation
+from pipeline import config
+from pipeline.clients import default_client
+from pipeline.run.local import say, slurm_allocation
 from pipeline.urls import is_url
 
 # Fewer sources than this build on threads.
@@ -53,6 +55,10 @@ class Choice:
 
     scheduler: str
     why: str
+
+    @property
+    def where(self) -> str:
+        return "threads in this process" if self.scheduler == "threads" else "a local cluster"
 
 
 def choose(features: Mapping[str, Any], sources: Any) -> Choice:
@@ -132,10 +138,6 @@ def resolve(scheduler: Any, features: Mapping[str, Any], sources: Any, progress:
     """``scheduler`` as a build runs it: ``None`` is the current default client, else the
     setting ``h5bank.build.scheduler``, else ``"auto"``; ``"auto"`` is chosen here (and said,
     with ``progress``)."""
-    from pipeline import config
-    from pipeline.clients import default_client
-    from pipeline.run.local import say
-
     if scheduler is None:
         if default_client() is not None:
             return None
@@ -143,6 +145,5 @@ def resolve(scheduler: Any, features: Mapping[str, Any], sources: Any, progress:
     if not (isinstance(scheduler, str) and scheduler == "auto"):
         return scheduler
     choice = choose(features, sources)
-    where = "threads in this process" if choice.scheduler == "threads" else "a local cluster"
-    say(progress, f"building on {where} ({choice.why})")
+    say(progress, f"building on {choice.where} ({choice.why})")
     return choice.scheduler
