@@ -89,3 +89,41 @@ def sound_corpus(
         if not path.exists():
             soundfile.write(path, (tone + noise).clip(-1, 1), sr, subtype="PCM_16")
     return sorted(paths)
+
+
+def photo_corpus(root: Path, files: int = 5000, classes: int = 10, seed: int = 3) -> list[Path]:
+    """``files`` photo-like JPEGs (quality 90) of 300-600 px a side, in ``class_<k>/``.
+
+    Smooth shaded shapes over a gradient, with sensor-like noise: JPEG's
+    own territory, about 40-90 KB a file. The issue's corpus of photos.
+    """
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(files):
+        height, width = (int(v) for v in rng.integers(300, 601, size=2))
+        folder = root / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"photo_{i:06d}.jpg"
+        paths.append(path)
+        colors = rng.integers(0, 256, size=(8, 3))
+        shapes = rng.random((6, 4))
+        noise = rng.normal(0, 6, size=(height, width, 3))
+        if path.exists():
+            continue
+        y, x = np.mgrid[0:height, 0:width]
+        base = (colors[0] * (x / width)[..., None] + colors[1] * (y / height)[..., None]) / 2
+        image = PILImage.fromarray(base.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for k, (a, b, c, d) in enumerate(shapes):
+            box = sorted([a * width, c * width]), sorted([b * height, d * height])
+            xy = (box[0][0], box[1][0], box[0][1], box[1][1])
+            (draw.ellipse if k % 2 else draw.rectangle)(
+                xy, fill=tuple(int(v) for v in colors[2 + k])
+            )
+        image = image.filter(ImageFilter.GaussianBlur(3))
+        pixels = (np.asarray(image, dtype=np.float64) + noise).clip(0, 255).astype(np.uint8)
+        PILImage.fromarray(pixels).save(path, quality=90)
+    return sorted(paths)

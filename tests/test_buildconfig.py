@@ -270,7 +270,7 @@ def test_describe_says_what_would_run_and_builds_nothing(images, tmp_path, chdir
     text = buildconfig.load(path).describe()
     assert text.splitlines() == [
         f"bank:     inline features of {path}",
-        "          images/pixels: Image(size=[16, 16], mode='RGB')",
+        "          images/pixels: Image(size=[16, 16], mode='RGB', draft=True)",
         "          images/labels: DirLabels()",
         "          corner: Corner(size=None, mode='RGB', corner=[4, 6])",
         f"sources:  {images}",

@@ -107,14 +107,22 @@ def test_size_mode_and_compression_take_effect(photos, tmp_path, run):
         data = f["images/data"]
         assert (data.compression, data.compression_opts) == ("gzip", 4)
         assert f["labels/data"].compression is None  # the option is the images' only
+        assert f["images"].attrs["draft"]  # large JPEGs decoded at reduced scale: the default
 
-    result = run("image-bank", "photos", "gray.h5", "--size", "10", "--mode", "l",
+    result = run("image-bank", "photos", "gray.h5", "--size", "10", "--mode", "l", "--exact",
                  "--compression", "lzf", "--scheduler", "threads", "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    with TypedFile(tmp_path / "gray.h5") as bank:
+        row = bank.index("dogs/snapshot.JPG")
     with h5py.File(tmp_path / "gray.h5", "r") as f:
         assert f["images/data"].shape == (13, 10, 10)
         assert f["images/data"].compression == "lzf"
         assert f["images"].attrs["mode"] == "L"
+        assert not f["images"].attrs["draft"]
+        exact = Image(size=(10, 10), mode="L", draft=False).decode(
+            (photos / "dogs" / "snapshot.JPG").read_bytes(), "snapshot.JPG"
+        )  # 30 x 20 px: twice 10 x 10, so the default would have drafted it
+        np.testing.assert_array_equal(f["images/data"][row], exact)
 
 
 def test_a_plugin_filter_compresses_and_show_reads_it_back(photos, tmp_path, run):

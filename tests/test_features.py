@@ -71,6 +71,53 @@ def test_a_jpeg_saved_with_a_png_name_still_decodes(rgb):
     np.testing.assert_array_equal(Image().decode(data, "photos/liar.png"), iio.imread(data))
 
 
+def photo(height: int, width: int) -> bytes:
+    """A smooth photo-like JPEG (a gradient, a disc, noise), where reduced-scale decoding is
+    close to a full decode."""
+    rng = np.random.default_rng(height * width)
+    y, x = np.mgrid[0:height, 0:width]
+    disc = ((y - height / 2) ** 2 + (x - width / 3) ** 2 < (height / 4) ** 2) * 90
+    base = np.stack([x * 200 / width, y * 200 / height, 60 + disc], axis=2)
+    pixels = (base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8)
+    return jpeg_bytes(pixels)
+
+
+def full_decode_and_resize(data: bytes, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
+    with PILImage.open(io.BytesIO(data)) as image:
+        resized = image.convert(mode).resize(size[::-1], PILImage.Resampling.BILINEAR)
+    return np.asarray(resized)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_twice_the_size_is_drafted_close_to_a_full_decode(mode):
+    data = photo(300, 260)  # at least twice (96, 128) on both sides: decoded at 1/2 scale
+    fast = Image(size=(96, 128), mode=mode).decode(data, "p.jpg")
+    exact = Image(size=(96, 128), mode=mode, draft=False).decode(data, "p.jpg")
+    np.testing.assert_array_equal(exact, full_decode_and_resize(data, (96, 128), mode))
+    assert fast.shape == exact.shape == ((96, 128, 3) if mode == "RGB" else (96, 128))
+    difference = np.abs(fast.astype(int) - exact.astype(int))
+    assert 0 < difference.mean() < 2 and difference.max() < 64
+
+
+def test_a_jpeg_under_twice_the_size_is_decoded_in_full_whatever_draft_says():
+    data = photo(300, 250)  # 250 < 2 x 128: no reduced scale applies
+    fast = Image(size=(96, 128), mode="RGB").decode(data, "p.jpg")
+    np.testing.assert_array_equal(fast, full_decode_and_resize(data, (96, 128)))
+
+
+def test_a_jpeg_without_size_is_decoded_in_full():
+    data = photo(300, 300)
+    np.testing.assert_array_equal(Image(mode="RGB").decode(data, "p.jpg"), iio.imread(data))
+
+
+def test_a_jpeg_declaring_too_many_pixels_is_refused_from_its_header():
+    data = bytearray(photo(64, 64))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[sof + 5 : sof + 9] = (12000).to_bytes(2, "big") * 2
+    with pytest.raises(DecodeError, match="declares 12000 x 12000 = 144,000,000 pixels"):
+        Image(size=(64, 64)).decode(bytes(data), "bomb.jpg")
+
+
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
 def test_image_mode_converts_mixed_depth_files_like_imageio(images, mode):
     # The folder cycles RGB, RGBA and grayscale files.
@@ -91,7 +138,7 @@ def test_image_without_mode_keeps_each_files_own_mode(images):
 def test_image_size_resizes_to_height_width_and_stores_items(images, mode, channels):
     feature = Image(size=(9, 14), mode=mode)
     assert feature.storage == "item"
-    assert feature.attrs == {"size": [9, 14], "mode": mode}
+    assert feature.attrs == {"size": [9, 14], "mode": mode, "draft": True}
     for path in sorted(images.glob("cats/*.png"))[:3]:
         assert feature.decode(path.read_bytes(), path.name).shape == (9, 14, *channels)
 

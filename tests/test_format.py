@@ -127,7 +127,7 @@ def test_attributes_record_schema_parameters_and_provenance(corpus, tmp_path, cl
         schema = json.loads(f.attrs[layout.ATTR_SCHEMA])
         assert schema["data/pixels"]["class"] == "features.image.Image"
         assert schema["data/pixels"]["storage"] == "flat"
-        assert schema["data/thumbs"]["attrs"] == {"mode": "L", "size": [10, 12]}
+        assert schema["data/thumbs"]["attrs"] == {"mode": "L", "size": [10, 12], "draft": True}
         assert f["audio"].attrs["sr"] == 8000
         assert f["data/thumbs"].attrs["mode"] == "L"
         assert [str(n) for n in f["data/labels"].attrs["names"]] == ["cats", "dogs"]

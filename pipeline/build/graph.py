@@ -26,6 +26,14 @@ decoded on, and decoded partitions piled up: 800 MB a worker for 200,000
 images. A cluster still growing (Slurm jobs pending) gets no window: its
 decode tasks are queued root tasks that Dask hands to workers as they come,
 and Dask's memory manager pauses a worker short of memory.
+
+In-process schedulers (threads, sync) also run decode task k+L after decode
+task k, L being the number of threads: each thread decodes its own lane of
+partitions in order. Dask's threaded scheduler keeps its ready tasks in a
+stack, so a decode freed by the window alone jumps ahead of decodes freed
+earlier: the writer then waits on the oldest partition, decoded last, and a
+thread idled for a quarter of a build of 5,000 JPEGs. A decode freed by the
+decode before it in its lane is the next one due.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import dask
 from dask.base import DaskMethodsMixin
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-from dask.task_spec import DataNode, Task, TaskRef
+from dask.task_spec import DataNode, List, Task, TaskRef
 
 from features.base import Feature
 from pipeline.build.chain import (
@@ -303,7 +311,8 @@ def build_graph(
         plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
         decode = _decoder(features, bases, options, plan.token, partitions)
         window = _window(options, writer, decoders, threads)
-        made = writer_chain(plan, writer, decoders, sizes, window, decode, write_partition)
+        lanes = threads if writer is None else None
+        made = writer_chain(plan, writer, decoders, sizes, (window, lanes), decode, write_partition)
     made.local_roots = roots
     return made
 
@@ -383,7 +392,8 @@ def _sharded(
         window = _window(options, pinned, feeding, threads)
         decode = _decoder(features, bases, options, chain.token, shard.partitions)
         part_sizes = [len(p) for p in shard.partitions]
-        writes, final = chain_tasks(graph, chain, part_sizes, window, decode, write_partition)
+        pace = (window, threads if pinned is None else None)
+        writes, final = chain_tasks(graph, chain, part_sizes, pace, decode, write_partition)
         write_keys += [w.key for w in writes]
         finals.append(final)
         plans.append(chain)
@@ -445,7 +455,7 @@ def writer_chain(
     writer: str | None,
     decoders: list[str] | None,
     sizes: list[int],
-    window: int | None,
+    pace: tuple[int | None, int | None],
     produce: Any,
     link: Any,
 ) -> Build:
@@ -453,28 +463,40 @@ def writer_chain(
 
     ``produce(k, graph, after)`` adds to ``graph`` (a :class:`Graph`) the
     tasks whose result the ``k``-th link writes, and returns a reference to
-    it (``after`` is link ``k - window``, for back-pressure, or ``None``
-    without a window); a task it adds with ``place=k`` goes where the decode
+    it. ``pace`` is ``(window, lanes)``: ``after`` is link ``k - window``
+    (back-pressure) and the result of ``produce(k - lanes)`` (in-process
+    schedulers: see the module docstring), each when set and ``k`` is past
+    it; ``None`` when neither applies. A task it adds with ``place=k`` goes where the decode
     schedule over ``decoders`` says. Open, the links and finalize are pinned
     to ``writer``.
     """
     graph = Graph(plan.token, writer, decoders)
-    writes, final = chain_tasks(graph, plan, sizes, window, produce, link)
+    writes, final = chain_tasks(graph, plan, sizes, pace, produce, link)
     return Build(graph.delayed(final.key), [w.key for w in writes], sizes, plan, writer)
 
 
 def chain_tasks(
-    graph: Graph, plan: BuildPlan, sizes: list[int], window: int | None, produce: Any, link: Any
+    graph: Graph,
+    plan: BuildPlan,
+    sizes: list[int],
+    pace: tuple[int | None, int | None],
+    produce: Any,
+    link: Any,
 ) -> tuple[list[TaskRef], TaskRef]:
     """Add one writer chain to ``graph`` (see :func:`writer_chain`); return its link tasks
     and its finalize task."""
     token = plan.token
     plan_ref = graph.constant(f"plan-{token}", plan)
     state = graph.add(Task(f"h5bank-open-{token}", open_build, plan_ref), pinned=True)
+    window, lanes = pace
     writes: list[TaskRef] = []
+    results: list[TaskRef] = []
     for k in range(len(sizes)):
-        after = writes[k - window] if window and k >= window else None
+        waits = [writes[k - window]] if window and k >= window else []
+        waits += [results[k - lanes]] if lanes and k >= lanes else []
+        after = List(*waits) if len(waits) > 1 else (waits[0] if waits else None)
         result = produce(k, graph, after)
+        results.append(result)
         state = graph.add(
             Task(f"h5bank-write-{k}-{token}", link, plan_ref, result, state, k), pinned=True
         )
@@ -547,4 +569,5 @@ def map_graph(
             place=k,
         )  # fmt: skip
 
-    return writer_chain(plan, writer, decoders, sizes, window, read_and_map, attach_partition)
+    pace = (window, threads if writer is None else None)
+    return writer_chain(plan, writer, decoders, sizes, pace, read_and_map, attach_partition)

@@ -215,12 +215,20 @@ def _files_taken_by(build_config: Any, member: str, directory: str) -> list[Any]
     help="Convert every image to this Pillow mode (L: grayscale). Set it when the folder "
     "mixes RGB, RGBA and grayscale and --size is given. Default: each file's own.",
 )
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="With --size, decode every JPEG at full size before resizing, so every pixel equals "
+    "Pillow's full decode + resize. Default: a JPEG at least twice --size on both sides is "
+    "decoded at 1/2, 1/4 or 1/8 scale first (faster; pixels differ slightly, see docs/features.md).",
+)
 @_bank_options
 def image_bank(
     directory: str,
     output: str,
     size: tuple[int, int] | None,
     mode: str | None,
+    exact: bool,
     compression: dict[str, Any],
     scheduler: str | None,
     resume: bool,
@@ -243,6 +251,7 @@ def image_bank(
     spec: dict[str, Any] = {"type": "Image", "mode": mode.upper() if mode else None}
     if size is not None:
         spec["size"] = size
+        spec["draft"] = not exact
     _build_folder(
         "image-bank", "ImageBank", "images", spec, directory, output, compression,
         scheduler, resume, overwrite, quiet,
@@ -280,8 +289,9 @@ def sound_bank(
     """Build every sound under DIR into the bank OUT, labelled by folder.
 
     OUT holds two features: `sound` (Sound: WAV, FLAC, OGG, AIFF... read
-    with libsndfile, resampled to --sr, float32; sounds are concatenated in
-    time and each source's refs are its sample range) and `labels`
+    with libsndfile, resampled to --sr, stored as the files hold their samples
+    (int16 for 16-bit PCM...) and read as float32; sounds are concatenated
+    in time and each source's refs are its sample range) and `labels`
     (DirLabels: the name of the folder holding each file; files directly in
     DIR get no label). Other files are left out. Ids are paths relative to
     DIR; DIR may be a URL (s3://bucket/sounds/), whose files keep their full
