@@ -1,7 +1,7 @@
 """The alternatives h5bank is measured against, each built and read the same way.
 
-    python benchmarks/alternatives.py TOOL build ROOT OUT
-    python benchmarks/alternatives.py TOOL read ROOT OUT
+    python benchmarks/alternatives.py TOOL build ROOT OUT [CORPUS]
+    python benchmarks/alternatives.py TOOL read ROOT OUT [CORPUS]
 
 TOOL is ``h5py`` (a plain loop, one dataset per image), ``raw`` (the PNG
 files, opened and decoded), ``h5mapper``, ``hf`` (Hugging Face ``datasets``,
@@ -12,6 +12,14 @@ prints items per second of random batches of 64 by index and by id, of a
 sequential scan, and of one ``DataLoader`` epoch (batch 64, 2 workers,
 shuffle, best of 2), each as a JSON line, after checking that items and
 labels match the source files.
+
+CORPUS (default ``pngs``) says how a file is read, as each tool's user
+would write it: ``pngs`` and ``ragged`` with ``imageio.v3.imread(path,
+mode="RGB")`` (64x64 images; images in their own shapes, which batches keep
+as lists and Hugging Face ``datasets`` and h5mapper are not built for),
+``photos`` JPEGs decoded in full by Pillow, converted to RGB and resized to
+224x224 (bilinear). It travels to the tools' worker processes in the
+environment variable ``BENCH_CORPUS``.
 """
 
 from __future__ import annotations
@@ -36,12 +44,30 @@ def emit(**line) -> None:
     print(json.dumps(line), flush=True)
 
 
+def corpus() -> str:
+    return os.environ.get("BENCH_CORPUS", "pngs")
+
+
+PHOTO_SIZE = (224, 224)
+
+
 def decode(path: str) -> np.ndarray:
+    if corpus() == "photos":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB").resize(PHOTO_SIZE, Image.Resampling.BILINEAR))
     return iio.imread(path, mode="RGB")
 
 
+def stack(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """A batch: one array, or the list itself for images in their own shapes."""
+    return images if corpus() == "ragged" else np.stack(images)
+
+
 def files(root: str) -> list[str]:
-    return sorted(str(p) for p in Path(root).rglob("*.png"))
+    pattern = "*.jpg" if corpus() == "photos" else "*.png"
+    return sorted(str(p) for p in Path(root).rglob(pattern))
 
 
 def ids_of(root: str, paths: list[str]) -> list[str]:
@@ -80,8 +106,9 @@ def build(tool: str, root: str, out: str) -> None:
                 for item in shard:
                     yield _decoded(item)
 
+        shape = (*PHOTO_SIZE, 3) if corpus() == "photos" else (64, 64, 3)
         features = Features(
-            {"image": Array3D((64, 64, 3), "uint8"), "label": Value("int64"), "id": Value("string")}
+            {"image": Array3D(shape, "uint8"), "label": Value("int64"), "id": Value("string")}
         )
         dataset = Dataset.from_generator(
             generate, features=features, gen_kwargs={"shards": shards}, num_proc=WORKERS,
@@ -142,12 +169,10 @@ class Reader:
         """Images and labels of the items at ``rows``, in that order."""
         if self.tool == "raw":
             images = [decode(self.paths[i]) for i in rows]
-            return np.stack(images), np.array([label_of(self.paths[i]) for i in rows])
+            return stack(images), np.array([label_of(self.paths[i]) for i in rows])
         if self.tool == "h5py":
             datasets = [self.f[self.ids[i]] for i in rows]
-            return np.stack([d[()] for d in datasets]), np.array(
-                [d.attrs["label"] for d in datasets]
-            )
+            return stack([d[()] for d in datasets]), np.array([d.attrs["label"] for d in datasets])
         if self.tool == "h5mapper":  # h5py indexing underneath: sorted, unique rows
             order = np.argsort(rows)
             back = np.argsort(order)
@@ -157,7 +182,7 @@ class Reader:
             got = self.dataset[rows.tolist()]
             return got["image"], got["label"]
         items = [self.dataset[int(i)] for i in rows]  # litdata
-        return np.stack([it["image"] for it in items]), np.array([it["label"] for it in items])
+        return stack([it["image"] for it in items]), np.array([it["label"] for it in items])
 
     def by_id(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if self.tool == "h5mapper":  # its own lookup by id
@@ -224,13 +249,13 @@ def _h5mapper_bank():
     import h5mapper as h5m
 
     class Png(h5m.Feature):
-        __re__ = r"\.png$"
+        __re__ = r"\.(png|jpg)$"
 
         def load(self, source):
             return decode(source)[None]
 
     class Label(h5m.Feature):
-        __re__ = r"\.png$"
+        __re__ = r"\.(png|jpg)$"
 
         def load(self, source):
             return np.array([label_of(source)])
@@ -265,6 +290,8 @@ def read(tool: str, root: str, out: str) -> None:
     emit(figure="scan", value=count / (time.perf_counter() - started))
     if count != n:
         raise SystemExit(f"{tool}: the scan saw {count} items of {n}")
+    if corpus() == "ragged":  # a DataLoader's default collate stacks: not for ragged items
+        return
     loader, label_key = reader.loader()
     best = 0.0
     for _ in range(2):
@@ -279,4 +306,7 @@ def read(tool: str, root: str, out: str) -> None:
 
 if __name__ == "__main__":
     tool, action, root, out = sys.argv[1:5]
+    os.environ["BENCH_CORPUS"] = (sys.argv[5:] or ["pngs"])[0]
+    if corpus() == "ragged" and tool in ("hf", "h5mapper"):
+        raise SystemExit(f"{tool} stores fixed-shape arrays: not built for images in their shapes")
     (build if action == "build" else read)(tool, root, out)

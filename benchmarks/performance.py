@@ -22,10 +22,22 @@ a Markdown table of them follows.
 - **reads**: random batches of 64 by index and by id, a sequential scan, one
   ``DataLoader`` epoch (batch 64, 2 workers, shuffle; best of 2), every tool
   checked against the source files first;
-- **memory** of builds of a ragged corpus (2,000 PNGs of 96-384 px, mixed
-  depth) and, with ``--scale 10``, of a corpus 10x larger, each on a fresh
-  cluster warmed by one build of the main corpus, as the main corpus's
-  figure is (worker processes keep memory an earlier build used);
+- **memory** with ``--scale 10`` of a corpus 10x larger, on a fresh cluster
+  warmed by one build of the main corpus, as the main corpus's figure is
+  (worker processes keep memory an earlier build used);
+- **photos** (``--photos`` photo-like JPEGs of 300-600 px, built with
+  ``Image(size=(224, 224), mode="RGB")``): the decode limits on 2 processes
+  (Pillow full decode + resize, the same with ``draft``, h5bank's decoder),
+  the embedded default's build in a fresh process (its choice of scheduler,
+  its peak memory), its ratio to the limits, every stored pixel of a sample
+  checked against h5bank's decoder and against the full decode; reads and a
+  ``DataLoader`` epoch; the alternatives built and read the same way (their
+  decode: Pillow's full decode + resize, as their users write it);
+- **ragged** (2,000 PNGs of 96-384 px, mixed depth, ``Image(mode="RGB")``,
+  each in its own shape): the embedded default's build in a fresh process
+  and its peak memory, random batches by source (``get_rows``) and a scan,
+  against the h5py loop, the raw files and LitData (h5mapper and ``datasets``
+  store fixed-shape arrays);
 - **tiny sources**: ``--tiny`` sources of 16 floats made from their ids;
 - **scan through Dask**: ``bank.images.to_dask().sum()`` against one process
   reading the same dataset chunk by chunk with h5py, each the best of 5.
@@ -56,7 +68,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from corpora import label_of, png_corpus, ragged_corpus  # noqa: E402
+from corpora import label_of, photo_corpus, png_corpus, ragged_corpus  # noqa: E402
 
 from features import DirLabels, Feature, Image  # noqa: E402
 from pipeline import TypedFile, serve  # noqa: E402
@@ -85,6 +97,14 @@ class Zstandard(TypedFile):
 class Ragged(TypedFile):
     images = Image(mode="RGB")
     labels = DirLabels()
+
+
+class Photos(TypedFile):
+    images = Image(size=(224, 224), mode="RGB")
+    labels = DirLabels()
+
+
+KINDS = {"photos": Photos, "ragged": Ragged}
 
 
 class Vector(Feature):
@@ -220,36 +240,53 @@ def fresh_cluster_build(
     return seconds, memory
 
 
-def read_h5bank(out: Path, root: Path) -> None:
-    bank = Pictures(out)
+def read_h5bank(
+    out: Path,
+    root: Path,
+    bank_type: type = Pictures,
+    corpus: str = "pngs",
+    expected: Callable[[Path], np.ndarray] = lambda path: iio.imread(path, mode="RGB"),
+) -> None:
+    """Reads of the bank at ``out``, after checking 8 sources against ``expected(file)``.
+    Batches are read by source (``get_rows``, every feature kind) for the ragged corpus, by
+    stored row (``proxy[rows]``) for fixed-size images; ragged images get no DataLoader (its
+    default collate stacks)."""
+    ragged = corpus == "ragged"
+    tag = {} if corpus == "pngs" else {"corpus": corpus}
+    bank = bank_type(out)
     n = len(bank)
     rng = np.random.default_rng(0)
     for row in rng.choice(n, 8, replace=False):
         id_ = bank.ids[row]
-        assert np.array_equal(bank.images[[row]][0], iio.imread(root / id_, mode="RGB")), id_
+        assert np.array_equal(bank.images.get_rows([row])[0], expected(root / id_)), id_
         assert bank.labels.names[bank.labels[[row]][0]] == f"class_{label_of(root / id_)}"
     batches = [rng.choice(n, 64, replace=False) for _ in range(60)]
+    batch = bank.images.get_rows if ragged else bank.images.__getitem__
     started = time.perf_counter()
     for rows in batches:
-        bank.images[rows], bank.labels[rows]
-    emit("random_batches_by_index", "h5bank", 64 * 60 / (time.perf_counter() - started), "items/s")
+        batch(rows), bank.labels[rows]
+    emit("random_batches_by_index", "h5bank", 64 * 60 / (time.perf_counter() - started), "items/s", **tag)  # fmt: skip
     id_batches = [[bank.ids[i] for i in rows] for rows in batches]
     started = time.perf_counter()
     for ids in id_batches:
         rows = [bank.index(i) for i in ids]
         bank.images.get_rows(rows), bank.labels.get_rows(rows)
     by_id = 64 * 60 / (time.perf_counter() - started)
-    emit("random_batches_by_id", "h5bank", by_id, "items/s")
+    emit("random_batches_by_id", "h5bank", by_id, "items/s", **tag)
     started = time.perf_counter()
     for ids in id_batches:
         for i in ids:
             bank.images.get(i), bank.labels.get(i)
     one = 64 * 60 / (time.perf_counter() - started)
-    emit("get_by_id_one_at_a_time", "h5bank", one, "items/s", batch_per_item_over_get=by_id / one)
+    emit("get_by_id_one_at_a_time", "h5bank", one, "items/s", batch_per_item_over_get=by_id / one, **tag)  # fmt: skip
     started = time.perf_counter()
     for start in range(0, n, 1024):
-        bank.images[start : start + 1024], bank.labels[start : start + 1024]
-    emit("scan", "h5bank", n / (time.perf_counter() - started), "items/s")
+        batch(np.arange(start, min(n, start + 1024)) if ragged else slice(start, start + 1024))
+        bank.labels[start : start + 1024]
+    emit("scan", "h5bank", n / (time.perf_counter() - started), "items/s", **tag)
+    if ragged:
+        bank.close()
+        return
     loader = serve(
         bank,
         dict(x=Input("images", GetId()), y=Target("labels", GetId())),
@@ -262,7 +299,7 @@ def read_h5bank(out: Path, root: Path) -> None:
             seen.append(batch["y"].numpy())
         best = max(best, n / (time.perf_counter() - started))
     assert len(np.concatenate(seen)) == n
-    emit("dataloader_epoch", "h5bank", best, "items/s")
+    emit("dataloader_epoch", "h5bank", best, "items/s", **tag)
     bank.close()
 
 
@@ -296,10 +333,10 @@ def dask_scan(out: Path, client: Any) -> None:
 
 
 def alternative(
-    python: str, tool: str, action: str, root: Path, out: Path
+    python: str, tool: str, action: str, root: Path, out: Path, corpus: str = "pngs"
 ) -> tuple[list[dict], float]:
     """Run ``alternatives.py`` in ``python``; its JSON lines and the peak memory of its processes."""
-    command = [python, str(HERE / "alternatives.py"), tool, action, str(root), str(out)]
+    command = [python, str(HERE / "alternatives.py"), tool, action, str(root), str(out), corpus]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with peak_memory(lambda: [process.pid]) as peak:
         stdout, stderr = process.communicate()
@@ -308,36 +345,145 @@ def alternative(
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")], peak["bytes"]
 
 
-def run_alternatives(args: argparse.Namespace, root: Path, work: Path, files: int) -> None:
+def run_alternatives(
+    args: argparse.Namespace, root: Path, work: Path, files: int, corpus: str = "pngs"
+) -> None:
     tools = [("h5py", sys.executable), ("raw", sys.executable), ("h5mapper", args.h5mapper_python),
              ("hf", args.alternatives_python), ("litdata", args.alternatives_python)]  # fmt: skip
+    tag = {} if corpus == "pngs" else {"corpus": corpus}
     for tool, python in tools:
         if not os.path.exists(python):
-            emit("skipped", tool, 0, "", reason=f"no environment at {python}")
+            emit("skipped", tool, 0, "", reason=f"no environment at {python}", **tag)
             continue
-        out = work / f"{tool}-{files}"
+        out = work / (f"{tool}-{files}" if corpus == "pngs" else f"{tool}-{corpus}-{files}")
         try:
             if tool != "raw":  # built afresh each run
                 for old in (out, Path(f"{out}.cache")):
                     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(True)
-                (lines, memory) = alternative(python, tool, "build", root, out)
+                (lines, memory) = alternative(python, tool, "build", root, out, corpus)
                 seconds = lines[-1]["build_seconds"]
-                emit("build", tool, files / seconds, "files/s", seconds=seconds)
-                emit("build_peak_memory", tool, memory / 1e6, "MB")
-            lines, _ = alternative(python, tool, "read", root, out)
+                emit("build", tool, files / seconds, "files/s", seconds=seconds, **tag)
+                emit("build_peak_memory", tool, memory / 1e6, "MB", **tag)
+            lines, _ = alternative(python, tool, "read", root, out, corpus)
         except RuntimeError as error:
-            emit("skipped", tool, 0, "", reason=str(error))
+            emit("skipped", tool, 0, "", reason=str(error), **tag)
             continue
         for line in lines:
-            emit(line["figure"], tool, line["value"], "items/s")
+            emit(line["figure"], tool, line["value"], "items/s", **tag)
+
+
+# -- photos and ragged images -------------------------------------------------------------------
+
+
+def _pil_resized(paths: list[str], draft: bool) -> int:
+    from PIL import Image as PILImage
+
+    total = 0
+    for path in paths:
+        with PILImage.open(path) as image:
+            if draft:
+                image.draft(None, (224, 224))
+            resized = image.convert("RGB").resize((224, 224), PILImage.Resampling.BILINEAR)
+            total += np.asarray(resized).size
+    return total
+
+
+def _pil_full(paths: list[str]) -> int:
+    return _pil_resized(paths, draft=False)
+
+
+def _pil_draft(paths: list[str]) -> int:
+    return _pil_resized(paths, draft=True)
+
+
+def _h5bank_photo(paths: list[str]) -> int:
+    decoder = Photos.__schema__["images"]
+    return sum(decoder.decode(Path(p).read_bytes(), p).size for p in paths)
+
+
+def build_in_fresh_process(kind: str, root: Path, out: Path) -> tuple[float, float, str]:
+    """The embedded default's build of ``root`` as a user's script runs it: a new Python process
+    (``--build-one``). Seconds of the build (its imports excluded), peak memory of the process
+    and whatever it starts, and the scheduler ``"auto"`` chose."""
+    for old in (out, Path(f"{out}.partial")):
+        old.unlink(missing_ok=True)
+    os.sync()  # no dirty pages of an earlier bank written back during this build
+    command = [sys.executable, __file__, "--build-one", kind, str(root), str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with peak_memory(lambda: [process.pid]) as peak:
+        stdout, stderr = process.communicate()
+    if process.returncode:
+        raise RuntimeError(stderr.strip().splitlines()[-1])
+    line = json.loads(stdout.strip().splitlines()[-1])
+    return line["seconds"], peak["bytes"], line["scheduler"]
+
+
+def _build_one(kind: str, root: str, out: str) -> None:
+    from pipeline.run.auto import choose
+
+    bank_type = KINDS[kind]
+    chosen = choose(bank_type.__schema__, root).scheduler
+    started = time.perf_counter()
+    bank_type.create(out, root, progress=False).close()
+    print(json.dumps({"seconds": time.perf_counter() - started, "scheduler": chosen}))
+
+
+def photos(args: argparse.Namespace, work: Path) -> None:
+    root = work / "photos"
+    paths = photo_corpus(root, args.photos)
+    tag = {"corpus": "photos"}
+    emit("corpus", "files", len(paths), "files", bytes=sum(p.stat().st_size for p in paths), **tag)
+    limits = {}
+    for name, function in [("Pillow full decode + resize", _pil_full),
+                           ("Pillow draft + resize", _pil_draft),
+                           ("h5bank Image decoder", _h5bank_photo)]:  # fmt: skip
+        limits[name] = decode_seconds(paths, function)
+        emit("decode_limit", f"{name}, 2 processes", len(paths) / limits[name], "files/s", **tag)
+    out = work / "photos.h5"
+    seconds, memory, chosen = build_in_fresh_process("photos", root, out)
+    emit("build", "h5bank", len(paths) / seconds, "files/s", scheduler=f"auto: {chosen}", **tag)
+    emit("build_peak_memory", "h5bank", memory / 1e6, "MB", **tag)
+    for name, limit in limits.items():
+        emit("ratio_build_to_decode_limit", "h5bank", seconds / limit, "x", decode=name, **tag)
+    decoder, exact = Photos.__schema__["images"], Image(size=(224, 224), mode="RGB", draft=False)
+    with Photos(out) as bank:
+        rows = np.random.default_rng(1).choice(len(bank), 64, replace=False)
+        stored = bank.images[np.sort(rows)]
+        files = [root / bank.ids[r] for r in np.sort(rows)]
+    own = [decoder.decode(f.read_bytes(), f.name) for f in files]
+    full = [exact.decode(f.read_bytes(), f.name) for f in files]
+    assert np.array_equal(stored, np.stack(own)), "a stored photo is not its file's decoding"
+    difference = np.abs(stored.astype(np.int16) - np.stack(full).astype(np.int16))
+    emit("pixels_against_full_decode", "h5bank", float(difference.mean()), "mean abs", max=int(difference.max()), **tag)  # fmt: skip
+    read_h5bank(out, root, Photos, "photos", lambda path: decoder.decode(path.read_bytes(), path.name))  # fmt: skip
+    run_alternatives(args, root, work, len(paths), "photos")
+
+
+def ragged(args: argparse.Namespace, work: Path) -> None:
+    root = work / "ragged"
+    paths = ragged_corpus(root)
+    tag = {"corpus": "ragged"}
+    emit("corpus", "files", len(paths), "files", bytes=sum(p.stat().st_size for p in paths), **tag)
+    limit = decode_seconds(paths, _imread)
+    emit("decode_limit", "imageio.imread, 2 processes", len(paths) / limit, "files/s", **tag)
+    out = work / "ragged.h5"
+    seconds, memory, chosen = build_in_fresh_process("ragged", root, out)
+    emit("build", "h5bank", len(paths) / seconds, "files/s", scheduler=f"auto: {chosen}", **tag)
+    emit("build_peak_memory", "h5bank", memory / 1e6, "MB", **tag)
+    emit("ratio_build_to_decode_limit", "h5bank", seconds / limit, "x", **tag)
+    read_h5bank(out, root, Ragged, "ragged")
+    run_alternatives(args, root, work, len(paths), "ragged")
 
 
 # -- the report ---------------------------------------------------------------------------------
 
 
-def table() -> str:
+def table(corpus: str = "pngs") -> str:
+    """The Markdown table of one corpus's figures, then h5bank's other figures for it."""
+    rows = [r for r in ROWS if r.get("corpus", "pngs") == corpus]
+
     def value(figure: str, tool: str) -> float | None:
-        found = [r["value"] for r in ROWS if r["figure"] == figure and r["tool"] == tool]
+        found = [r["value"] for r in rows if r["figure"] == figure and r["tool"] == tool]
         return found[0] if found else None
 
     figures = [
@@ -356,12 +502,10 @@ def table() -> str:
             shown = ["" if c is None else f"{c:,.0f}" for c in cells]
             lines.append(f"| {tool} | " + " | ".join(shown) + " |")
     lines.append("")
-    for row in ROWS:
-        if row["tool"] == "h5bank" and row["figure"] not in figures:
-            extra = {k: v for k, v in row.items() if k not in ("figure", "tool", "value", "unit")}
-            lines.append(
-                f"- {row['figure']}: {row['value']:,} {row['unit']} {extra or ''}".rstrip()
-            )
+    for row in rows:  # the figures of no table column, each with its tool
+        if row["figure"] not in figures:
+            extra = {k: v for k, v in row.items() if k not in ("figure", "value", "unit", "corpus")}
+            lines.append(f"- {row['figure']}: {row['value']:,} {row['unit']} {extra}")
     return "\n".join(lines)
 
 
@@ -375,8 +519,28 @@ def main() -> None:
         "--h5mapper-python", default=os.environ.get("H5MAPPER_PYTHON", "/tmp/h5m/bin/python")
     )
     parser.add_argument("--alternatives-python", default=os.environ.get("ALTERNATIVES_PYTHON", "/tmp/alt/bin/python"))  # fmt: skip
+    parser.add_argument("--photos", type=int, default=5000, help="JPEGs in the photo corpus")
+    parser.add_argument(
+        "--corpora", default="pngs,photos,ragged", help="which corpora to run, comma-separated"
+    )
+    parser.add_argument("--build-one", nargs=3, metavar=("KIND", "ROOT", "OUT"), help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    if args.build_one:
+        _build_one(*args.build_one)
+        return
     work = args.work
+    corpora = args.corpora.split(",")
+    if "pngs" in corpora:
+        pngs(args, work)
+    if "photos" in corpora:
+        photos(args, work)
+    if "ragged" in corpora:
+        ragged(args, work)
+    for corpus in corpora:
+        print(f"\n{corpus}\n\n{table(corpus)}")
+
+
+def pngs(args: argparse.Namespace, work: Path) -> None:
     root = work / f"pngs-{args.files}"
     paths = png_corpus(root, args.files)
     emit("corpus", "files", len(paths), "files", bytes=sum(p.stat().st_size for p in paths))
@@ -414,10 +578,6 @@ def main() -> None:
         emit("ratio_zstd_build_to_decode_compress", "h5bank", zstd / zstd_seconds, "x",
              writer_busy_share=summary.writer_seconds / zstd)  # fmt: skip
         dask_scan(bank, client)
-    ragged = ragged_corpus(work / "ragged")
-    seconds, memory = fresh_cluster_build(Ragged, work / "ragged.h5", work / "ragged", root)
-    emit("build_ragged", "h5bank", len(ragged) / seconds, "files/s")
-    emit("build_peak_memory_ragged", "h5bank", memory / 1e6, "MB")
     if args.scale > 1:
         big = work / f"pngs-{args.files * args.scale}"
         png_corpus(big, args.files * args.scale)
@@ -442,7 +602,6 @@ def main() -> None:
 
     read_h5bank(bank, root)
     run_alternatives(args, root, work, len(paths))
-    print(table())
 
 
 if __name__ == "__main__":

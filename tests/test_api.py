@@ -664,3 +664,41 @@ def test_a_list_of_rows_reads_in_the_order_asked_with_repeats(tmp_path):
             bank.labels.get(bank.ids[7]),
             bank.labels.get(bank.ids[3]),
         ]
+
+
+def test_get_rows_reads_sources_for_every_feature_kind(tmp_path):
+    """One batch read by source for every kind: ``get_rows(rows)`` is ``get`` of each source,
+    whether a source is one stored row (sized images, labels) or many (sounds in time, images
+    in their own shape, bytes, text)."""
+    from conftest import write_sounds
+
+    from features import Bytes, Sound, String
+
+    class Everything(TypedFile):
+        sized = Image(size=(6, 5), mode="RGB")
+        own = Image(mode="RGB")
+        raw = Bytes(pattern=r"\.png$")
+        text = String()
+        sound = Sound(sr=8000)
+        labels = DirLabels()
+
+    root = tmp_path / "media"
+    write_images(root / "pics", per_class=4, seed=2)
+    write_sounds(root / "tunes")
+    for i, words in enumerate(["a cat", "deux chats", "drei Katzen, é"]):
+        (root / "notes").mkdir(exist_ok=True)
+        (root / "notes" / f"n{i}.txt").write_text(words, encoding="utf-8")
+    bank = Everything.create(tmp_path / "e.h5", root, scheduler="threads", progress=False)
+    with bank:
+        for name in ("sized", "own", "raw", "text", "sound", "labels"):
+            proxy = getattr(bank, name)
+            rows = [r for r in range(len(bank)) if proxy.refs[r] is not None][::-1][:5]
+            rows += rows[:1]  # in any order, with repeats
+            got = proxy.get_rows(rows)
+            assert len(got) == len(rows) >= 2, name
+            for row, value in zip(rows, got, strict=True):
+                want = proxy.get(bank.ids[row])
+                if isinstance(want, np.ndarray):
+                    assert value.dtype == want.dtype and np.array_equal(value, want), name
+                else:
+                    assert value == want, name
