@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -396,8 +397,9 @@ def _pil_draft(paths: list[str]) -> int:
     return _pil_resized(paths, draft=True)
 
 
-def _h5bank_photo(paths: list[str]) -> int:
-    decoder = Photos.__schema__["images"]
+def _decode_as(kind: str, paths: list[str]) -> int:
+    """Decode ``paths`` with the images feature of ``KINDS[kind]`` (h5bank's decoder)."""
+    decoder = KINDS[kind].__schema__["images"]
     return sum(decoder.decode(Path(p).read_bytes(), p).size for p in paths)
 
 
@@ -436,7 +438,7 @@ def photos(args: argparse.Namespace, work: Path) -> None:
     limits = {}
     for name, function in [("Pillow full decode + resize", _pil_full),
                            ("Pillow draft + resize", _pil_draft),
-                           ("h5bank Image decoder", _h5bank_photo)]:  # fmt: skip
+                           ("h5bank Image decoder", partial(_decode_as, "photos"))]:  # fmt: skip
         limits[name] = decode_seconds(paths, function)
         emit("decode_limit", f"{name}, 2 processes", len(paths) / limits[name], "files/s", **tag)
     out = work / "photos.h5"
@@ -464,8 +466,8 @@ def ragged(args: argparse.Namespace, work: Path) -> None:
     paths = ragged_corpus(root)
     tag = {"corpus": "ragged"}
     emit("corpus", "files", len(paths), "files", bytes=sum(p.stat().st_size for p in paths), **tag)
-    limit = decode_seconds(paths, _imread)
-    emit("decode_limit", "imageio.imread, 2 processes", len(paths) / limit, "files/s", **tag)
+    limit = decode_seconds(paths, partial(_decode_as, "ragged"))
+    emit("decode_limit", "h5bank Image decoder, 2 processes", len(paths) / limit, "files/s", **tag)
     out = work / "ragged.h5"
     seconds, memory, chosen = build_in_fresh_process("ragged", root, out)
     emit("build", "h5bank", len(paths) / seconds, "files/s", scheduler=f"auto: {chosen}", **tag)

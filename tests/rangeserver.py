@@ -7,7 +7,7 @@ and listens with a backlog of 5 (concurrent fetches stall on dropped SYNs);
 this one keeps connections alive, answers ``bytes=a-b`` with 206, listens
 with a backlog of 256 and disables Nagle. It writes the port it bound to
 ``--port-file`` once it is ready, and logs one line per request (method,
-path, status) to stderr.
+path, status, and the body's bytes for a file) to stderr.
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ class RangeHandler(SimpleHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return None
+            self._length = stop - start
             self.send_response(HTTPStatus.PARTIAL_CONTENT)
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         else:
+            self._length = stop - start
             self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", self.guess_type(path))
         self.send_header("Last-Modified", self.date_time_string(int(os.fstat(f.fileno()).st_mtime)))
@@ -76,6 +78,11 @@ class RangeHandler(SimpleHTTPRequestHandler):
             outputfile.write(chunk)
             remaining -= len(chunk)
         self._remaining = None
+
+    def log_request(self, code="-", size="-") -> None:  # type: ignore[override]
+        """The status and, for a file, the bytes of its body (a range's length)."""
+        super().log_request(code, getattr(self, "_length", size))
+        self._length = "-"
 
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"{self.command} {self.path} {' '.join(map(str, args[1:]))}\n")

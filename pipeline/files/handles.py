@@ -23,6 +23,7 @@ from pipeline.format import layout
 from pipeline.format.filters import register_plugin_filters
 from pipeline.format.hdf5_errors import LOCKED, is_locked, lock_refusal
 from pipeline.format.partial import BankFiles
+from pipeline.format.rows import forget_ranges
 from pipeline.format.trust import check_file
 from pipeline.format.virtual import forget_opener, register_opener
 from pipeline.urls import is_url, redact, sibling
@@ -115,6 +116,7 @@ def close_file(f: h5py.File) -> None:
     _OPEN.pop(id(f), None)
     if f.id.valid:
         forget_opener(f)
+        forget_ranges(f)
     f.close()
     raw = getattr(f, "_h5bank_raw", None)
     if raw is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import h5py
 
+from pipeline.format.rows import register_ranges
 from pipeline.urls import error_chain, http_status, options_for, redact, scrub, transient
 
 # Remote banks are read through an fsspec file object that caches blocks of
@@ -161,4 +162,16 @@ def open_remote(url: str, storage_options: Mapping[str, Any] | None, **options: 
         handle.close()
         raise
     f._h5bank_raw = handle  # type: ignore[attr-defined]  # closed with the file
+    register_ranges(f, _range_reader(fs, path))
     return f
+
+
+def _range_reader(fs: Any, path: str) -> Any:
+    """Byte ranges of ``path``, fetched together (concurrently where ``fs`` is asynchronous,
+    as HTTP, S3 and GCS are), with collections paused as for every remote read."""
+
+    def read(starts: Any, stops: Any) -> Any:
+        with gc_paused():
+            return fs.cat_ranges([path] * len(starts), list(starts), list(stops), on_error="raise")
+
+    return read

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import DamagedBankError, ShardedWriteError
-from pipeline.format.rows import absolute_rows, open_dataset, read_runs, read_span
+from pipeline.format.rows import absolute_rows, forget_ranges, open_dataset, read_runs, read_span
 
 Opener = Callable[[str], h5py.File]
 
@@ -59,6 +59,8 @@ def forget_opener(f: h5py.File) -> None:
 
 def _close(f: h5py.File) -> None:
     raw = getattr(f, "_h5bank_raw", None)  # a remote shard's file object
+    if f.id.valid:
+        forget_ranges(f)
     f.close()
     if raw is not None:
         raw.close()
