@@ -42,9 +42,9 @@ def emit(figure: str, value: float, unit: str, **extra: object) -> None:
     )
 
 
-def loader(bank: TypedFile):
+def loader(bank: TypedFile, shuffle: bool | str = True):
     spec = dict(x=Input("images", GetId()), y=Target("labels", GetId()))
-    return serve(bank, spec, batch_size=64, shuffle=True, num_workers=2, persistent_workers=True)
+    return serve(bank, spec, batch_size=64, shuffle=shuffle, num_workers=2, persistent_workers=True)
 
 
 def rate(batches, limit: int | None = None) -> tuple[float, int]:
@@ -63,28 +63,30 @@ def main() -> None:
     parser.add_argument("--bank", type=Path, default=Path("/tmp/h5bank-bench/performance/h5bank-20000.h5"))  # fmt: skip
     parser.add_argument("--batches", type=int, default=150)
     args = parser.parse_args()
-    with TypedFile(args.bank) as bank:
-        local = loader(bank)
-        best = max(rate(local)[0] for _ in range(2))
-        emit("dataloader_epoch", best, "items/s", where="local disk", sources=len(bank))
-    with tempfile.TemporaryDirectory() as logs:
-        server = RangeServer(args.bank.parent, Path(logs))
-        try:
-            url = f"{server.url}/{args.bank.name}"
-            with TypedFile(url) as bank:
-                remote = loader(bank)
-                rate(remote, 4)  # workers started, the bank opened in each
-                mark = server.mark()
-                items_per_second, count = rate(remote, args.batches)
-                answered = server.requests_since(mark)
-        finally:
-            server.stop()
-    sizes = [int(line.split()[3]) for line in answered if line.split()[3].isdigit()]
-    emit(
-        "dataloader_batches", items_per_second, "items/s", where="HTTP, 127.0.0.1",
-        batches=count, requests_per_batch=len(answered) / count,
-        bytes_per_batch=sum(sizes) / count, ratio_to_local=items_per_second / best,
-    )  # fmt: skip
+    for shuffle in (True, "blocks"):
+        with TypedFile(args.bank) as bank:
+            local = loader(bank, shuffle)
+            best = max(rate(local)[0] for _ in range(2))
+            emit("dataloader_epoch", best, "items/s", where="local disk", shuffle=shuffle,
+                 sources=len(bank))  # fmt: skip
+        with tempfile.TemporaryDirectory() as logs:
+            server = RangeServer(args.bank.parent, Path(logs))
+            try:
+                url = f"{server.url}/{args.bank.name}"
+                with TypedFile(url) as bank:
+                    remote = loader(bank, shuffle)
+                    rate(remote, 4)  # workers started, the bank opened in each
+                    mark = server.mark()
+                    items_per_second, count = rate(remote, args.batches)
+                    answered = server.requests_since(mark)
+            finally:
+                server.stop()
+        sizes = [int(line.split()[3]) for line in answered if line.split()[3].isdigit()]
+        emit(
+            "dataloader_batches", items_per_second, "items/s", where="HTTP, 127.0.0.1",
+            shuffle=shuffle, batches=count, requests_per_batch=len(answered) / count,
+            bytes_per_batch=sum(sizes) / count, ratio_to_local=items_per_second / best,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,7 +39,17 @@ from pipeline.errors import (
 )
 from pipeline.files.cache import release
 from pipeline.schema import Group
-from pipeline.serve import AsSlice, BankDataset, GetId, GetIndex, Getter, Input, Target, serve
+from pipeline.serve import (
+    AsSlice,
+    BankDataset,
+    BlockShuffle,
+    GetId,
+    GetIndex,
+    Getter,
+    Input,
+    Target,
+    serve,
+)
 from pipeline.version import __version__
 
 __all__ = [
@@ -48,6 +58,7 @@ __all__ = [
     "BankBusyError",
     "BankChangedError",
     "BankDataset",
+    "BlockShuffle",
     "BuildInProgressError",
     "BuildSummary",
     "Bytes",

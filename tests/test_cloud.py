@@ -566,6 +566,29 @@ def test_scattered_rows_of_a_remote_bank_are_fetched_as_their_own_ranges(thumbs,
     assert sum(sizes) < len(rows) * row_bytes + 2 * (2 << 20)  # and at most the index's blocks
 
 
+@pytest.mark.timeout(120, method="thread")
+def test_a_chunk_read_densely_is_fetched_whole_once_and_kept(thumbs, http_server):
+    """Rows drawn from a few chunks (``shuffle="blocks"``) fetch each chunk once, whole, and
+    the next batches from it cost no request."""
+    name = f"{uuid.uuid4().hex[:8]}.h5"
+    shutil.copy(thumbs, http_server.root / name)
+    with Thumbs(thumbs) as local:
+        everything = local.images[:]
+    with Thumbs(f"{http_server.url}/{name}") as bank:
+        per_chunk = bank.images.require_column().data.chunks[0]  # chunks 0 and 2, far apart
+        first = [*range(0, per_chunk, 4), *range(2 * per_chunk, 3 * per_chunk, 4)]
+        later = [*range(2, per_chunk, 4), *range(2 * per_chunk + 2, 3 * per_chunk, 4)]
+        bank.images[[0, 2 * per_chunk]]  # two rows, each its own range; addresses read
+        mark = http_server.mark()
+        np.testing.assert_array_equal(bank.images[first], everything[first])
+        fetched = [int(line.split()[3]) for line in http_server.requests_since(mark)]
+        mark = http_server.mark()
+        np.testing.assert_array_equal(bank.images[later], everything[later])
+        again = http_server.requests_since(mark)
+    assert fetched == [per_chunk * everything[0].nbytes] * 2, fetched  # each chunk, whole
+    assert again == []
+
+
 # -- 6. create() to a URL uploads only a complete bank ---------------------------------------
 
 

@@ -197,6 +197,30 @@ def test_persistent_workers_serve_every_item_in_each_of_two_epochs(pictures, pic
     assert len(pids) == len(readers[0]) == 2 and os.getpid() not in pids
 
 
+def test_block_shuffle_gives_every_item_once_from_a_few_blocks_at_a_time():
+    from pipeline.serve import BlockShuffle
+
+    sampler = BlockShuffle(100, block=10, window=3, seed=4)
+    passes = [list(sampler), list(sampler)]
+    for order in passes:
+        assert sorted(order) == list(range(100)) and len(sampler) == 100
+        for start in range(0, 100, 30):  # each window's 30 items come from 3 blocks of 10
+            assert len({i // 10 for i in order[start : start + 30]}) <= 3, order
+    assert passes[0] != passes[1] and passes[0] != sorted(passes[0])
+    assert list(BlockShuffle(100, 10, 3, seed=4)) == passes[0]  # a seed repeats the order
+    assert sorted(BlockShuffle(103, 10, 3)) == list(range(103))  # a last block of 3
+    with pytest.raises(ValueError, match="at least 1"):
+        BlockShuffle(10, block=0)
+
+
+def test_shuffle_blocks_serves_every_item_once_with_its_label(pictures, picture_files):
+    which = pixels_to_ids(pictures, picture_files)
+    loader = pictures.serve(SPEC, batch_size=4, shuffle="blocks", num_workers=2)
+    assert_labelled(one_epoch(loader, which), pictures)
+    with pytest.raises(ValueError, match="'blocks'"):
+        pictures.serve(SPEC, batch_size=4, shuffle="yes")
+
+
 def test_pin_memory_serves_the_same_batches(pictures, picture_files):
     which = pixels_to_ids(pictures, picture_files)
     loader = pictures.serve(SPEC, batch_size=4, shuffle=True, num_workers=2, pin_memory=True)

@@ -322,6 +322,52 @@ class BankDataset:
         return f"<BankDataset of {self.bank.path!r}: {len(self)} items; {items}>"
 
 
+class BlockShuffle:
+    """A sampler that shuffles blocks of neighbouring items, then items within a few blocks.
+
+    Each pass cuts the ``length`` items into blocks of ``block`` consecutive
+    indices, shuffles the blocks, and yields the items of ``window`` blocks
+    at a time in a shuffled order (LitData shuffles its chunks the same
+    way). A batch then comes from a few runs of neighbouring sources: over a
+    remote bank, a few whole chunks fetched and kept for the next batches,
+    instead of a request per item. Every item comes once per pass; a pass
+    is less random than a full shuffle (items of one window are seen
+    together), more so with a larger ``window``.
+
+    ``serve(bank, spec, shuffle="blocks")`` makes one with ``block`` the rows
+    of a chunk of the first entry's column and ``window=4``. Pass ``seed``
+    for the same order every run (each pass still differs from the last).
+    """
+
+    def __init__(self, length: int, block: int, window: int = 4, seed: int | None = None) -> None:
+        if int(block) < 1 or int(window) < 1:
+            raise ValueError(f"block and window must be at least 1, got {block} and {window}")
+        self.length, self.block, self.window = int(length), int(block), int(window)
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Any:
+        starts = np.arange(0, self.length, self.block)
+        self._rng.shuffle(starts)
+        for group in range(0, len(starts), self.window):
+            items = np.concatenate(
+                [
+                    np.arange(s, min(s + self.block, self.length))
+                    for s in starts[group : group + self.window]
+                ]
+            )
+            self._rng.shuffle(items)
+            yield from items.tolist()
+
+
+def _blocks_of(dataset: BankDataset) -> int:
+    """Rows of a chunk of the dataset's first entry's column (256 when it has no chunks)."""
+    chunks = dataset._proxy(dataset.items[0]).column.data.chunks  # type: ignore[union-attr]
+    return int(chunks[0]) if chunks else 256
+
+
 def _torch() -> Any:
     try:
         import torch.utils.data
@@ -341,7 +387,9 @@ def serve(
 
     ``dataloader_kwargs`` are the ``DataLoader``'s (``batch_size``, ``shuffle``,
     ``sampler``, ``drop_last``, ``num_workers``, ``pin_memory``,
-    ``persistent_workers``...). Each batch is read in one call
+    ``persistent_workers``...); ``shuffle="blocks"`` shuffles blocks of
+    neighbouring items (:class:`BlockShuffle`), for banks read over a network.
+    Each batch is read in one call
     (:meth:`BankDataset.batch`): the loader gets a ``BatchSampler`` made of
     ``batch_size``, ``shuffle`` / ``sampler`` and ``drop_last``, and no
     per-item collation. With a ``collate_fn``, a ``batch_sampler`` or
@@ -369,6 +417,10 @@ def serve(
     sampler = options.pop("sampler", None)
     if sampler is not None and shuffle:
         raise ValueError("sampler option is mutually exclusive with shuffle")
+    if shuffle == "blocks":
+        sampler = BlockShuffle(len(dataset), _blocks_of(dataset))
+    elif isinstance(shuffle, str):
+        raise ValueError(f"shuffle must be True, False or 'blocks', got {shuffle!r}")
     if sampler is None:
         generator = options.get("generator")
         sampler = (
