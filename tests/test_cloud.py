@@ -589,6 +589,30 @@ def test_a_chunk_read_densely_is_fetched_whole_once_and_kept(thumbs, http_server
     assert again == []
 
 
+@pytest.mark.timeout(180, method="thread")
+def test_a_dataloader_over_http_with_block_shuffle_serves_every_item_once(thumbs, http_server):
+    """Forked workers open the remote bank for themselves, with its range reader."""
+    from pipeline import GetId, Input, Target
+
+    name = f"{uuid.uuid4().hex[:8]}.h5"
+    shutil.copy(thumbs, http_server.root / name)
+    with Thumbs(thumbs) as local:
+        expected = {i.tobytes(): int(y) for i, y in zip(local.images[:], local.labels[:])}
+    mark = http_server.mark()
+    with Thumbs(f"{http_server.url}/{name}") as bank:
+        spec = dict(x=Input("images", GetId()), y=Target("labels", GetId()))
+        loader = bank.serve(spec, batch_size=32, shuffle="blocks", num_workers=2)
+        served = [
+            (image.numpy().tobytes(), int(label))
+            for batch in loader
+            for image, label in zip(batch["x"], batch["y"], strict=True)
+        ]
+    assert len(served) == len(expected) == N_IMAGES
+    assert dict(served) == expected  # every item once, with its label
+    ranged = [line for line in http_server.requests_since(mark) if f"/{name} 206 " in line]
+    assert 0 < len(ranged) < N_IMAGES // 4  # whole chunks, not a request an item
+
+
 # -- 6. create() to a URL uploads only a complete bank ---------------------------------------
 
 
