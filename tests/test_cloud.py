@@ -597,7 +597,9 @@ def test_a_dataloader_over_http_with_block_shuffle_serves_every_item_once(thumbs
     name = f"{uuid.uuid4().hex[:8]}.h5"
     shutil.copy(thumbs, http_server.root / name)
     with Thumbs(thumbs) as local:
-        expected = {i.tobytes(): int(y) for i, y in zip(local.images[:], local.labels[:])}
+        expected = {
+            i.tobytes(): int(y) for i, y in zip(local.images[:], local.labels[:], strict=True)
+        }
     mark = http_server.mark()
     with Thumbs(f"{http_server.url}/{name}") as bank:
         spec = dict(x=Input("images", GetId()), y=Target("labels", GetId()))
