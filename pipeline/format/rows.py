@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,40 +123,44 @@ class RowsDataset(h5py.Dataset):
     def _fetch(self, out: np.ndarray, located: list[tuple[int, int, int, int]]) -> None:
         """``located`` (``(offset, first, a, b)``) of a remote file, with one call of its
         range reader for every range, ranges less than :data:`MERGE_GAP` apart merged; rows
-        of kept chunks copied, chunks wanted densely fetched whole and kept."""
+        of kept chunks copied, chunks wanted densely fetched whole and kept (threads reading
+        the same column share what is kept, under a lock)."""
         per_chunk, row_bytes = self._layout[0], self._layout[1]
-        kept = self._kept()
+        kept, lock = self._kept()
         wanted: dict[int, int] = {}
         for _, first, a, b in located:
             wanted[first // per_chunk] = wanted.get(first // per_chunk, 0) + b - a
-        whole = {
-            c for c, n in wanted.items() if c not in kept and n >= per_chunk * WHOLE_CHUNK_SHARE
-        }
+        with lock:
+            dense = [c for c, n in wanted.items() if n >= per_chunk * WHOLE_CHUNK_SHARE]
+            have = {c: kept[c] for c in wanted if c in kept}
+            for c in have:
+                kept.move_to_end(c)
+        whole = sorted(c for c in dense if c not in have)
         if whole:
-            chunks = sorted(whole)
-            spans = [self._chunks[c] for c in chunks]
+            spans = [self._chunks[c] for c in whole]
             blobs = self._ranges([o for o, _ in spans], [o + n for o, n in spans])  # type: ignore[misc]
-            for c, blob in zip(chunks, blobs, strict=True):
-                kept[c] = bytes(blob)
-            while sum(map(len, kept.values())) > REMOTE_CHUNKS_KEPT and len(kept) > len(whole):
-                kept.popitem(last=False)
+            fetched = dict(zip(whole, blobs, strict=True))
+            have.update(fetched)
+            with lock:
+                kept.update(fetched)
+                while sum(map(len, kept.values())) > REMOTE_CHUNKS_KEPT and len(kept) > 1:
+                    kept.popitem(last=False)
         rest = []
         for piece in located:
             offset, first, a, b = piece
-            blob = kept.get(first // per_chunk)
-            if blob is None:
+            blob = have.get(first // per_chunk)
+            start = 0 if blob is None else offset - self._chunks[first // per_chunk][0]  # type: ignore[index]
+            if blob is None or len(blob) < start + (b - a) * row_bytes:
                 rest.append(piece)
                 continue
-            kept.move_to_end(first // per_chunk)
-            start = offset - self._chunks[first // per_chunk][0]
             memoryview(out[a:b]).cast("B")[:] = blob[start : start + (b - a) * row_bytes]
         if rest:
             self._fetch_ranges(out, rest)
 
-    def _kept(self) -> Any:
+    def _kept(self) -> tuple[OrderedDict[int, bytes], threading.Lock]:
         kept = getattr(self, "_kept_chunks", None)
         if kept is None:
-            kept = self._kept_chunks = OrderedDict()
+            kept = self._kept_chunks = (OrderedDict(), threading.Lock())
         return kept
 
     def _fetch_ranges(self, out: np.ndarray, located: list[tuple[int, int, int, int]]) -> None:
