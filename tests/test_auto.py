@@ -12,6 +12,7 @@ from servebank import Code
 from features import DirLabels, Feature, Image, Sound
 from pipeline import TypedFile
 from pipeline.run import auto
+from pipeline.sources import SourceSpec, expand
 
 
 class Pictures(TypedFile):
@@ -39,6 +40,8 @@ def test_few_local_files_build_on_threads(images):
     assert auto.choose(features(Pictures), [images / "cats"]).scheduler == "threads"
     one = next(images.rglob("*.png"))
     assert "1 local file:" in auto.choose(features(Pictures), one).why
+    listed = list(expand(images))  # as h5bank image-bank lists a folder's images
+    assert "12 local files" in auto.choose(features(Pictures), listed).why
 
 
 @pytest.mark.parametrize(("size", "expected"), [(8 << 10, "local"), (64 << 10, "threads")])
@@ -72,6 +75,7 @@ def test_ids_urls_streams_and_slurm_jobs_take_a_local_cluster(images, monkeypatc
         x = Code()  # made from the source's id: no bytes read
 
     assert auto.choose(features(Made), ["a", "b"]).scheduler == "local"
+    assert auto.choose(features(Pictures), [SourceSpec("a")]).scheduler == "local"  # an id
     assert auto.choose(features(Pictures), ["https://example.org/a.png"]).scheduler == "local"
     assert auto.choose(features(Pictures), iter([str(images)])).scheduler == "local"
     monkeypatch.setenv("SLURM_JOB_ID", "42")

@@ -39,6 +39,7 @@ from typing import Any
 from pipeline import config
 from pipeline.clients import default_client
 from pipeline.run.local import say, slurm_allocation
+from pipeline.sources import SourceSpec
 from pipeline.urls import is_url
 
 # Fewer sources than this build on threads.
@@ -84,16 +85,23 @@ def choose(features: Mapping[str, Any], sources: Any) -> Choice:
 
 
 def _local_files(sources: Any) -> Iterator[str] | None:
-    """The local files ``sources`` names, lazily (a folder walked, a glob matched); ``None``
-    when any of its first entries is a URL, or it is a stream."""
+    """The local files ``sources`` names, lazily (a folder walked, a glob matched; a listed
+    source, as ``h5bank image-bank`` passes them, by its path); ``None`` when any of its first
+    entries is a URL or a plain id, or it is a stream."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not isinstance(sources, (list, tuple)):
         return None
-    items = [os.fspath(s) for s in sources if isinstance(s, (str, os.PathLike))]
-    if len(items) != len(sources) or any(is_url(s) for s in items[:SAMPLE]):
+    items = [_path_of(s) for s in sources]
+    if None in items or any(is_url(s) for s in items[:SAMPLE]):  # type: ignore[arg-type]
         return None
-    return itertools.chain.from_iterable(map(_files_of, items))
+    return itertools.chain.from_iterable(map(_files_of, items))  # type: ignore[arg-type]
+
+
+def _path_of(source: Any) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return source.url if isinstance(source, SourceSpec) else None
 
 
 def _files_of(item: str) -> Iterator[str]:
