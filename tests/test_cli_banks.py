@@ -141,10 +141,15 @@ def test_a_plugin_filter_compresses_and_show_reads_it_back(photos, tmp_path, run
 
 
 def test_image_bank_on_the_embedded_local_cluster_equals_the_threaded_build(photos, tmp_path, run):
-    # The bank type is made on the fly; its decode tasks run in worker processes.
-    local = run("image-bank", "photos", "local.h5", "--size", "16x16", "--mode", "RGBA")
+    # The bank type is made on the fly; its decode tasks run in worker processes. The default
+    # ("auto") builds a folder's 13 listed files on threads, as it would the folder itself.
+    local = run("image-bank", "photos", "local.h5", "--size", "16x16", "--mode", "RGBA",
+                "--scheduler", "local")  # fmt: skip
     assert local.returncode == 0, local.stderr
     assert "dashboard" in local.stderr  # a distributed cluster ran it
+    auto = run("image-bank", "photos", "auto.h5", "--size", "16x16", "--mode", "RGBA")
+    assert auto.returncode == 0, auto.stderr
+    assert "building on threads in this process (13 local files" in auto.stderr
     threads = run("image-bank", "photos", "threads.h5", "--size", "16x16", "--mode", "RGBA",
                   "--scheduler", "threads", "--quiet")  # fmt: skip
     assert threads.returncode == 0, threads.stderr
