@@ -6,6 +6,7 @@ on stderr), 2 for a usage error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -101,12 +102,23 @@ class _Stopped(BaseException):
     """SIGTERM (Slurm's scancel, a time limit, kill) turned into an exception the build unwinds."""
 
 
-def _stop(signum: int, frame: Any) -> None:
-    # The cluster is torn down while the build unwinds; its errors are noise now.
-    for name in [*logging.root.manager.loggerDict, "asyncio"]:
-        if name.split(".")[0] in ("distributed", "asyncio", "tornado"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    raise _Stopped(signum)
+def _stopper(partial: str | None) -> Any:
+    """The handler of SIGTERM and SIGINT during a build: say at once that the build stops (Slurm
+    sends SIGKILL a few seconds after SIGTERM, maybe before the cluster is closed and the last
+    line said), then unwind it."""
+
+    def stop(signum: int, frame: Any) -> None:
+        # The cluster is torn down while the build unwinds; its errors are noise now.
+        for name in [*logging.root.manager.loggerDict, "asyncio"]:
+            if name.split(".")[0] in ("distributed", "asyncio", "tornado"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        where = f"; what it committed stays in {printable(partial)}" if partial else ""
+        line = f"\nh5bank: {signal.Signals(signum).name} received: stopping the build{where}\n"
+        with contextlib.suppress(OSError, ValueError):  # a raw write: the handler may have
+            os.write(sys.stderr.fileno(), line.encode(errors="replace"))  # cut a print short
+        raise _Stopped(signum)
+
+    return stop
 
 
 def run_build(
@@ -119,7 +131,8 @@ def run_build(
     and says what it kept and that ``resume_with`` continues it.
     """
     partial = _refuse_to_replace(build_config, resume, overwrite)
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = _stopper(partial)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return build_config.run(mode="a" if resume else "w", progress=not quiet)
     except _Stopped as stop:
