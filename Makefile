@@ -35,6 +35,7 @@ bench-performance:
 	test -x /tmp/alt/bin/python || (python3 -m venv /tmp/alt && /tmp/alt/bin/pip install datasets litdata torch==2.13.0 pillow imageio h5py)
 	.venv/bin/python benchmarks/performance.py
 	.venv/bin/python benchmarks/sounds.py
+	.venv/bin/python benchmarks/remote.py
 
 bench-slurm:
 	bash tests/slurm.sh up && eval "$$(bash tests/slurm.sh env)" && .venv/bin/python benchmarks/slurm_build.py
