@@ -206,10 +206,7 @@ class Image(Feature):
                 image.draft(None, (width, height))  # only the scale: no colour-space change
             if self.mode is not None and image.mode != self.mode:
                 image = image.convert(self.mode)
-            if self.size and image.size != self.size[::-1]:
-                filter_ = getattr(PILImage.Resampling, self.resample.upper())
-                image = image.resize(self.size[::-1], filter_)
-            return np.asarray(image)
+            return np.asarray(self._fit(image) if self.size else image)
 
     def _check_pixels(self, width: int, height: int) -> None:
         """Refuse an image declaring more than ``max_pixels`` (from its header: nothing decoded)."""
@@ -231,11 +228,18 @@ class Image(Feature):
     def _resize(self, array: np.ndarray) -> np.ndarray:
         from PIL import Image as PILImage
 
-        height, width = self.size  # type: ignore[misc]
-        if array.shape[:2] == (height, width):
+        if array.shape[:2] == tuple(self.size):  # type: ignore[arg-type]
             return array
-        filter_ = getattr(PILImage.Resampling, self.resample.upper())
-        return np.asarray(PILImage.fromarray(array).resize((width, height), filter_))
+        return np.asarray(self._fit(PILImage.fromarray(array)))
+
+    def _fit(self, image: Any) -> Any:
+        """A Pillow image resized to ``size`` with ``resample`` (itself when it has that size)."""
+        from PIL import Image as PILImage
+
+        height, width = self.size  # type: ignore[misc]
+        if image.size == (width, height):
+            return image
+        return image.resize((width, height), getattr(PILImage.Resampling, self.resample.upper()))
 
     def plot(
         self,

@@ -310,9 +310,8 @@ def build_graph(
         sizes = [len(p) for p in partitions]
         plan = _plan(options, path, mode, dict(features), sizes, skipped, writer, provenance)
         decode = _decoder(features, bases, options, plan.token, partitions)
-        window = _window(options, writer, decoders, threads)
-        lanes = threads if writer is None else None
-        made = writer_chain(plan, writer, decoders, sizes, (window, lanes), decode, write_partition)
+        pace = (_window(options, writer, decoders, threads), _lanes(writer, threads))
+        made = writer_chain(plan, writer, decoders, sizes, pace, decode, write_partition)
     made.local_roots = roots
     return made
 
@@ -328,6 +327,12 @@ def _window(
     if writer is None or decoders:
         return 2 * (len(decoders) if decoders else threads)
     return None
+
+
+def _lanes(writer: str | None, threads: int) -> int | None:
+    """Decode lanes of a chain: one per thread when it runs in this process (no ``writer``
+    worker: see the module docstring), none on a cluster (a dependency would move data)."""
+    return threads if writer is None else None
 
 
 def _decoder(
@@ -389,10 +394,9 @@ def _sharded(
         chain = chain_plan(plan, shard, sharded.base)
         chain.pinned = pinned is not None
         graph.chain(pinned, feeding)
-        window = _window(options, pinned, feeding, threads)
+        pace = (_window(options, pinned, feeding, threads), _lanes(pinned, threads))
         decode = _decoder(features, bases, options, chain.token, shard.partitions)
         part_sizes = [len(p) for p in shard.partitions]
-        pace = (window, threads if pinned is None else None)
         writes, final = chain_tasks(graph, chain, part_sizes, pace, decode, write_partition)
         write_keys += [w.key for w in writes]
         finals.append(final)
@@ -569,5 +573,5 @@ def map_graph(
             place=k,
         )  # fmt: skip
 
-    pace = (window, threads if writer is None else None)
+    pace = (window, _lanes(writer, threads))
     return writer_chain(plan, writer, decoders, sizes, pace, read_and_map, attach_partition)
