@@ -591,7 +591,8 @@ def test_a_chunk_read_densely_is_fetched_whole_once_and_kept(thumbs, http_server
 
 @pytest.mark.timeout(180, method="thread")
 def test_a_dataloader_over_http_with_block_shuffle_serves_every_item_once(thumbs, http_server):
-    """Forked workers open the remote bank for themselves, with its range reader."""
+    """Forked workers open the remote bank for themselves, with its range reader, and each
+    fetches the chunks of its own blocks."""
     from pipeline import GetId, Input, Target
 
     name = f"{uuid.uuid4().hex[:8]}.h5"
@@ -613,6 +614,9 @@ def test_a_dataloader_over_http_with_block_shuffle_serves_every_item_once(thumbs
     assert dict(served) == expected  # every item once, with its label
     ranged = [line for line in http_server.requests_since(mark) if f"/{name} 206 " in line]
     assert 0 < len(ranged) < N_IMAGES // 4  # whole chunks, not a request an item
+    # Each worker reads blocks of its own: no chunk is fetched whole by both (16 when it was).
+    whole_chunks = [line for line in ranged if line.split()[3] == str(64 * 48 * 48 * 3)]
+    assert 0 < len(whole_chunks) <= -(-N_IMAGES // 64), whole_chunks
 
 
 # -- 6. create() to a URL uploads only a complete bank ---------------------------------------

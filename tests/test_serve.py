@@ -213,6 +213,27 @@ def test_block_shuffle_gives_every_item_once_from_a_few_blocks_at_a_time():
         BlockShuffle(10, block=0)
 
 
+def test_block_shuffle_for_workers_gives_each_worker_blocks_of_its_own():
+    """Batch k goes to worker k % workers: no block is read by two workers."""
+    from pipeline.serve import BlockShuffle
+
+    order = list(BlockShuffle(1003, block=50, window=2, seed=1, batch=16, workers=3))
+    assert sorted(order) == list(range(1003))
+    batches = [order[i : i + 16] for i in range(0, len(order), 16)]
+    whole = 3 * (300 // 16)  # rounds while every stream (7 or 6 blocks) has a whole batch
+    blocks = [set(), set(), set()]
+    for k, batch in enumerate(batches[:whole]):
+        blocks[k % 3] |= {i // 50 for i in batch}
+    assert all(blocks) and not (
+        blocks[0] & blocks[1] or blocks[1] & blocks[2] or blocks[0] & blocks[2]
+    )
+    for k in range(whole):  # a batch: its window's 2 blocks, or 4 where it spans two windows
+        assert len({i // 50 for i in batches[k]}) <= 4, batches[k]
+    assert list(BlockShuffle(20, 5, 1, seed=2, workers=4)) == list(BlockShuffle(20, 5, 1, seed=2))
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        BlockShuffle(10, 2, batch=0, workers=2)
+
+
 def test_shuffle_blocks_serves_every_item_once_with_its_label(pictures, picture_files):
     which = pixels_to_ids(pictures, picture_files)
     loader = pictures.serve(SPEC, batch_size=4, shuffle="blocks", num_workers=2)

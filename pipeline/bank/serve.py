@@ -334,23 +334,45 @@ class BlockShuffle:
     is less random than a full shuffle (items of one window are seen
     together), more so with a larger ``window``.
 
+    With ``batch`` and ``workers`` (a ``DataLoader``'s ``batch_size`` and
+    ``num_workers``), the shuffled blocks are dealt to ``workers`` streams
+    and whole batches taken from the streams in turn: the loader hands
+    batch ``k`` to worker ``k % workers``, so each worker reads blocks no
+    other worker reads, and fetches each chunk once rather than every
+    worker fetching it. Once the shortest stream has no whole batch left,
+    the rest of every stream comes last.
+
     ``serve(bank, spec, shuffle="blocks")`` makes one with ``block`` the rows
-    of a chunk of the first entry's column and ``window=4``. Pass ``seed``
-    for the same order every run (each pass still differs from the last).
+    of a chunk of the first entry's column, ``window=4`` and the loader's
+    batch size and workers. Pass ``seed`` for the same order every run (each
+    pass still differs from the last).
     """
 
-    def __init__(self, length: int, block: int, window: int = 4, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        length: int,
+        block: int,
+        window: int = 4,
+        seed: int | None = None,
+        *,
+        batch: int | None = None,
+        workers: int = 1,
+    ) -> None:
         if int(block) < 1 or int(window) < 1:
             raise ValueError(f"block and window must be at least 1, got {block} and {window}")
+        if batch is not None and int(batch) < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
         self.length, self.block, self.window = int(length), int(block), int(window)
+        self.batch = None if batch is None else int(batch)
+        self.workers = max(1, int(workers)) if self.batch else 1
         self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Any:
-        starts = np.arange(0, self.length, self.block)
-        self._rng.shuffle(starts)
+    def _order(self, starts: np.ndarray) -> np.ndarray:
+        """The items of the blocks at ``starts``, shuffled ``window`` blocks at a time."""
+        windows = []
         for group in range(0, len(starts), self.window):
             items = np.concatenate(
                 [
@@ -359,7 +381,24 @@ class BlockShuffle:
                 ]
             )
             self._rng.shuffle(items)
-            yield from items.tolist()
+            windows.append(items)
+        return np.concatenate(windows) if windows else np.zeros(0, np.int64)
+
+    def __iter__(self) -> Any:
+        starts = np.arange(0, self.length, self.block)
+        self._rng.shuffle(starts)
+        streams = [self._order(starts[w :: self.workers]) for w in range(self.workers)]
+        if self.workers == 1:
+            yield from streams[0].tolist()
+            return
+        size = self.batch
+        assert size is not None  # several workers only come with a batch size
+        rounds = min(len(s) for s in streams) // size
+        for k in range(rounds):
+            for stream in streams:
+                yield from stream[k * size : (k + 1) * size].tolist()
+        for stream in streams:
+            yield from stream[rounds * size :].tolist()
 
 
 def _blocks_of(dataset: BankDataset) -> int:
@@ -418,7 +457,9 @@ def serve(
     if sampler is not None and shuffle:
         raise ValueError("sampler option is mutually exclusive with shuffle")
     if shuffle == "blocks":
-        sampler = BlockShuffle(len(dataset), _blocks_of(dataset))
+        sampler = BlockShuffle(
+            len(dataset), _blocks_of(dataset), batch=size, workers=options.get("num_workers", 0)
+        )
     elif isinstance(shuffle, str):
         raise ValueError(f"shuffle must be True, False or 'blocks', got {shuffle!r}")
     if sampler is None:
