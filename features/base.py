@@ -171,6 +171,9 @@ class Feature(BankMember):
     __ds_kwargs__: ClassVar[dict[str, Any]] = {}
     storage: str = "rows"
     reads_bytes: ClassVar[bool] = True
+    # Decoding a source is mostly C code that releases the GIL (Pillow's codecs, libsndfile):
+    # scheduler="auto" builds banks of such features on threads however many files they have.
+    decodes_in_c: ClassVar[bool] = False
     # If set, a source's data must have its column's dtype exactly, not one that casts to it;
     # the text says what to do instead (see StorageKind.rejected).
     exact_dtype: ClassVar[str] = ""

@@ -95,6 +95,7 @@ class Image(Feature):
     """
 
     __re__ = r"(?i)\.(png|jpe?g|bmp|gif|tiff?|webp)$"
+    decodes_in_c = True  # Pillow's codecs
     # From a bank file: the size (each side at most 65535, at most MAX_PIXELS in all: a
     # resize target is an allocation) and the mode; max_pixels always keeps its default.
     recorded_params = {

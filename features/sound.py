@@ -137,6 +137,7 @@ class Sound(Feature):
 
     __re__ = r"(?i)\.(wav|flac|ogg|oga|aiff?|aifc|au|caf|w64|rf64|mp3|opus)$"
     storage = "rows"
+    decodes_in_c = True  # libsndfile, or the samples' bytes as they are
     # int16 and float32 samples mean different things: never cast one into the other's column.
     exact_dtype: ClassVar[str] = (
         "its files hold different sample types: build with Sound(native=False), which stores "

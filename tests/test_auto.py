@@ -9,7 +9,7 @@ import dask
 import pytest
 from servebank import Code
 
-from features import DirLabels, Feature, Image, Sound
+from features import Array, DirLabels, Feature, Image, Sound
 from pipeline import TypedFile
 from pipeline.run import auto
 from pipeline.sources import SourceSpec, expand
@@ -25,12 +25,12 @@ def features(bank_type: type[TypedFile]) -> dict[str, Feature]:
     return {path: schema[path] for path in schema}
 
 
-def files(root, count: int, size: int) -> None:
+def files(root, count: int, size: int, suffix: str = ".png") -> None:
     """``count`` files of ``size`` bytes in two folders (sparse: nothing is written)."""
     for i in range(count):
         folder = root / f"c{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"f{i:05d}.png", "wb") as f:
+        with open(folder / f"f{i:05d}{suffix}", "wb") as f:
             f.truncate(size)
 
 
@@ -44,13 +44,37 @@ def test_few_local_files_build_on_threads(images):
     assert "12 local files" in auto.choose(features(Pictures), listed).why
 
 
+class Vectors(TypedFile):
+    """A feature whose decoding is Python work (``np.load``)."""
+
+    x = Array(item=True)
+    labels = DirLabels()
+
+
 @pytest.mark.parametrize(("size", "expected"), [(8 << 10, "local"), (64 << 10, "threads")])
-def test_many_files_build_where_their_size_says(tmp_path, size, expected):
-    files(tmp_path / "corpus", auto.SMALL + 5, size)
-    for sources in (tmp_path / "corpus", str(tmp_path / "corpus" / "*" / "*.png")):
-        choice = auto.choose(features(Pictures), sources)
+def test_many_files_of_python_decoding_build_where_their_size_says(tmp_path, size, expected):
+    files(tmp_path / "corpus", auto.SMALL + 5, size, ".npy")
+    for sources in (tmp_path / "corpus", str(tmp_path / "corpus" / "*" / "*.npy")):
+        choice = auto.choose(features(Vectors), sources)
         assert choice.scheduler == expected, choice
         assert f"{size // 1024} KB on average" in choice.why
+
+
+def test_many_images_or_sounds_build_on_threads_whatever_their_size(tmp_path):
+    """Pillow and libsndfile decode with the GIL released: threads, however many files."""
+
+    class Both(TypedFile):
+        images = Image(mode="RGB", pattern=r"\.png$")
+        audio = Sound(pattern=r"\.wav$")
+        labels = DirLabels()
+
+    files(tmp_path / "corpus", auto.SMALL + 5, 8 << 10)
+    for bank_type in (Pictures, Both):
+        choice = auto.choose(features(bank_type), tmp_path / "corpus")
+        assert choice.scheduler == "threads", choice
+        assert f"{auto.SMALL:,}+ local files" in choice.why and "releases the GIL" in choice.why
+    mixed = auto.choose({**features(Pictures), **features(Vectors)}, tmp_path / "corpus")
+    assert mixed.scheduler == "local"  # one feature of Python work: by size (8 KB: a cluster)
 
 
 def test_the_walk_stops_at_the_sample(tmp_path, monkeypatch):
@@ -66,7 +90,7 @@ def test_the_walk_stops_at_the_sample(tmp_path, monkeypatch):
             yield path
 
     monkeypatch.setattr(auto, "walk_files", counted)
-    assert auto.choose(features(Pictures), tmp_path / "corpus").scheduler == "local"
+    assert auto.choose(features(Vectors), tmp_path / "corpus").scheduler == "local"
     assert len(seen) == 10
 
 

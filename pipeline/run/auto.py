@@ -9,17 +9,24 @@ at a bounded sample of the sources before anything is built:
   cluster's start-up (about 0.7 s on 2 cores) costs more than it saves
   (2,000 PNGs of 48-128 px: 3,740-4,380 files/s on threads, 1,570-1,890 on
   a fresh cluster);
+- **threads** when every feature that reads the files decodes them in C
+  code that releases the GIL (``Feature.decodes_in_c``: ``Image``,
+  ``Sound``), however many files there are: worker processes would move
+  every decoded byte to the writer's process, and their start-up does not
+  pay back. Measured on 2 cores: 20,000 PNGs of 8 KB built at 4,290-6,510
+  files/s on threads, 3,570-5,080 on a fresh cluster; 60,000 at 6,190-6,440
+  against 4,730-5,590; 600 WAVs of 200 KB at 2,088 against 1,033; ragged
+  PNGs and JPEG photos also built faster on threads;
 - **threads** when the files are large (at least :data:`LARGE_BYTES` on
-  average, from the sizes of up to 32 of them): decoding them is C code
-  that releases the GIL (libsndfile, Pillow's codecs), and worker processes
-  would move every decoded byte to the writer's process. Measured on 2
-  cores: 600 WAVs of 200 KB built at 2,088 files/s on threads, 1,033 on the
-  cluster; ragged PNGs and JPEG photos also built faster on threads;
-- **a local cluster** otherwise: many small files (20,000 PNGs of 8 KB:
-  5,037-5,205 files/s on the cluster, 4,560-4,882 on threads, whose Python
-  work per file shares one GIL), sources made from their ids, URLs and
-  streams (whose sizes are not looked at), and builds inside a Slurm
-  allocation (the cluster is sized to it).
+  average, from the sizes of up to 32 of them), whatever decodes them;
+- **a local cluster** otherwise: many small files read by other features,
+  whose Python work per file shares one GIL on threads and spreads over
+  processes on a cluster (20,000 ``.npy`` arrays of 1 KB on 2 cores:
+  8,220-9,770 files/s on a fresh cluster, 10,800-12,300 on threads,
+  12,700-13,600 on a running cluster: its start-up pays from about 40,000
+  files here, and sooner with more cores), sources made from their ids,
+  URLs and streams (whose sizes are not looked at), and builds inside a
+  Slurm allocation (the cluster is sized to it).
 
 The sample never lists a whole folder: at most :data:`SMALL` entries are
 visited, so a folder of a million files costs what one of 5,000 does (a
@@ -66,7 +73,8 @@ def choose(features: Mapping[str, Any], sources: Any) -> Choice:
     """Threads or a local cluster for building ``sources`` with ``features`` (see the module)."""
     if slurm_allocation() is not None:
         return Choice("local", "inside a Slurm allocation: a local cluster sized to it")
-    if not any(f.reads_bytes and f.derived_from is None for f in features.values()):
+    reading = [f for f in features.values() if f.reads_bytes and f.derived_from is None]
+    if not reading:
         return Choice("local", "sources made from their ids: Python work spread over processes")
     files = _local_files(sources)
     if files is None:
@@ -75,6 +83,11 @@ def choose(features: Mapping[str, Any], sources: Any) -> Choice:
     if len(seen) < SMALL:
         count = f"{len(seen)} local file{'s' if len(seen) != 1 else ''}"
         return Choice("threads", f"{count}: fewer than a cluster's start-up pays for")
+    if all(f.decodes_in_c for f in reading):
+        kinds = ", ".join(sorted({type(f).__name__ for f in reading}))
+        return Choice(
+            "threads", f"{SMALL:,}+ local files of {kinds}: decoding them releases the GIL"
+        )
     sizes = [size for size in map(_size, seen[:: max(1, len(seen) // SAMPLE)]) if size is not None]
     mean = sum(sizes) / len(sizes) if sizes else 0
     if mean >= LARGE_BYTES:
