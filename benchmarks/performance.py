@@ -14,8 +14,9 @@ a Markdown table of them follows.
   ``imageio.v3.imread`` (the issue's measure) and with h5bank's own
   ``Image`` decoder;
 - **builds** of the corpus (``--files`` 64x64 RGB PNGs in 10 class folders):
-  h5bank on a running 2-worker ``LocalCluster`` and on the embedded default
-  (its start-up included), gzip-4 banks on 1 and on 2 workers, a Zstd
+  h5bank on a running 2-worker ``LocalCluster`` (one writer, and a shard a
+  worker with ``shards="auto"``) and on the embedded default (its start-up
+  included), gzip-4 banks on 1 and on 2 workers, a Zstd
   (hdf5plugin) bank against decoding plus HDF5's Zstd filter, each
   alternative's own build; the peak resident memory of every process of the
   build together; the writer's busy share;
@@ -74,6 +75,7 @@ from corpora import label_of, photo_corpus, png_corpus, ragged_corpus  # noqa: E
 from features import DirLabels, Feature, Image  # noqa: E402
 from pipeline import TypedFile, serve  # noqa: E402
 from pipeline.format.filters import filter_rows  # noqa: E402
+from pipeline.format.shards import shard_files  # noqa: E402
 from pipeline.serve import GetId, Input, Target  # noqa: E402
 
 WORKERS = 2
@@ -212,16 +214,18 @@ def decode_seconds(paths: list[Path], function: Callable[[list[str]], int]) -> f
 # -- h5bank -------------------------------------------------------------------------------------
 
 
-def build_h5bank(bank_type: type, out: Path, sources: Any, client: Any) -> tuple[float, float, Any]:
+def build_h5bank(
+    bank_type: type, out: Path, sources: Any, client: Any, **options: Any
+) -> tuple[float, float, Any]:
     """Seconds, peak memory of the client and the cluster's processes, summary. A bank left
     by an earlier run is removed first, outside the timing, as the alternatives' outputs are
     (replacing it would add the file system's unlink of the old bank to the build)."""
-    for old in (out, Path(f"{out}.partial")):
+    for old in (out, Path(f"{out}.partial"), *map(Path, shard_files(str(out)))):
         old.unlink(missing_ok=True)
     pids = [os.getpid(), *client.run(os.getpid).values()]
     with peak_memory(lambda: pids) as peak:
         started = time.perf_counter()
-        bank = bank_type.create(out, sources, scheduler=client, progress=False)
+        bank = bank_type.create(out, sources, scheduler=client, progress=False, **options)
         seconds = time.perf_counter() - started
     summary = bank.summary
     bank.close()
@@ -571,6 +575,10 @@ def pngs(args: argparse.Namespace, work: Path) -> None:
              decode="imageio.imread")  # fmt: skip
         emit("ratio_build_to_decode_limit", "h5bank", seconds / own_seconds, "x",
              decode="h5bank decoder")  # fmt: skip
+        sharded, _, _ = build_h5bank(Pictures, work / "sharded.h5", root, client, shards="auto")
+        emit("build_sharded", "h5bank", len(paths) / sharded, "files/s", shards="auto (2)")
+        emit("ratio_build_to_decode_limit", "h5bank", sharded / own_seconds, "x",
+             decode="h5bank decoder", shards="auto (2)")  # fmt: skip
         gzip2, _, summary = build_h5bank(Gzipped, work / "gzip-2.h5", root, client)
         emit("build_gzip4", "h5bank", len(paths) / gzip2, "files/s", workers=2)
         emit("ratio_gzip4_build_to_decode_compress", "h5bank", gzip2 / gzip_seconds, "x",
