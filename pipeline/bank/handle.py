@@ -49,6 +49,11 @@ from pipeline.format.partial import BankFiles, listed_shards
 from pipeline.urls import is_url, redact
 from pipeline.version import __version__
 
+# This process's id, kept current in forked children: os.getpid() is a system call, and a
+# read looks its bank's file up several times (about a tenth of a get(id) of a small image).
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
 # Every handle of this process, so one opening a file for writing can close the read-only
 # handles the others hold on it (HDF5 refuses a writer while they are open).
 LIVE: weakref.WeakSet[BankFile] = weakref.WeakSet()
@@ -146,7 +151,7 @@ class BankFile:
         must not be shared across processes, so the child opens the file again
         on its first read (read-only banks only: a writable one refuses).
         """
-        if self._pid != os.getpid():
+        if self._pid != _PROCESS[0]:
             self._adopt()
         elif self.evicted:  # closed for another object of this process that writes the file
             self.evicted = False

@@ -427,7 +427,9 @@ def serve(
     ``dataloader_kwargs`` are the ``DataLoader``'s (``batch_size``, ``shuffle``,
     ``sampler``, ``drop_last``, ``num_workers``, ``pin_memory``,
     ``persistent_workers``...); ``shuffle="blocks"`` shuffles blocks of
-    neighbouring items (:class:`BlockShuffle`), for banks read over a network.
+    neighbouring items (:class:`BlockShuffle`), for banks read over a network
+    (it does not use ``generator``: pass ``sampler=BlockShuffle(..., seed=...)``
+    for a repeatable order).
     Each batch is read in one call
     (:meth:`BankDataset.batch`): the loader gets a ``BatchSampler`` made of
     ``batch_size``, ``shuffle`` / ``sampler`` and ``drop_last``, and no
