@@ -31,10 +31,11 @@ Storage kinds (the writer owns how each is laid out, see ``pipeline.layout``):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -264,6 +265,12 @@ class Feature(BankMember):
         applies its decoder.
         """
         return value
+
+    def from_stored_rows(self, rows: np.ndarray, bounds: Sequence[int]) -> list[Any]:
+        """:meth:`from_stored` of each source of a batch read at once (``rows`` storage):
+        ``rows`` holds their rows one after the other, source ``i``'s from ``bounds[i]`` to
+        ``bounds[i + 1]``. ``Sound`` converts the whole batch in one pass."""
+        return [self.from_stored(rows[a:b]) for a, b in itertools.pairwise(bounds)]
 
     @property
     def attrs(self) -> dict[str, Any]:

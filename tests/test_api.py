@@ -674,12 +674,20 @@ def test_get_rows_reads_sources_for_every_feature_kind(tmp_path):
 
     from features import Bytes, Sound, String
 
+    class Louder(Sound):
+        """A sound read back twice as loud: its own from_stored, so a batch is not converted
+        in one pass (Sound.from_stored_rows) but source by source."""
+
+        def from_stored(self, value, name=""):
+            return super().from_stored(value, name) * 2
+
     class Everything(TypedFile):
         sized = Image(size=(6, 5), mode="RGB")
         own = Image(mode="RGB")
         raw = Bytes(pattern=r"\.png$")
         text = String()
         sound = Sound(sr=8000)
+        loud = Louder(sr=8000)
         labels = DirLabels()
 
     root = tmp_path / "media"
@@ -690,7 +698,7 @@ def test_get_rows_reads_sources_for_every_feature_kind(tmp_path):
         (root / "notes" / f"n{i}.txt").write_text(words, encoding="utf-8")
     bank = Everything.create(tmp_path / "e.h5", root, scheduler="threads", progress=False)
     with bank:
-        for name in ("sized", "own", "raw", "text", "sound", "labels"):
+        for name in ("sized", "own", "raw", "text", "sound", "loud", "labels"):
             proxy = getattr(bank, name)
             rows = [r for r in range(len(bank)) if proxy.refs[r] is not None][::-1][:5]
             rows += rows[:1]  # in any order, with repeats
@@ -702,3 +710,7 @@ def test_get_rows_reads_sources_for_every_feature_kind(tmp_path):
                     assert value.dtype == want.dtype and np.array_equal(value, want), name
                 else:
                     assert value == want, name
+        tunes = [r for r in range(len(bank)) if bank.sound.refs[r] is not None]
+        sound, loud = bank.sound.get_rows(tunes), bank.loud.get_rows(tunes)
+        assert len(sound) == len(loud) >= 2
+        assert all(np.array_equal(a * 2, b) for a, b in zip(sound, loud, strict=True))

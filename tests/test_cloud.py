@@ -567,6 +567,33 @@ def test_scattered_rows_of_a_remote_bank_are_fetched_as_their_own_ranges(thumbs,
 
 
 @pytest.mark.timeout(120, method="thread")
+def test_a_batch_of_remote_sounds_equals_the_local_banks(http_server, tmp_path):
+    """``get_rows`` of sounds over HTTP (every clip's samples into one array through the
+    range reader, then one conversion to floats) equals the local bank's, clip by clip."""
+    from conftest import write_sounds
+
+    from features import Sound
+
+    class Tunes(TypedFile):
+        audio = Sound(sr=8000, mono=True)
+
+    write_sounds(tmp_path / "tunes", classes=("a", "b", "c"), per_class=6, seed=4)
+    name = f"{uuid.uuid4().hex[:8]}.h5"
+    local_path = tmp_path / name
+    Tunes.create(local_path, tmp_path / "tunes", scheduler="threads", progress=False).close()
+    shutil.copy(local_path, http_server.root / name)
+    rows = [16, 3, 9, 0, 12, 3]  # any order, a repeat
+    with Tunes(local_path) as local:
+        want = local.audio.get_rows(rows)
+    with Tunes(f"{http_server.url}/{name}") as bank:
+        assert bank.audio.require_column().data._ranges is not None  # the range reader's path
+        got = bank.audio.get_rows(rows)
+    assert len(got) == len(rows)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+
+
+@pytest.mark.timeout(120, method="thread")
 def test_a_chunk_read_densely_is_fetched_whole_once_and_kept(thumbs, http_server):
     """Rows drawn from a few chunks (``shuffle="blocks"``) fetch each chunk once, whole, and
     the next batches from it cost no request."""

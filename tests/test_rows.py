@@ -25,7 +25,14 @@ from conftest import write_images
 
 from features import DirLabels, Image
 from pipeline import TypedFile
-from pipeline.format.rows import SPAN_BYTES, RowsDataset, absolute_rows, open_dataset, take_rows
+from pipeline.format.rows import (
+    SPAN_BYTES,
+    RowsDataset,
+    absolute_rows,
+    open_dataset,
+    read_spans,
+    take_rows,
+)
 
 
 class Big(TypedFile):
@@ -121,6 +128,19 @@ def check_reads(ds: h5py.Dataset, plain: h5py.Dataset) -> None:
         np.testing.assert_array_equal(
             ds.read_rows(wanted), row_by_row(plain, wanted), err_msg=f"read_rows {wanted[:12]}"
         )
+        check_spans(ds, plain, absolute_rows(rows, n).tolist())
+
+
+def check_spans(ds: h5py.Dataset, plain: h5py.Dataset, starts: list[int]) -> None:
+    """``read_spans`` (a batch of sources' rows in one array) gives h5py's slices one after
+    the other, for spans from each of ``starts`` across chunk edges, empty ones, repeats."""
+    n, per = ds.shape[0], ds.chunks[0]
+    spans = [(a, min(n, a + (i % 3) * per // 2 + i % 2)) for i, a in enumerate(starts)]
+    got, bounds = read_spans(ds, spans)
+    assert got.dtype == ds.dtype and bounds[0] == 0 and len(bounds) == len(spans) + 1
+    for (a, b), lo, hi in zip(spans, bounds[:-1], bounds[1:], strict=True):
+        np.testing.assert_array_equal(got[lo:hi], plain[a:b], err_msg=f"read_spans {a}:{b}")
+    assert bounds[-1] == len(got) == sum(b - a for a, b in spans)
 
 
 def random_data(shape: tuple[int, ...], dtype, seed: int = 0) -> np.ndarray:

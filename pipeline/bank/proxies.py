@@ -25,7 +25,7 @@ from pipeline.bank.display import dataset_line, feature_line, group_line
 from pipeline.bank.writes import Writes
 from pipeline.errors import DamagedBankError
 from pipeline.format import layout
-from pipeline.format.rows import absolute_rows, read_span, take_rows
+from pipeline.format.rows import absolute_rows, read_span, read_spans, take_rows
 from pipeline.format.storage import kind
 from pipeline.read.arrays import dask_array
 from pipeline.read.records import columns_for, rows_per_partition, source_bag
@@ -311,13 +311,12 @@ class FeatureProxy(_Proxy):
         block = self._stacked(column, refs)
         if block is not None:
             return column.kind.stacked_values(feature, block)
-        values = []
-        for row, (start, stop) in zip(rows.tolist(), refs.tolist(), strict=True):
-            shape = layout.stored_shape(column, row) if column.kind.has_shape_table else None
-            values.append(
-                column.kind.value(feature, read_span(column.data, start, stop), shape, "")
-            )
-        return values
+        data, bounds = read_spans(column.data, refs.tolist())  # one array for the batch
+        if column.kind.has_shape_table:
+            shapes = [layout.stored_shape(column, row) for row in rows.tolist()]
+        else:
+            shapes = [None] * len(rows)
+        return column.kind.values(feature, data, bounds, shapes)
 
     def _ref_row(self, column: layout.Column, item: slice) -> int | None:
         """The source whose ref is exactly ``item``, if any."""

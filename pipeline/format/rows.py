@@ -91,14 +91,32 @@ class RowsDataset(h5py.Dataset):
         sound's samples, a source's rows), not h5py's selection machinery."""
         if not self._direct() or stop - start < 1:
             return self[start:stop]
-        per_chunk, _, trailing, _ = self._layout
-        out = np.empty((stop - start, *trailing), dtype=self.dtype)
-        pieces = []
-        row = start
-        while row < stop:
-            end = min(stop, (row // per_chunk + 1) * per_chunk)
-            pieces.append((row, row - start, end - start))
-            row = end
+        return self.read_spans([(start, stop)])
+
+    def read_spans(self, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        """The rows of every ``(start, stop)`` of ``spans`` (in range), one span after the
+        other in one array: a batch of sources' rows in one allocation, with one read per
+        chunk piece (all of a remote file's ranges in one call of its range reader)."""
+        spans = [(int(a), int(b)) for a, b in spans]
+        total = sum(b - a for a, b in spans)
+        _, _, trailing, _ = self._layout if self._direct() else (0, 0, self.shape[1:], None)
+        out = np.empty((total, *trailing), dtype=self.dtype)
+        if not self._direct():
+            at = 0
+            for start, stop in spans:
+                if stop > start:
+                    self.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+                at += stop - start
+            return out
+        per_chunk = self._layout[0]
+        pieces, at = [], 0
+        for start, stop in spans:
+            row = start
+            while row < stop:
+                end = min(stop, (row // per_chunk + 1) * per_chunk)
+                pieces.append((row, at + row - start, at + end - start))
+                row = end
+            at += stop - start
         self._fill(out, pieces)
         return out
 
@@ -296,6 +314,18 @@ def read_span(data: Any, start: int, stop: int) -> np.ndarray:
     if hasattr(data, "read_span"):
         return data.read_span(start, stop)
     return data[start:stop]
+
+
+def read_spans(data: Any, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[int]]:
+    """The rows of ``spans`` (each ``(start, stop)``, in range) of ``data`` one after the
+    other in one array, and the bounds of each span in it (``len(spans) + 1`` of them):
+    :meth:`RowsDataset.read_spans` where ``data`` can, else a read a span."""
+    bounds = [0]
+    for start, stop in spans:
+        bounds.append(bounds[-1] + int(stop) - int(start))
+    if hasattr(data, "read_spans"):
+        return data.read_spans(spans), bounds
+    return np.concatenate([data[int(a) : int(b)] for a, b in spans]), bounds
 
 
 def absolute_rows(indices: Any, n: int, unit: str = "row") -> np.ndarray:

@@ -268,6 +268,20 @@ class StorageKind:
         a batch of sources read in one request returns."""
         return [self.value(feature, block[i : i + 1], None, "") for i in range(len(block))]
 
+    def values(
+        self,
+        feature: Feature,
+        rows: np.ndarray,
+        bounds: Sequence[int],
+        shapes: Sequence[tuple[int, ...] | None],
+    ) -> list[Any]:
+        """Each source's value from ``rows``, a batch of sources' rows one after the other
+        (source ``i``'s are ``rows[bounds[i]:bounds[i + 1]]``, its shape ``shapes[i]``)."""
+        return [
+            self.value(feature, rows[a:b], shape, "")
+            for a, b, shape in zip(bounds[:-1], bounds[1:], shapes, strict=True)
+        ]
+
     def ravel(self, value: Any) -> Any:
         """``value`` as the column's rows, for a write through a slice of ``data``."""
         return value
@@ -281,6 +295,15 @@ class Rows(StorageKind):
     def entry(self, value: Any, producer: str) -> Any:
         array = numeric(value, producer)
         return (array.reshape(1) if array.ndim == 0 else array, None)
+
+    def values(
+        self,
+        feature: Feature,
+        rows: np.ndarray,
+        bounds: Sequence[int],
+        shapes: Sequence[tuple[int, ...] | None],
+    ) -> list[Any]:
+        return feature.from_stored_rows(rows, bounds)
 
 
 class Item(StorageKind):
