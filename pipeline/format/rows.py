@@ -98,9 +98,7 @@ class RowsDataset(h5py.Dataset):
         other in one array: a batch of sources' rows in one allocation, with one read per
         chunk piece (all of a remote file's ranges in one call of its range reader)."""
         spans = [(int(a), int(b)) for a, b in spans]
-        total = sum(b - a for a, b in spans)
-        _, _, trailing, _ = self._layout if self._direct() else (0, 0, self.shape[1:], None)
-        out = np.empty((total, *trailing), dtype=self.dtype)
+        out = np.empty((sum(b - a for a, b in spans), *self.shape[1:]), dtype=self.dtype)
         if not self._direct():
             at = 0
             for start, stop in spans:
@@ -325,6 +323,8 @@ def read_spans(data: Any, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray,
         bounds.append(bounds[-1] + int(stop) - int(start))
     if hasattr(data, "read_spans"):
         return data.read_spans(spans), bounds
+    if not spans:
+        return np.empty((0, *data.shape[1:]), dtype=data.dtype), bounds
     return np.concatenate([data[int(a) : int(b)] for a, b in spans]), bounds
 
 
