@@ -218,7 +218,8 @@ class Image(Feature):
                 image.draft(None, (width, height))  # only the scale: no colour-space change
             if self.mode is not None and image.mode != self.mode:
                 image = image.convert(self.mode)
-            return np.asarray(self._fit(image) if self.size else image)
+            # A new array, writable as imageio's were (a view of Pillow's bytes is read-only).
+            return np.array(self._fit(image) if self.size else image)
 
     def _check_pixels(self, width: int, height: int) -> None:
         """Refuse an image declaring more than ``max_pixels`` (from its header: nothing decoded)."""

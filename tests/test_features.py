@@ -88,6 +88,20 @@ def test_pngs_of_every_mode_decode_to_imageios_pixels(rgb, stored):
         np.testing.assert_array_equal(resized, small)
 
 
+def test_decoded_images_are_writable_arrays_of_their_own(rgb):
+    """Pillow's JPEG and PNG paths give new writable arrays, as imageio's plugin did: a
+    derived feature or a user may change them in place."""
+    for data, name in (
+        (png_bytes(rgb), "a.png"),
+        (jpeg_bytes(rgb), "a.jpg"),
+        (photo(300, 260), "p.jpg"),
+    ):
+        for feature in (Image(), Image(mode="L"), Image(size=(5, 7), mode="RGB")):
+            image = feature.decode(data, name)
+            assert image.flags.writeable and image.flags.owndata, (name, feature.attrs)
+            image[...] = 0
+
+
 def test_image_decodes_jpeg_bytes(rgb):
     data = jpeg_bytes(rgb)
     decoded = Image().decode(data, "a.jpg")
