@@ -313,7 +313,7 @@ class FeatureProxy(_Proxy):
             return column.kind.stacked_values(feature, block)
         data, bounds = read_spans(column.data, refs.tolist())  # one array for the batch
         if column.kind.has_shape_table:
-            shapes = [layout.stored_shape(column, row) for row in rows.tolist()]
+            shapes = layout.stored_shapes(column, rows)
         else:
             shapes = [None] * len(rows)
         return column.kind.values(feature, data, bounds, shapes)

@@ -49,7 +49,7 @@ import numpy as np
 
 from pipeline.errors import DamagedBankError, FormatVersionError, NotABankError
 from pipeline.format.filters import precompressed
-from pipeline.format.rows import open_dataset
+from pipeline.format.rows import open_dataset, take_rows
 from pipeline.format.storage import StorageKind
 from pipeline.format.storage import kind as storage_kind
 from pipeline.format.virtual import ATTR_SHARDS, ShardRows, is_virtual
@@ -642,7 +642,18 @@ def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> 
 
 def stored_shape(column: Column, row: int) -> tuple[int, ...]:
     assert column.shape is not None
-    return tuple(int(s) for s in column.shape[row] if s >= 0)
+    return _trimmed(column.shape[row])
+
+
+def stored_shapes(column: Column, rows: Sequence[int]) -> list[tuple[int, ...]]:
+    """:func:`stored_shape` of each of ``rows``, the shape table read once for them all."""
+    assert column.shape is not None
+    return [_trimmed(row) for row in take_rows(column.shape, rows)]
+
+
+def _trimmed(row: Any) -> tuple[int, ...]:
+    """A shape table row as a shape (its unused trailing entries are negative)."""
+    return tuple(int(s) for s in row if s >= 0)
 
 
 # -- commit and truncate ----------------------------------------------------
